@@ -1,0 +1,12 @@
+//! The fine-tuning loop of cn_clip, faithful and resumable, single process and distributed.
+//!
+//! Owns: the symmetric contrastive loss with DDP gather hooks, AdamW with cn_clip's two parameter
+//! groups, the cosine schedule with warmup, precision (fp32, AMP fp16 with a GradScaler, bf16),
+//! gradient checkpointing and accumulation, validation (loss, accuracy and MUGE recall through
+//! `eval`), atomic checkpoints with mid-epoch resume, logging, and DDP over libtorch's c10d via
+//! `torch-ext`.
+//!
+//! Data flows in one direction: `muge-data` → this crate ← `cnclip-model`/`cnclip-lora`. Nothing but
+//! examples and binaries may depend on this crate.
+//!
+//! The implementation arrives with its issue ("cnclip-train: the fine-tuning loop of cn_clip …").

@@ -1,0 +1,14 @@
+//! The one place for glue to libtorch that tch does not provide.
+//!
+//! Today: loading the CUDA half of libtorch ([`init_cuda`]) and the `auto|cpu|cuda|cuda:N` device
+//! syntax every command line of the project shares ([`DeviceSpec`]). Process groups over libtorch's
+//! c10d (Gloo, NCCL), bf16 autocast and CUDA streams land here as their issues need them, so that
+//! C++ and `unsafe` stay out of the model, data and training crates.
+//!
+//! Depends on tch only; every crate that touches a device may depend on it.
+
+mod cuda;
+mod device;
+
+pub use cuda::{cuda_init_error, init_cuda};
+pub use device::{DeviceError, DeviceSpec, parse_device};
