@@ -10,5 +10,14 @@
 //!
 //! Must not depend on: training (`cnclip-train`), data sets (`muge-data`), LoRA, retrieval, eval or
 //! soup. Everything else builds on this crate, never the other way round.
-//!
-//! The implementation arrives with its issue ("cnclip-model: every Chinese-CLIP architecture …").
+
+pub mod config;
+pub mod load;
+pub mod model;
+pub mod preprocess;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::ClipConfig;
+pub use load::{LoadError, LoadOptions, WeightFormat};
+pub use model::{Clip, Precision};

@@ -1,0 +1,119 @@
+//! cn_clip's BERT text tower (`modeling_bert.py`): an old Hugging Face style, post-LN encoder with
+//! exact erf GELU, LayerNorm eps 1e-12, a −10000 additive key mask, token type 0 everywhere and no
+//! pooler (cn_clip pools the `[CLS]` hidden state itself).
+
+use super::layers::{LayerNorm, Linear, multi_head_attention};
+use crate::config::TextConfig;
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+const LAYER_NORM_EPS: f64 = 1e-12;
+
+#[derive(Debug)]
+struct BertLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    heads: i64,
+}
+
+impl BertLayer {
+    fn new(p: &Path, c: &TextConfig) -> Self {
+        let (h, i, std) = (
+            c.text_hidden_size,
+            c.text_intermediate_size,
+            c.text_initializer_range,
+        );
+        let attn = p / "attention";
+        let this = &attn / "self";
+        let out = &attn / "output";
+        Self {
+            query: Linear::new(&(&this / "query"), h, h, std),
+            key: Linear::new(&(&this / "key"), h, h, std),
+            value: Linear::new(&(&this / "value"), h, h, std),
+            attention_output: Linear::new(&(&out / "dense"), h, h, std),
+            attention_norm: LayerNorm::new(&(&out / "LayerNorm"), h, LAYER_NORM_EPS, false),
+            intermediate: Linear::new(&(p / "intermediate" / "dense"), h, i, std),
+            output: Linear::new(&(p / "output" / "dense"), i, h, std),
+            output_norm: LayerNorm::new(&(p / "output" / "LayerNorm"), h, LAYER_NORM_EPS, false),
+            heads: c.text_num_attention_heads,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Tensor {
+        let context = multi_head_attention(
+            &self.query.forward(x),
+            &self.key.forward(x),
+            &self.value.forward(x),
+            self.heads,
+            Some(mask),
+        );
+        let attended = self
+            .attention_norm
+            .forward(&(self.attention_output.forward(&context) + x));
+        let hidden = self.intermediate.forward(&attended).gelu("none");
+        self.output_norm
+            .forward(&(self.output.forward(&hidden) + attended))
+    }
+}
+
+#[derive(Debug)]
+pub struct Bert {
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<BertLayer>,
+}
+
+impl Bert {
+    pub fn new(p: &Path, c: &TextConfig) -> Self {
+        let emb = p / "embeddings";
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: c.text_initializer_range,
+        };
+        let h = c.text_hidden_size;
+        let word_embeddings = (&emb / "word_embeddings").var("weight", &[c.vocab_size, h], init);
+        let position_embeddings = (&emb / "position_embeddings").var(
+            "weight",
+            &[c.text_max_position_embeddings, h],
+            init,
+        );
+        let token_type_embeddings =
+            (&emb / "token_type_embeddings").var("weight", &[c.text_type_vocab_size, h], init);
+        let embedding_norm = LayerNorm::new(&(&emb / "LayerNorm"), h, LAYER_NORM_EPS, false);
+        let layer = p / "encoder" / "layer";
+        let layers = (0..c.text_num_hidden_layers)
+            .map(|j| BertLayer::new(&(&layer / j), c))
+            .collect();
+        Self {
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embedding_norm,
+            layers,
+        }
+    }
+
+    /// `[B, L]` token ids and a `[B, L]` mask (1 keep, 0 pad, in the compute dtype) → `[B, L, H]`.
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let len = ids.size()[1];
+        let positions = Tensor::arange(len, (Kind::Int64, ids.device()));
+        let x = Tensor::embedding(&self.word_embeddings, ids, 0, false, false)
+            + self.position_embeddings.index_select(0, &positions)
+            + self.token_type_embeddings.get(0);
+        let mut x = self.embedding_norm.forward(&x);
+        let kind = x.kind();
+        let mask = ((attention_mask.unsqueeze(1).unsqueeze(2) - 1.0) * 10000.0).to_kind(kind);
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask);
+        }
+        x
+    }
+}

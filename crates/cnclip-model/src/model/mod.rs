@@ -1,0 +1,11 @@
+//! The Chinese-CLIP network: vision tower (ViT or ModifiedResNet), BERT text tower and the CLIP
+//! wrapper, with variables registered under cn_clip's state-dict keys.
+
+mod bert;
+mod clip;
+mod layers;
+mod resnet;
+mod vit;
+
+pub use clip::{Clip, ModelError, Precision, Visual};
+pub use vit::resize_positional_embedding;

@@ -1,0 +1,194 @@
+//! cn_clip's `VisualTransformer` (`model.py:230-287`): patch conv, class token, learned positions,
+//! pre-LN residual blocks with fused-QKV attention and QuickGELU MLPs, `ln_post` on the class token,
+//! projection without bias. Computed batch-first; cn_clip's sequence-first layout is only a transpose.
+
+use super::layers::{LayerNorm, Linear, multi_head_attention, quick_gelu};
+use crate::config::VisionConfig;
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+/// One `ResidualAttentionBlock`: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+#[derive(Debug)]
+struct ResidualAttentionBlock {
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj: Linear,
+    ln_1: LayerNorm,
+    c_fc: Linear,
+    c_proj: Linear,
+    ln_2: LayerNorm,
+    heads: i64,
+}
+
+impl ResidualAttentionBlock {
+    fn new(p: &Path, width: i64, heads: i64, layers: i64) -> Self {
+        // CLIP's init: attention std width^-0.5, projections scaled by depth.
+        let proj_std = (width as f64).powf(-0.5) * ((2 * layers) as f64).powf(-0.5);
+        let attn_std = (width as f64).powf(-0.5);
+        let fc_std = (2.0 * width as f64).powf(-0.5);
+        let attn = p / "attn";
+        let in_proj_weight = attn.var(
+            "in_proj_weight",
+            &[3 * width, width],
+            Init::Randn {
+                mean: 0.0,
+                stdev: attn_std,
+            },
+        );
+        let in_proj_bias = attn.var("in_proj_bias", &[3 * width], Init::Const(0.0));
+        let out_proj = Linear::new(&(&attn / "out_proj"), width, width, proj_std);
+        let mlp = p / "mlp";
+        Self {
+            in_proj_weight,
+            in_proj_bias,
+            out_proj,
+            ln_1: LayerNorm::new(&(p / "ln_1"), width, 1e-5, true),
+            c_fc: Linear::new(&(&mlp / "c_fc"), width, 4 * width, fc_std),
+            c_proj: Linear::new(&(&mlp / "c_proj"), 4 * width, width, proj_std),
+            ln_2: LayerNorm::new(&(p / "ln_2"), width, 1e-5, true),
+            heads,
+        }
+    }
+
+    fn attention(&self, x: &Tensor) -> Tensor {
+        let qkv = x.linear(&self.in_proj_weight, Some(&self.in_proj_bias));
+        let parts = qkv.chunk(3, -1);
+        let out = multi_head_attention(&parts[0], &parts[1], &parts[2], self.heads, None);
+        self.out_proj.forward(&out)
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x + self.attention(&self.ln_1.forward(x));
+        let h = self
+            .c_proj
+            .forward(&quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&x))));
+        x + h
+    }
+}
+
+#[derive(Debug)]
+pub struct VisionTransformer {
+    conv1: Tensor,
+    class_embedding: Tensor,
+    positional_embedding: Tensor,
+    ln_pre: LayerNorm,
+    blocks: Vec<ResidualAttentionBlock>,
+    ln_post: LayerNorm,
+    proj: Tensor,
+    patch: i64,
+}
+
+impl VisionTransformer {
+    pub fn new(p: &Path, c: &VisionConfig, layers: i64) -> Self {
+        let (width, patch) = (c.vision_width, c.vision_patch_size.unwrap_or(1));
+        let grid = c.grid();
+        let scale = (width as f64).powf(-0.5);
+        let bound = (1.0 / (3 * patch * patch) as f64).sqrt();
+        let conv1 = (p / "conv1").var(
+            "weight",
+            &[width, 3, patch, patch],
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let class_embedding = p.var(
+            "class_embedding",
+            &[width],
+            Init::Randn {
+                mean: 0.0,
+                stdev: scale,
+            },
+        );
+        let positional_embedding = p.var(
+            "positional_embedding",
+            &[grid * grid + 1, width],
+            Init::Randn {
+                mean: 0.0,
+                stdev: scale,
+            },
+        );
+        let ln_pre = LayerNorm::new(&(p / "ln_pre"), width, 1e-5, true);
+        let resblocks = p / "transformer" / "resblocks";
+        let blocks = (0..layers)
+            .map(|i| ResidualAttentionBlock::new(&(&resblocks / i), width, c.heads(), layers))
+            .collect();
+        let ln_post = LayerNorm::new(&(p / "ln_post"), width, 1e-5, true);
+        let proj = p.var(
+            "proj",
+            &[width, c.embed_dim],
+            Init::Randn {
+                mean: 0.0,
+                stdev: scale,
+            },
+        );
+        Self {
+            conv1,
+            class_embedding,
+            positional_embedding,
+            ln_pre,
+            blocks,
+            ln_post,
+            proj,
+            patch,
+        }
+    }
+
+    /// The dtype cn_clip runs the vision tower in (`visual.conv1.weight.dtype`).
+    pub fn dtype(&self) -> Kind {
+        self.conv1.kind()
+    }
+
+    /// `[N, 3, R, R]` images → `[N, embed_dim]` unnormalised features.
+    pub fn forward(&self, image: &Tensor) -> Tensor {
+        let kind = self.dtype();
+        let x = image.to_kind(kind).conv2d(
+            &self.conv1,
+            None::<Tensor>,
+            [self.patch, self.patch],
+            [0, 0],
+            [1, 1],
+            1,
+        );
+        let (n, width) = (x.size()[0], x.size()[1]);
+        let x = x.flatten(2, 3).transpose(1, 2);
+        let cls = self
+            .class_embedding
+            .to_kind(kind)
+            .view([1, 1, width])
+            .expand([n, 1, width], false);
+        let x = Tensor::cat(&[cls, x], 1) + self.positional_embedding.to_kind(kind);
+        let mut x = self.ln_pre.forward(&x);
+        for block in &self.blocks {
+            x = block.forward(&x);
+        }
+        self.ln_post.forward(&x.select(1, 0)).matmul(&self.proj)
+    }
+}
+
+/// Resizes a `[1 + g_old², W]` positional embedding to `[1 + g_new², W]` as cn_clip's
+/// `resize_pos_embed` does (class row kept, grid resized bicubically with `align_corners=True`).
+/// Used when fine-tuning at another resolution than the checkpoint was trained at.
+pub fn resize_positional_embedding(pos: &Tensor, new_grid: i64) -> Option<Tensor> {
+    let (len, width) = pos.size2().ok()?;
+    let old_grid = ((len - 1) as f64).sqrt().round() as i64;
+    if old_grid * old_grid + 1 != len {
+        return None;
+    }
+    if old_grid == new_grid {
+        return Some(pos.shallow_clone());
+    }
+    let cls = pos.narrow(0, 0, 1);
+    let grid = pos
+        .narrow(0, 1, len - 1)
+        .reshape([1, old_grid, old_grid, width])
+        .permute([0, 3, 1, 2]);
+    let kind = grid.kind();
+    let resized = grid
+        .to_kind(Kind::Float)
+        .upsample_bicubic2d([new_grid, new_grid], true, None, None)
+        .to_kind(kind)
+        .permute([0, 2, 3, 1])
+        .reshape([new_grid * new_grid, width]);
+    Some(Tensor::cat(&[cls, resized], 0))
+}

@@ -1,0 +1,647 @@
+//! Hugging Face `ChineseCLIPModel` directories: `config.json` plus `model.safetensors` (or its
+//! sharded index, or `pytorch_model.bin`), mapped onto cn_clip's config and key names — the reverse
+//! of HF's `convert_chinese_clip_original_pytorch_to_hf.py`.
+
+use super::{StateDict, WeightsError, io_err, read_pt, read_safetensors};
+use crate::config::{ClipConfig, TextConfig, VisionConfig, VisionLayers};
+use serde_json::{Map, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+fn missing(path: &Path, field: impl Into<String>) -> WeightsError {
+    WeightsError::HfConfigMissing {
+        path: path.to_path_buf(),
+        field: field.into(),
+    }
+}
+
+fn invalid(path: &Path, field: impl Into<String>, reason: impl Into<String>) -> WeightsError {
+    WeightsError::HfConfigInvalid {
+        path: path.to_path_buf(),
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// One sub-config (`text_config` / `vision_config`), with HF's `*_config_dict` overrides merged in.
+struct Section<'a> {
+    path: &'a Path,
+    name: &'static str,
+    map: Map<String, Value>,
+}
+
+impl Section<'_> {
+    fn field(&self, key: &str) -> String {
+        format!("{}.{key}", self.name)
+    }
+
+    /// A field, or HF's class default when the file omits it (as `from_pretrained` does).
+    fn get<'v>(&'v self, key: &str, default: &'v Value) -> &'v Value {
+        match self.map.get(key) {
+            Some(Value::Null) | None => default,
+            Some(v) => v,
+        }
+    }
+
+    fn int(&self, key: &str, default: i64) -> Result<i64, WeightsError> {
+        let d = Value::from(default);
+        let v = self.get(key, &d);
+        match v.as_i64() {
+            Some(i) if i > 0 => Ok(i),
+            _ => Err(invalid(
+                self.path,
+                self.field(key),
+                format!("expected a positive integer, found {v}"),
+            )),
+        }
+    }
+
+    fn float(&self, key: &str, default: f64) -> Result<f64, WeightsError> {
+        let d = Value::from(default);
+        let v = self.get(key, &d);
+        v.as_f64().ok_or_else(|| {
+            invalid(
+                self.path,
+                self.field(key),
+                format!("expected a number, found {v}"),
+            )
+        })
+    }
+
+    fn string(&self, key: &str, default: &str) -> Result<String, WeightsError> {
+        let d = Value::from(default);
+        let v = self.get(key, &d);
+        v.as_str().map(str::to_string).ok_or_else(|| {
+            invalid(
+                self.path,
+                self.field(key),
+                format!("expected a string, found {v}"),
+            )
+        })
+    }
+
+    /// `image_size` / `patch_size`: an int or a square `[n, n]`.
+    fn square(&self, key: &str, default: i64) -> Result<i64, WeightsError> {
+        let d = Value::from(default);
+        let v = self.get(key, &d);
+        let n = match v {
+            Value::Array(items) => match items.as_slice() {
+                [a, b] if a == b => a.as_i64(),
+                _ => None,
+            },
+            v => v.as_i64(),
+        };
+        match n {
+            Some(n) if n > 0 => Ok(n),
+            _ => Err(invalid(
+                self.path,
+                self.field(key),
+                format!("expected a positive integer or a square pair, found {v}"),
+            )),
+        }
+    }
+
+    fn require_eps(&self, expected: f64) -> Result<(), WeightsError> {
+        let eps = self.float("layer_norm_eps", expected)?;
+        if (eps - expected).abs() > expected * 1e-6 {
+            return Err(invalid(
+                self.path,
+                self.field("layer_norm_eps"),
+                format!(
+                    "{eps:e}: cn_clip's {} tower uses {expected:e}",
+                    self.name.trim_end_matches("_config")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn section<'a>(
+    path: &'a Path,
+    root: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Section<'a>, WeightsError> {
+    let dict_name = format!("{name}_dict");
+    let mut map = match root.get(name) {
+        Some(Value::Object(m)) => m.clone(),
+        Some(Value::Null) | None => Map::new(),
+        Some(other) => {
+            return Err(invalid(
+                path,
+                name,
+                format!("expected an object, found {other}"),
+            ));
+        }
+    };
+    match root.get(&dict_name) {
+        Some(Value::Object(m)) => map.extend(m.clone()),
+        Some(Value::Null) | None if !map.is_empty() || root.contains_key(name) => {}
+        Some(Value::Null) | None => return Err(missing(path, name)),
+        Some(other) => {
+            return Err(invalid(
+                path,
+                dict_name,
+                format!("expected an object, found {other}"),
+            ));
+        }
+    }
+    Ok(Section { path, name, map })
+}
+
+/// Maps a `ChineseCLIPConfig` (the parsed `config.json`) onto cn_clip's config. Fields the file omits
+/// take transformers' defaults, as `from_pretrained` would; anything cn_clip's architecture cannot
+/// express (another activation, LayerNorm epsilon, MLP ratio, position embedding type, channel
+/// count) is an error naming the field.
+pub fn hf_config_to_clip(config: &Value, path: &Path) -> Result<ClipConfig, WeightsError> {
+    let root = config
+        .as_object()
+        .ok_or_else(|| invalid(path, "config.json", "not a JSON object"))?;
+    match root.get("model_type").and_then(Value::as_str) {
+        Some("chinese_clip") => {}
+        Some(other) => {
+            return Err(invalid(
+                path,
+                "model_type",
+                format!("{other:?}: only \"chinese_clip\" (ChineseCLIPModel) is supported"),
+            ));
+        }
+        None => return Err(missing(path, "model_type")),
+    }
+    let projection_dim = match root.get("projection_dim") {
+        None | Some(Value::Null) => 512,
+        Some(v) => v.as_i64().filter(|&n| n > 0).ok_or_else(|| {
+            invalid(
+                path,
+                "projection_dim",
+                format!("expected a positive integer, found {v}"),
+            )
+        })?,
+    };
+
+    let v = section(path, root, "vision_config")?;
+    let width = v.int("hidden_size", 768)?;
+    let layers = v.int("num_hidden_layers", 12)?;
+    let heads = v.int("num_attention_heads", 12)?;
+    if width % heads != 0 {
+        return Err(invalid(
+            path,
+            v.field("num_attention_heads"),
+            format!("{heads} does not divide hidden_size {width}"),
+        ));
+    }
+    let mlp = v.int("intermediate_size", 3072)?;
+    if mlp != 4 * width {
+        return Err(invalid(
+            path,
+            v.field("intermediate_size"),
+            format!(
+                "{mlp}: cn_clip's ViT MLP is 4 × hidden_size = {}",
+                4 * width
+            ),
+        ));
+    }
+    let act = v.string("hidden_act", "quick_gelu")?;
+    if act != "quick_gelu" {
+        return Err(invalid(
+            path,
+            v.field("hidden_act"),
+            format!("{act:?}: cn_clip's ViT uses \"quick_gelu\""),
+        ));
+    }
+    v.require_eps(1e-5)?;
+    let channels = v.int("num_channels", 3)?;
+    if channels != 3 {
+        return Err(invalid(
+            path,
+            v.field("num_channels"),
+            format!("{channels}: cn_clip takes RGB images (3)"),
+        ));
+    }
+    let vision = VisionConfig {
+        embed_dim: projection_dim,
+        image_resolution: v.square("image_size", 224)?,
+        vision_layers: VisionLayers::Transformer(layers),
+        vision_width: width,
+        vision_patch_size: Some(v.square("patch_size", 32)?),
+        vision_head_width: width / heads,
+    };
+
+    let t = section(path, root, "text_config")?;
+    let act = t.string("hidden_act", "gelu")?;
+    if act != "gelu" {
+        return Err(invalid(
+            path,
+            t.field("hidden_act"),
+            format!("{act:?}: cn_clip's BERT uses \"gelu\" (erf)"),
+        ));
+    }
+    t.require_eps(1e-12)?;
+    let pos = t.string("position_embedding_type", "absolute")?;
+    if pos != "absolute" {
+        return Err(invalid(
+            path,
+            t.field("position_embedding_type"),
+            format!("{pos:?}: cn_clip's BERT uses \"absolute\""),
+        ));
+    }
+    let text = TextConfig {
+        vocab_size: t.int("vocab_size", 30522)?,
+        text_attention_probs_dropout_prob: t.float("attention_probs_dropout_prob", 0.1)?,
+        text_hidden_act: act,
+        text_hidden_dropout_prob: t.float("hidden_dropout_prob", 0.1)?,
+        text_hidden_size: t.int("hidden_size", 768)?,
+        text_initializer_range: t.float("initializer_range", 0.02)?,
+        text_intermediate_size: t.int("intermediate_size", 3072)?,
+        text_max_position_embeddings: t.int("max_position_embeddings", 512)?,
+        text_num_attention_heads: t.int("num_attention_heads", 12)?,
+        text_num_hidden_layers: t.int("num_hidden_layers", 12)?,
+        text_type_vocab_size: t.int("type_vocab_size", 2)?,
+    };
+    let config = ClipConfig { vision, text };
+    // Run cn_clip's own validation (divisibility, patch size, …).
+    ClipConfig::from_json_str(&config.to_json(), &path.display().to_string()).map_err(|source| {
+        WeightsError::Config {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// cn_clip's ViT + BERT keys and shapes for `config`, in cn_clip's state-dict order.
+fn expected_shapes(c: &ClipConfig) -> Vec<(String, Vec<i64>)> {
+    let (w, e, h, i) = (
+        c.vision.vision_width,
+        c.vision.embed_dim,
+        c.text.text_hidden_size,
+        c.text.text_intermediate_size,
+    );
+    let p = c.vision.vision_patch_size.unwrap_or(0);
+    let g = c.vision.grid();
+    let mut out: Vec<(String, Vec<i64>)> = Vec::new();
+    let mut add = |k: String, s: &[i64]| out.push((k, s.to_vec()));
+    add("text_projection".into(), &[h, e]);
+    add("logit_scale".into(), &[]);
+    add("visual.class_embedding".into(), &[w]);
+    add("visual.positional_embedding".into(), &[g * g + 1, w]);
+    add("visual.proj".into(), &[w, e]);
+    add("visual.conv1.weight".into(), &[w, 3, p, p]);
+    add("visual.ln_pre.weight".into(), &[w]);
+    add("visual.ln_pre.bias".into(), &[w]);
+    let layers = match c.vision.vision_layers {
+        VisionLayers::Transformer(n) => n,
+        VisionLayers::ResNet(_) => 0,
+    };
+    for l in 0..layers {
+        let b = format!("visual.transformer.resblocks.{l}");
+        add(format!("{b}.attn.in_proj_weight"), &[3 * w, w]);
+        add(format!("{b}.attn.in_proj_bias"), &[3 * w]);
+        add(format!("{b}.attn.out_proj.weight"), &[w, w]);
+        add(format!("{b}.attn.out_proj.bias"), &[w]);
+        add(format!("{b}.ln_1.weight"), &[w]);
+        add(format!("{b}.ln_1.bias"), &[w]);
+        add(format!("{b}.mlp.c_fc.weight"), &[4 * w, w]);
+        add(format!("{b}.mlp.c_fc.bias"), &[4 * w]);
+        add(format!("{b}.mlp.c_proj.weight"), &[w, 4 * w]);
+        add(format!("{b}.mlp.c_proj.bias"), &[w]);
+        add(format!("{b}.ln_2.weight"), &[w]);
+        add(format!("{b}.ln_2.bias"), &[w]);
+    }
+    add("visual.ln_post.weight".into(), &[w]);
+    add("visual.ln_post.bias".into(), &[w]);
+    add(
+        "bert.embeddings.word_embeddings.weight".into(),
+        &[c.text.vocab_size, h],
+    );
+    add(
+        "bert.embeddings.position_embeddings.weight".into(),
+        &[c.text.text_max_position_embeddings, h],
+    );
+    add(
+        "bert.embeddings.token_type_embeddings.weight".into(),
+        &[c.text.text_type_vocab_size, h],
+    );
+    add("bert.embeddings.LayerNorm.weight".into(), &[h]);
+    add("bert.embeddings.LayerNorm.bias".into(), &[h]);
+    for l in 0..c.text.text_num_hidden_layers {
+        let b = format!("bert.encoder.layer.{l}");
+        for m in ["query", "key", "value"] {
+            add(format!("{b}.attention.self.{m}.weight"), &[h, h]);
+            add(format!("{b}.attention.self.{m}.bias"), &[h]);
+        }
+        add(format!("{b}.attention.output.dense.weight"), &[h, h]);
+        add(format!("{b}.attention.output.dense.bias"), &[h]);
+        add(format!("{b}.attention.output.LayerNorm.weight"), &[h]);
+        add(format!("{b}.attention.output.LayerNorm.bias"), &[h]);
+        add(format!("{b}.intermediate.dense.weight"), &[i, h]);
+        add(format!("{b}.intermediate.dense.bias"), &[i]);
+        add(format!("{b}.output.dense.weight"), &[h, i]);
+        add(format!("{b}.output.dense.bias"), &[h]);
+        add(format!("{b}.output.LayerNorm.weight"), &[h]);
+        add(format!("{b}.output.LayerNorm.bias"), &[h]);
+    }
+    out
+}
+
+enum Mapped {
+    To(String),
+    Transposed(String),
+    /// One of q/k/v (index 0/1/2) of a ViT block's fused `in_proj_{weight,bias}`.
+    Qkv {
+        target: String,
+        part: usize,
+    },
+    Drop,
+}
+
+fn map_key(key: &str) -> Option<Mapped> {
+    use Mapped::*;
+    Some(match key {
+        "logit_scale" => To(key.into()),
+        "text_projection.weight" => Transposed("text_projection".into()),
+        "visual_projection.weight" => Transposed("visual.proj".into()),
+        "text_model.embeddings.position_ids"
+        | "text_model.embeddings.token_type_ids"
+        | "vision_model.embeddings.position_ids" => Drop,
+        "vision_model.embeddings.class_embedding" => To("visual.class_embedding".into()),
+        "vision_model.embeddings.patch_embedding.weight" => To("visual.conv1.weight".into()),
+        "vision_model.embeddings.position_embedding.weight" => {
+            To("visual.positional_embedding".into())
+        }
+        _ => {
+            if key.starts_with("text_model.pooler.") {
+                return Some(Drop);
+            }
+            if let Some(rest) = key.strip_prefix("text_model.") {
+                return Some(To(format!("bert.{rest}")));
+            }
+            if let Some(param) = key.strip_prefix("vision_model.pre_layrnorm.") {
+                return Some(To(format!("visual.ln_pre.{param}")));
+            }
+            if let Some(param) = key.strip_prefix("vision_model.post_layernorm.") {
+                return Some(To(format!("visual.ln_post.{param}")));
+            }
+            let rest = key.strip_prefix("vision_model.encoder.layers.")?;
+            let (layer, rest) = rest.split_once('.')?;
+            let layer: usize = layer.parse().ok()?;
+            let b = format!("visual.transformer.resblocks.{layer}");
+            let (module, param) = rest.rsplit_once('.')?;
+            if param != "weight" && param != "bias" {
+                return None;
+            }
+            match module {
+                "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => {
+                    let part = match module {
+                        "self_attn.q_proj" => 0,
+                        "self_attn.k_proj" => 1,
+                        _ => 2,
+                    };
+                    Qkv {
+                        target: format!("{b}.attn.in_proj_{param}"),
+                        part,
+                    }
+                }
+                "self_attn.out_proj" => To(format!("{b}.attn.out_proj.{param}")),
+                "layer_norm1" => To(format!("{b}.ln_1.{param}")),
+                "layer_norm2" => To(format!("{b}.ln_2.{param}")),
+                "mlp.fc1" => To(format!("{b}.mlp.c_fc.{param}")),
+                "mlp.fc2" => To(format!("{b}.mlp.c_proj.{param}")),
+                _ => return None,
+            }
+        }
+    })
+}
+
+/// Reads the weights of an HF directory, in whichever of its formats it has.
+fn read_hf_weights(dir: &Path) -> Result<(PathBuf, StateDict), WeightsError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok((single.clone(), read_safetensors(&single)?.0));
+    }
+    for (index, is_safetensors) in [
+        ("model.safetensors.index.json", true),
+        ("pytorch_model.bin.index.json", false),
+    ] {
+        let index = dir.join(index);
+        if !index.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| WeightsError::HfWeights {
+            path: index.clone(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| WeightsError::HfWeights {
+                path: index.clone(),
+                reason: "no \"weight_map\" object".into(),
+            })?;
+        let mut files = BTreeSet::new();
+        for (key, file) in map {
+            let file = file
+                .as_str()
+                .filter(|f| !f.contains('/') && !f.contains('\\') && *f != "..")
+                .ok_or_else(|| WeightsError::HfWeights {
+                    path: index.clone(),
+                    reason: format!("weight_map entry {key} is not a file name"),
+                })?;
+            files.insert(file.to_string());
+        }
+        let mut all = StateDict::new();
+        for file in files {
+            let shard = dir.join(&file);
+            let sd = if is_safetensors {
+                read_safetensors(&shard)?.0
+            } else {
+                read_pt(&shard)?.state_dict
+            };
+            for (k, t) in sd {
+                all.insert(k, t);
+            }
+        }
+        return Ok((index, all));
+    }
+    let bin = dir.join("pytorch_model.bin");
+    if bin.is_file() {
+        return Ok((bin.clone(), read_pt(&bin)?.state_dict));
+    }
+    Err(WeightsError::HfWeights {
+        path: dir.to_path_buf(),
+        reason: "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json".into(),
+    })
+}
+
+/// Imports a Hugging Face `ChineseCLIPModel` directory: its config mapped onto cn_clip's schema and
+/// its weights onto cn_clip's key names (q/k/v fused into `in_proj`, projections transposed,
+/// `text_model.*` → `bert.*`; `position_ids` buffers and the text pooler dropped). Weights are
+/// checked against the config: an unknown key, a missing one or a wrong shape is an error.
+/// The state dict comes in cn_clip's order.
+pub fn import_hf(dir: impl AsRef<Path>) -> Result<(ClipConfig, StateDict), WeightsError> {
+    let dir = dir.as_ref();
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| invalid(&config_path, "config.json", format!("not valid JSON: {e}")))?;
+    let config = hf_config_to_clip(&json, &config_path)?;
+    let (weights_path, hf) = read_hf_weights(dir)?;
+    let fail = |reason: String| WeightsError::HfWeights {
+        path: weights_path.clone(),
+        reason,
+    };
+
+    let mut mapped: HashMap<String, Tensor> = HashMap::new();
+    let mut qkv: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+    for (key, tensor) in hf {
+        let Some(m) = map_key(&key) else {
+            return Err(WeightsError::UnknownHfKey {
+                path: weights_path.clone(),
+                key,
+            });
+        };
+        let (target, tensor) = match m {
+            Mapped::Drop => continue,
+            Mapped::To(t) => (t, tensor),
+            Mapped::Transposed(t) => {
+                if tensor.dim() != 2 {
+                    return Err(fail(format!(
+                        "{key} has shape {:?}, expected a matrix",
+                        tensor.size()
+                    )));
+                }
+                (t, tensor.transpose(0, 1).contiguous())
+            }
+            Mapped::Qkv { target, part } => {
+                qkv.entry(target).or_default()[part] = Some(tensor);
+                continue;
+            }
+        };
+        mapped.insert(target, tensor);
+    }
+    for (target, parts) in qkv {
+        let [Some(q), Some(k), Some(v)] = parts else {
+            return Err(fail(format!(
+                "{target}: one of the q/k/v projections is missing"
+            )));
+        };
+        let fused = Tensor::f_cat(&[q, k, v], 0).map_err(|source| WeightsError::Torch {
+            path: weights_path.clone(),
+            key: target.clone(),
+            source,
+        })?;
+        mapped.insert(target, fused);
+    }
+
+    let expected = expected_shapes(&config);
+    let known: BTreeSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
+    let mut unexpected: Vec<&String> = mapped
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .collect();
+    unexpected.sort();
+    if let Some(k) = unexpected.first() {
+        return Err(WeightsError::UnknownHfKey {
+            path: weights_path.clone(),
+            key: format!("{k} (after mapping to cn_clip names)"),
+        });
+    }
+    let mut out = StateDict::with_capacity(expected.len());
+    for (key, shape) in expected {
+        let tensor = mapped
+            .remove(&key)
+            .ok_or_else(|| fail(format!("no weight for cn_clip's {key}")))?;
+        if tensor.size() != shape {
+            return Err(fail(format!(
+                "{key} has shape {:?}, the config implies {shape:?}",
+                tensor.size()
+            )));
+        }
+        out.insert(key, tensor);
+    }
+    Ok((config, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_mapping_reverses_hf_converter() {
+        let to = |k: &str| match map_key(k) {
+            Some(Mapped::To(t)) | Some(Mapped::Transposed(t)) => t,
+            Some(Mapped::Qkv { target, part }) => format!("{target}#{part}"),
+            Some(Mapped::Drop) => "DROP".into(),
+            None => "UNKNOWN".into(),
+        };
+        assert_eq!(
+            to("text_model.encoder.layer.3.attention.self.query.weight"),
+            "bert.encoder.layer.3.attention.self.query.weight"
+        );
+        assert_eq!(
+            to("vision_model.encoder.layers.2.self_attn.k_proj.bias"),
+            "visual.transformer.resblocks.2.attn.in_proj_bias#1"
+        );
+        assert_eq!(
+            to("vision_model.encoder.layers.0.mlp.fc2.weight"),
+            "visual.transformer.resblocks.0.mlp.c_proj.weight"
+        );
+        assert_eq!(to("visual_projection.weight"), "visual.proj");
+        assert_eq!(to("text_model.pooler.dense.weight"), "DROP");
+        assert_eq!(to("vision_model.embeddings.position_ids"), "DROP");
+        assert_eq!(
+            to("vision_model.encoder.layers.0.self_attn.rotary.weight"),
+            "UNKNOWN"
+        );
+        assert_eq!(to("vision_model.head.weight"), "UNKNOWN");
+    }
+
+    #[test]
+    fn config_defaults_and_rejections() {
+        let path = Path::new("config.json");
+        let json: Value = serde_json::from_str(
+            r#"{"model_type":"chinese_clip","projection_dim":8,
+                "text_config":{"vocab_size":50,"hidden_size":16,"num_hidden_layers":1,"num_attention_heads":2,"intermediate_size":32,"max_position_embeddings":20},
+                "vision_config":{"hidden_size":16,"intermediate_size":64,"num_hidden_layers":1,"num_attention_heads":2,"image_size":32,"patch_size":8}}"#,
+        )
+        .unwrap();
+        let c = hf_config_to_clip(&json, path).unwrap();
+        assert_eq!(c.vision.embed_dim, 8);
+        assert_eq!(c.vision.vision_head_width, 8);
+        assert_eq!(c.vision.grid(), 4);
+        assert_eq!(c.text.text_type_vocab_size, 2);
+
+        let mut bad = json.clone();
+        bad["vision_config"]["hidden_act"] = "gelu".into();
+        let err = hf_config_to_clip(&bad, path).unwrap_err().to_string();
+        assert!(
+            err.contains("vision_config.hidden_act") && err.contains("quick_gelu"),
+            "{err}"
+        );
+        let mut bad = json.clone();
+        bad["text_config"]["layer_norm_eps"] = 1e-5.into();
+        let err = hf_config_to_clip(&bad, path).unwrap_err().to_string();
+        assert!(err.contains("text_config.layer_norm_eps"), "{err}");
+        let mut bad = json.clone();
+        bad["vision_config"]["intermediate_size"] = 48.into();
+        assert!(
+            hf_config_to_clip(&bad, path)
+                .unwrap_err()
+                .to_string()
+                .contains("intermediate_size")
+        );
+        let mut bad = json.clone();
+        bad.as_object_mut().unwrap().remove("text_config");
+        let err = hf_config_to_clip(&bad, path).unwrap_err().to_string();
+        assert!(err.contains("text_config is missing"), "{err}");
+        let mut bad = json;
+        bad["model_type"] = "clip".into();
+        assert!(
+            hf_config_to_clip(&bad, path)
+                .unwrap_err()
+                .to_string()
+                .contains("model_type")
+        );
+    }
+}

@@ -1,0 +1,158 @@
+//! Weight files: official cn_clip `.pt` checkpoints, Hugging Face `ChineseCLIPModel` directories and
+//! the native safetensors format, all read into a [`StateDict`] keyed by cn_clip's names.
+//!
+//! * [`read_pt`] reads any `torch.save` zip archive (torch ≥ 1.6) in pure Rust: a small pickle
+//!   machine that accepts only plain containers, numbers, strings and tensors (what
+//!   `torch.load(weights_only=True)` accepts), and reads each referenced storage once, straight from
+//!   the file. Tensors outside the state dict (an optimizer's moments) are never read.
+//!   [`normalize_cn_clip_keys`] then strips `module.` as cn_clip's loaders do.
+//! * [`write_pt`] writes the official layout (`{"epoch","step","name","state_dict"}` with `module.`
+//!   keys) that `torch.load` (also with `weights_only=True`) and cn_clip read.
+//! * [`import_hf`] maps a `ChineseCLIPModel` directory (config.json + safetensors or
+//!   `pytorch_model.bin`) onto cn_clip's names and config.
+//! * [`save_native`] / [`load_native`]: safetensors with cn_clip names whose metadata records the
+//!   model config, so the file alone describes the model. Writes are atomic.
+
+mod error;
+mod hf;
+mod native;
+mod pickle;
+mod pt;
+mod state_dict;
+
+pub use error::WeightsError;
+pub use hf::{hf_config_to_clip, import_hf};
+pub use native::{
+    NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
+    load_native, read_safetensors, read_safetensors_metadata, save_native, save_safetensors,
+};
+pub use pt::{
+    PtCheckpoint, PtHeader, normalize_cn_clip_keys, read_pt, write_pt, write_pt_state_dict,
+};
+pub use state_dict::{KeyReport, StateDict};
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::Kind;
+
+/// Bytes per element of the dtypes weight files may hold, or `None` for kinds we do not store.
+fn element_size(kind: Kind) -> Option<usize> {
+    Some(match kind {
+        Kind::Bool | Kind::Uint8 | Kind::Int8 => 1,
+        Kind::Int16 | Kind::Half | Kind::BFloat16 => 2,
+        Kind::Int | Kind::Float => 4,
+        Kind::Int64 | Kind::Double => 8,
+        _ => return None,
+    })
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WeightsError + '_ {
+    move |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Copies a tensor's elements (row-major, on the CPU) into a byte vector.
+fn tensor_bytes(path: &Path, key: &str, tensor: &tch::Tensor) -> Result<Vec<u8>, WeightsError> {
+    let kind = tensor.f_kind().map_err(|source| WeightsError::Torch {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        source,
+    })?;
+    let elt = element_size(kind).ok_or_else(|| WeightsError::UnsupportedDtype {
+        path: path.to_path_buf(),
+        what: format!("tensor {key}"),
+        dtype: format!("{kind:?}"),
+    })?;
+    let numel = tensor.numel();
+    let mut buf = vec![0u8; numel * elt];
+    if numel > 0 {
+        tensor
+            .f_copy_data_u8(&mut buf, numel)
+            .map_err(|source| WeightsError::Torch {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                source,
+            })?;
+    }
+    Ok(buf)
+}
+
+/// Builds a 1-D or shaped tensor from little-endian bytes; `bytes` must hold exactly the elements.
+fn tensor_from_bytes(
+    path: &Path,
+    key: &str,
+    bytes: &[u8],
+    shape: &[i64],
+    kind: Kind,
+) -> Result<tch::Tensor, WeightsError> {
+    let elt = element_size(kind).ok_or_else(|| WeightsError::UnsupportedDtype {
+        path: path.to_path_buf(),
+        what: format!("tensor {key}"),
+        dtype: format!("{kind:?}"),
+    })?;
+    let numel = shape.iter().try_fold(1usize, |acc, &d| {
+        usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+    });
+    if numel.and_then(|n| n.checked_mul(elt)) != Some(bytes.len()) {
+        return Err(WeightsError::Format {
+            path: path.to_path_buf(),
+            reason: format!(
+                "tensor {key}: shape {shape:?} of {kind:?} does not match {} bytes of data",
+                bytes.len()
+            ),
+        });
+    }
+    tch::Tensor::f_from_data_size(bytes, shape, kind).map_err(|source| WeightsError::Torch {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// Writes a file atomically: `write` fills a temporary file in the same directory, which is flushed,
+/// fsynced and renamed over `path`; on any error the temporary file is removed and `path` untouched.
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), WeightsError>,
+) -> Result<(), WeightsError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| WeightsError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    // Unique per process and call, so concurrent writers never share a temporary file.
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{n}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+        write(&mut writer)?;
+        writer.flush().map_err(io_err(&tmp))?;
+        let file = writer.into_inner().map_err(|e| WeightsError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err(&tmp))?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+        // Make the rename itself durable; failure to sync a directory is not worth failing over.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
