@@ -58,10 +58,11 @@ fn timed(iters: u32, sync: impl Fn(), mut f: impl FnMut()) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    // Resolve the device first: loading libtorch's CUDA half must precede every other torch call.
+    let device = cnclip::torch_ext::parse_device(&args.device)?;
     tch::set_num_threads(args.threads);
     tch::manual_seed(0);
     let config = ClipConfig::from_name(&args.model)?;
-    let device = cnclip::torch_ext::parse_device(&args.device)?;
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);

@@ -16,21 +16,7 @@ import time
 import torch
 
 
-def def _stub_numpy_if_missing():
-    """cn_clip's model uses numpy only for np.log(1/0.07) at construction."""
-    try:
-        import numpy  # noqa: F401
-    except ImportError:
-        import math
-        import sys
-        import types
-        np = types.ModuleType("numpy")
-        np.log = math.log
-        sys.modules["numpy"] = np
-
-
-_stub_torchvision_if_missing()
-_stub_numpy_if_missing():
+def _stub_torchvision_if_missing():
     """cn_clip.clip imports torchvision transforms at import time; the encoders never use them. A
     GPU image with torch alone can still run this benchmark with inert stand-ins."""
     try:
@@ -64,7 +50,6 @@ _stub_torchvision_if_missing()
 _stub_numpy_if_missing()
 from cn_clip.clip import tokenize  # noqa: E402
 from cn_clip.clip.model import CLIP, convert_weights  # noqa: E402
-
 
 
 def build(model_name):

@@ -15,7 +15,7 @@ CNCLIP_MODEL_FIXTURES=$PWD/crates/cnclip-model/tests/fixtures/model \
 for spec in "ViT-B-16 256" "ViT-H-14 64"; do
   set -- $spec
   echo "== encode throughput $1, batch $2: ours"
-  ./gpu-bin/encode --model "$1" --batch "$2" --iters 10 --device cuda 2>&1 | tail -6
+  RUST_BACKTRACE=0 ./gpu-bin/encode --model "$1" --batch "$2" --iters 10 --device cuda 2>&1 | tail -12
   echo "== encode throughput $1, batch $2: cn_clip 1.6.0 on torch $($PY -c 'import torch;print(torch.__version__)')"
   PYTHONPATH=$PWD/gpu-py $PY scripts/bench/cnclip_encode.py --model "$1" --batch "$2" --iters 10 --device cuda 2>&1 | tail -6
 done
