@@ -13,6 +13,24 @@
 //! | [`soup`] | weight-space soups |
 //! | [`train`] (`cnclip-train`) | the fine-tuning loop, single process and DDP |
 //! | [`torch_ext`] | libtorch glue tch lacks: CUDA init, devices, c10d |
+//!
+//! Encoding images and texts with a released checkpoint (the README's example, compiled here):
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision, preprocess::Preprocessor, tokenizer::Tokenizer};
+//!
+//! let device = cnclip::torch_ext::parse_device("auto")?; // first: loads CUDA when present
+//! let options = LoadOptions { config: Some(ClipConfig::from_name("ViT-B-16")?), ..Default::default() };
+//! let mut model = Clip::load("clip_cn_vit-b-16.pt", &options, device)?;
+//! model.set_precision(Precision::Fp32); // or Fp16 / Bf16 on a GPU
+//! let images = Preprocessor::new(224)?.preprocess_files(&["a.jpg", "b.png"])?;
+//! let texts = Tokenizer::new().tokenize(&["这是一张图片，里面存在商品：连衣裙"], 52)?;
+//! let (img, txt, _scale) = tch::no_grad(|| model.forward(&images, &texts));
+//! # let _ = (img, txt);
+//! # Ok(())
+//! # }
+//! ```
 
 pub use cnclip_lora as lora;
 pub use cnclip_model as model;

@@ -246,7 +246,8 @@ fn full_size_configs_reproduce_cn_clip() {
 
 /// On a GPU machine: the same checkpoints on CUDA in fp32, fp16 and bf16 against cn_clip's fp32
 /// outputs. fp32 differs only by GPU kernels (cuDNN convolutions may use TF32); fp16 and bf16 are
-/// bounded loosely and their errors printed, since their rounding is the point of those modes.
+/// bounded by about 3× the errors measured on an H100 and on this CPU (fp16 ≤ 1.2e-3, bf16 ≤ 6.8e-3
+/// relative), since their rounding is the point of those modes.
 /// Skipped (and says so) where libtorch has no CUDA.
 #[test]
 fn cuda_inference_tracks_cn_clip() {
@@ -258,6 +259,16 @@ fn cuda_inference_tracks_cn_clip() {
         return;
     }
     let device = Device::Cuda(0);
+    check_low_precision(device);
+}
+
+/// The same on the CPU (fp16 and bf16 kernels exist there too, slower).
+#[test]
+fn cpu_low_precision_tracks_cn_clip() {
+    check_low_precision(Device::Cpu);
+}
+
+fn check_low_precision(device: Device) {
     for (name, vision) in [
         ("tiny_vit", "tiny-vit"),
         ("tiny_vith", "tiny-vith"),
@@ -272,8 +283,8 @@ fn cuda_inference_tracks_cn_clip() {
         let mut model = Clip::load(dir.join(format!("{name}.pt")), &options, device).unwrap();
         for (precision, bound) in [
             (Precision::Fp32, 1e-3),
-            (Precision::Fp16, 1e-2),
-            (Precision::Bf16, 5e-2),
+            (Precision::Fp16, 3e-3),
+            (Precision::Bf16, 1.5e-2),
         ] {
             model.set_precision(precision);
             let _guard = tch::no_grad_guard();
@@ -287,7 +298,7 @@ fn cuda_inference_tracks_cn_clip() {
                 .to(Device::Cpu);
             let img_err = relative_error(&img, &io["image_features_norm"]);
             let txt_err = relative_error(&txt, &io["text_features_norm"]);
-            eprintln!("cuda {name} {precision:?}: image {img_err:.2e}, text {txt_err:.2e}");
+            eprintln!("{device:?} {name} {precision:?}: image {img_err:.2e}, text {txt_err:.2e}");
             assert!(
                 img_err <= bound && txt_err <= bound,
                 "{name} {precision:?} beyond {bound}"
@@ -295,3 +306,4 @@ fn cuda_inference_tracks_cn_clip() {
         }
     }
 }
+

@@ -28,7 +28,10 @@ fn load() -> &'static Result<libloading::os::unix::Library, String> {
 /// Loads `libtorch_cuda.so` once per process and tells whether libtorch can now use a GPU: true only
 /// when the library loaded and the driver reports at least one device.
 ///
-/// Call it before the first CUDA use; [`crate::DeviceSpec::resolve`] does so for you.
+/// Call it (or [`crate::parse_device`], which calls it) before **any** other torch call, not just
+/// before the first CUDA use: on an H100, a binary that called `tch::set_num_threads` and
+/// `tch::manual_seed` first could no longer use CUDA after this load, while the same binary
+/// resolving its device first worked (measured 2026-11-27, docs/BENCHMARKS.md).
 pub fn init_cuda() -> bool {
     load().is_ok() && tch::Cuda::is_available()
 }
