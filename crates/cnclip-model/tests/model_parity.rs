@@ -306,4 +306,3 @@ fn check_low_precision(device: Device) {
         }
     }
 }
-
