@@ -9,4 +9,10 @@
 //! Data flows in one direction: `muge-data` → this crate ← `cnclip-model`/`cnclip-lora`. Nothing but
 //! examples and binaries may depend on this crate.
 //!
-//! The implementation arrives with its issue ("cnclip-train: the fine-tuning loop of cn_clip …").
+//! Present so far: the schedule ([`schedule`]), the optimizer with cn_clip's parameter groups
+//! ([`optim`]) and the loss ([`loss`]), each checked against cn_clip/torch. The loop itself, with
+//! data, checkpoints and DDP, arrives with its issue.
+
+pub mod loss;
+pub mod optim;
+pub mod schedule;

@@ -1,0 +1,77 @@
+//! cn_clip's symmetric contrastive loss (`train.py:get_loss`, spec §6.2) and the in-batch accuracy
+//! it reports.
+//!
+//! Distributed training changes only which rows enter the logits: with the default aggregation
+//! the local features come first and keep their gradient, the other ranks' features follow as
+//! constants. That choice sits behind [`FeatureGather`], so the loss is the same code for one
+//! process and for DDP.
+
+use tch::{Kind, Reduction, Tensor};
+
+/// How the local batch's features become the rows of the global logits.
+pub trait FeatureGather {
+    /// All rows the loss sees, given this rank's `[B, D]` features.
+    fn gather(&self, local: &Tensor) -> Tensor;
+}
+
+/// One process (or `--skip-aggregate`): only the local batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalOnly;
+
+impl FeatureGather for LocalOnly {
+    fn gather(&self, local: &Tensor) -> Tensor {
+        local.shallow_clone()
+    }
+}
+
+/// The loss and the accuracies cn_clip logs with `--report-training-batch-acc`.
+#[derive(Debug)]
+pub struct ContrastiveOutput {
+    /// `(CE(logits_per_image, arange) + CE(logits_per_text, arange)) / 2`, mean reduction.
+    pub loss: Tensor,
+    /// Fraction of rows of `logits_per_image` whose argmax is the diagonal.
+    pub image_to_text_accuracy: f64,
+    pub text_to_image_accuracy: f64,
+}
+
+/// The loss over normalised `image` and `text` features `[B, D]` and `logit_scale` (already
+/// exponentiated, as cn_clip's model returns it).
+pub fn contrastive_loss(
+    image: &Tensor,
+    text: &Tensor,
+    logit_scale: &Tensor,
+    gather: &dyn FeatureGather,
+) -> ContrastiveOutput {
+    let all_image = gather.gather(image);
+    let all_text = gather.gather(text);
+    let scale = logit_scale.mean(Kind::Float).to_kind(all_image.kind());
+    let logits_per_image = all_image.matmul(&all_text.tr()) * scale;
+    let logits_per_text = logits_per_image.tr();
+    let rows = logits_per_image.size()[0];
+    let truth = Tensor::arange(rows, (Kind::Int64, logits_per_image.device()));
+    let ce = |logits: &Tensor| {
+        logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+            &truth,
+            None,
+            Reduction::Mean,
+            -100,
+            0.0,
+        )
+    };
+    let loss = (ce(&logits_per_image) + ce(&logits_per_text)) / 2.0;
+    let accuracy = |logits: &Tensor| {
+        tch::no_grad(|| {
+            logits
+                .argmax(-1, false)
+                .eq_tensor(&truth)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[])
+        })
+    };
+    ContrastiveOutput {
+        image_to_text_accuracy: accuracy(&logits_per_image),
+        text_to_image_accuracy: accuracy(&logits_per_text),
+        loss,
+    }
+}
