@@ -10,9 +10,11 @@
 //! examples and binaries may depend on this crate.
 //!
 //! Present so far: the schedule ([`schedule`]), the optimizer with cn_clip's parameter groups
-//! ([`optim`]) and the loss ([`loss`]), each checked against cn_clip/torch. The loop itself, with
-//! data, checkpoints and DDP, arrives with its issue.
+//! ([`optim`]), the loss ([`loss`]) and the optimizer step with accumulation ([`trainer`]), each
+//! checked against cn_clip/torch. Data loading, checkpoints, AMP/bf16, logging and DDP arrive
+//! with their issues.
 
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;

@@ -20,6 +20,8 @@ struct BertLayer {
     output: Linear,
     output_norm: LayerNorm,
     heads: i64,
+    hidden_dropout: f64,
+    attention_dropout: f64,
 }
 
 impl BertLayer {
@@ -42,23 +44,33 @@ impl BertLayer {
             output: Linear::new(&(p / "output" / "dense"), i, h, std),
             output_norm: LayerNorm::new(&(p / "output" / "LayerNorm"), h, LAYER_NORM_EPS, false),
             heads: c.text_num_attention_heads,
+            hidden_dropout: c.text_hidden_dropout_prob,
+            attention_dropout: c.text_attention_probs_dropout_prob,
         }
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Tensor {
+    /// Dropout (attention probabilities, and each sub-layer's output before its residual LayerNorm)
+    /// is active only when `train` is true, as in cn_clip's `train()` mode.
+    fn forward(&self, x: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let context = multi_head_attention(
             &self.query.forward(x),
             &self.key.forward(x),
             &self.value.forward(x),
             self.heads,
             Some(mask),
+            if train { self.attention_dropout } else { 0.0 },
         );
-        let attended = self
-            .attention_norm
-            .forward(&(self.attention_output.forward(&context) + x));
+        let projected = self
+            .attention_output
+            .forward(&context)
+            .dropout(self.hidden_dropout, train);
+        let attended = self.attention_norm.forward(&(projected + x));
         let hidden = self.intermediate.forward(&attended).gelu("none");
-        self.output_norm
-            .forward(&(self.output.forward(&hidden) + attended))
+        let output = self
+            .output
+            .forward(&hidden)
+            .dropout(self.hidden_dropout, train);
+        self.output_norm.forward(&(output + attended))
     }
 }
 
@@ -69,6 +81,7 @@ pub struct Bert {
     token_type_embeddings: Tensor,
     embedding_norm: LayerNorm,
     layers: Vec<BertLayer>,
+    hidden_dropout: f64,
 }
 
 impl Bert {
@@ -98,21 +111,26 @@ impl Bert {
             token_type_embeddings,
             embedding_norm,
             layers,
+            hidden_dropout: c.text_hidden_dropout_prob,
         }
     }
 
     /// `[B, L]` token ids and a `[B, L]` mask (1 keep, 0 pad, in the compute dtype) → `[B, L, H]`.
-    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor) -> Tensor {
+    /// `train` switches cn_clip's dropout on (embeddings, attention probabilities, sub-layers).
+    pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
         let len = ids.size()[1];
         let positions = Tensor::arange(len, (Kind::Int64, ids.device()));
         let x = Tensor::embedding(&self.word_embeddings, ids, 0, false, false)
             + self.position_embeddings.index_select(0, &positions)
             + self.token_type_embeddings.get(0);
-        let mut x = self.embedding_norm.forward(&x);
+        let mut x = self
+            .embedding_norm
+            .forward(&x)
+            .dropout(self.hidden_dropout, train);
         let kind = x.kind();
         let mask = ((attention_mask.unsqueeze(1).unsqueeze(2) - 1.0) * 10000.0).to_kind(kind);
         for layer in &self.layers {
-            x = layer.forward(&x, &mask);
+            x = layer.forward(&x, &mask, train);
         }
         x
     }

@@ -295,10 +295,17 @@ impl Clip {
 
     /// `[N, L]` token ids (PAD 0) → `[N, embed_dim]` unnormalised features.
     pub fn encode_text(&self, ids: &Tensor) -> Tensor {
+        self.encode_text_t(ids, false)
+    }
+
+    /// [`Clip::encode_text`] with cn_clip's training-mode dropout when `train` is true (the text
+    /// tower is the only one with dropout; the ViT has none and the ResNet's BatchNorms stay in
+    /// inference mode, as fine-tuning with frozen statistics).
+    pub fn encode_text_t(&self, ids: &Tensor, train: bool) -> Tensor {
         let ids = ids.to_device(self.device());
         let dtype = self.visual.dtype();
         let mask = ids.ne(0).to_kind(dtype);
-        let hidden = self.bert.forward(&ids, &mask).to_kind(dtype);
+        let hidden = self.bert.forward(&ids, &mask, train).to_kind(dtype);
         hidden
             .select(1, 0)
             .matmul(&self.text_projection.to_kind(dtype))
@@ -321,9 +328,19 @@ impl Clip {
 
     /// cn_clip's `forward(image, text)`: normalised image and text features and `exp(logit_scale)`.
     pub fn forward(&self, images: &Tensor, ids: &Tensor) -> (Tensor, Tensor, Tensor) {
+        self.forward_t(images, ids, false)
+    }
+
+    /// [`Clip::forward`] in training mode when `train` is true (see [`Clip::encode_text_t`]).
+    pub fn forward_t(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        train: bool,
+    ) -> (Tensor, Tensor, Tensor) {
         (
             self.image_features(images),
-            self.text_features(ids),
+            normalize(&self.encode_text_t(ids, train)),
             self.logit_scale_exp(),
         )
     }
@@ -493,6 +510,26 @@ mod tests {
         assert_eq!((&a.1 - &b.1).abs().max().double_value(&[]), 0.0);
         let norms = a.1.norm_scalaropt_dim(2, [-1], false);
         assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn dropout_acts_only_in_training_mode() {
+        let mut config = tiny();
+        config.text.text_hidden_dropout_prob = 0.1;
+        config.text.text_attention_probs_dropout_prob = 0.1;
+        tch::manual_seed(6);
+        let model = Clip::new(&config, Device::Cpu);
+        let ids = Tensor::from_slice(&[101i64, 5, 7, 9, 11, 102]).view([1, 6]);
+        let eval_a = tch::no_grad(|| model.encode_text_t(&ids, false));
+        let eval_b = tch::no_grad(|| model.encode_text(&ids));
+        assert!(eval_a.equal(&eval_b));
+        let train_a = tch::no_grad(|| model.encode_text_t(&ids, true));
+        let train_b = tch::no_grad(|| model.encode_text_t(&ids, true));
+        assert!(
+            !train_a.equal(&train_b),
+            "two training forwards drew the same dropout masks"
+        );
+        assert!(!train_a.equal(&eval_a));
     }
 
     #[test]

@@ -167,13 +167,15 @@ pub fn quick_gelu(x: &Tensor) -> Tensor {
 
 /// Multi-head attention core on `[batch, tokens, heads*head_dim]` projections: splits heads, runs
 /// libtorch's fused `scaled_dot_product_attention` (scale 1/sqrt(head_dim), additive mask broadcast
-/// over `[batch, heads, query, key]`), and merges heads back.
+/// over `[batch, heads, query, key]`, dropout on the attention probabilities when `dropout > 0`),
+/// and merges heads back.
 pub fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: i64,
     mask: Option<&Tensor>,
+    dropout: f64,
 ) -> Tensor {
     let split = |t: &Tensor| {
         let (b, l, d) = t.size3().unwrap_or_default();
@@ -185,7 +187,7 @@ pub fn multi_head_attention(
         &split(k),
         &split(v),
         mask.map(|m| m.shallow_clone()),
-        0.0,
+        dropout,
         false,
         None::<f64>,
         false,

@@ -104,6 +104,7 @@ impl AttentionPool2d {
             &self.v_proj.forward(&x),
             self.heads,
             None,
+            0.0,
         );
         self.c_proj.forward(&out.select(1, 0))
     }

@@ -53,7 +53,7 @@ impl ResidualAttentionBlock {
     fn attention(&self, x: &Tensor) -> Tensor {
         let qkv = x.linear(&self.in_proj_weight, Some(&self.in_proj_bias));
         let parts = qkv.chunk(3, -1);
-        let out = multi_head_attention(&parts[0], &parts[1], &parts[2], self.heads, None);
+        let out = multi_head_attention(&parts[0], &parts[1], &parts[2], self.heads, None, 0.0);
         self.out_proj.forward(&out)
     }
 

@@ -1,0 +1,224 @@
+//! One optimizer step of cn_clip's loop (`train.py:train`, spec §6.2–6.3, 6.7): the rate assigned
+//! from the schedule, forward in training mode, the contrastive loss, backward, AdamW, and the
+//! `logit_scale` clamp — with `--accum-freq` handled as cn_clip does (features of every micro-batch
+//! cached without gradient, then each micro-batch re-run with gradient against the cached others).
+//!
+//! Precision here is fp32; data loading, checkpoints and DDP feed into this from outside.
+
+use crate::loss::{ContrastiveOutput, FeatureGather, LocalOnly, contrastive_loss};
+use crate::optim::{AdamW, AdamWConfig, clamp_logit_scale};
+use crate::schedule::CosineSchedule;
+use cnclip_model::Clip;
+use tch::Tensor;
+
+/// What a run is configured with.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainerConfig {
+    pub schedule: CosineSchedule,
+    pub adamw: AdamWConfig,
+    /// cn_clip's `--accum-freq`: micro-batches per optimizer step.
+    pub accum_freq: usize,
+    /// cn_clip's `--freeze-vision`: the vision tower gets no gradient and no optimizer state.
+    pub freeze_vision: bool,
+}
+
+/// What one optimizer step did, as cn_clip logs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Optimizer steps taken so far (cn_clip's "Global Steps").
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub image_to_text_accuracy: f64,
+    pub text_to_image_accuracy: f64,
+    /// The `logit_scale` parameter after the clamp (not its exponential).
+    pub logit_scale: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(
+        "loss is {value} at optimizer step {step} (micro-batch {micro_batch}); stopping before the weights are corrupted"
+    )]
+    NonFiniteLoss {
+        step: u64,
+        micro_batch: usize,
+        value: f64,
+    },
+    #[error("training already reached its {max_steps} steps")]
+    Finished { max_steps: u64 },
+    #[error("an accumulation group completed with no micro-batch in it")]
+    EmptyAccumulationGroup,
+}
+
+pub struct Trainer {
+    model: Clip,
+    optimizer: AdamW,
+    config: TrainerConfig,
+    step: u64,
+    gather: Box<dyn FeatureGather>,
+    /// Micro-batches of the current accumulation group: inputs and their gradient-free features.
+    pending: Vec<(Tensor, Tensor, Tensor, Tensor)>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// A single-process trainer (the loss sees the local batch only).
+    pub fn new(model: Clip, config: TrainerConfig) -> Self {
+        Self::with_gather(model, config, Box::new(LocalOnly))
+    }
+
+    /// A trainer whose loss sees the rows `gather` assembles (DDP plugs in here).
+    pub fn with_gather(model: Clip, config: TrainerConfig, gather: Box<dyn FeatureGather>) -> Self {
+        if config.freeze_vision {
+            for (name, tensor) in model.named_tensors() {
+                if name.starts_with("visual.") && tensor.is_floating_point() {
+                    let _ = tensor.set_requires_grad(false);
+                }
+            }
+        }
+        let optimizer = AdamW::for_model(&model, config.adamw);
+        Self {
+            model,
+            optimizer,
+            config,
+            step: 0,
+            gather,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn model(&self) -> &Clip {
+        &self.model
+    }
+
+    pub fn into_model(self) -> Clip {
+        self.model
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Continues a resumed run at optimizer step `step` (the optimizer's own state is restored
+    /// separately through [`AdamW::load_state`]).
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.step >= self.config.schedule.total_steps
+    }
+
+    /// Feeds one micro-batch (`[B,3,R,R]` images, `[B,L]` token ids). Returns the step's report
+    /// when this micro-batch completed an optimizer step, `None` while an accumulation group is
+    /// still filling.
+    pub fn train_batch(
+        &mut self,
+        images: &Tensor,
+        texts: &Tensor,
+    ) -> Result<Option<StepReport>, TrainError> {
+        if self.is_finished() {
+            return Err(TrainError::Finished {
+                max_steps: self.config.schedule.total_steps,
+            });
+        }
+        let lr = self.config.schedule.lr(self.step);
+        let accum = self.config.accum_freq.max(1);
+        let last = if accum == 1 {
+            self.optimizer.zero_grad();
+            let (img, txt, scale) = self.model.forward_t(images, texts, true);
+            let out = contrastive_loss(&img, &txt, &scale, self.gather.as_ref());
+            self.backward(&out, 0)?;
+            out
+        } else {
+            let (img, txt, _) = tch::no_grad(|| self.model.forward_t(images, texts, true));
+            self.pending
+                .push((images.shallow_clone(), texts.shallow_clone(), img, txt));
+            if self.pending.len() < accum {
+                return Ok(None);
+            }
+            self.accumulated_backward()?
+        };
+        self.optimizer.step(lr);
+        clamp_logit_scale(&self.model);
+        self.step += 1;
+        let logit_scale = self
+            .model
+            .named_tensors()
+            .get("logit_scale")
+            .map(|t| t.double_value(&[]))
+            .unwrap_or(f64::NAN);
+        Ok(Some(StepReport {
+            step: self.step,
+            lr,
+            loss: last.loss.double_value(&[]),
+            image_to_text_accuracy: last.image_to_text_accuracy,
+            text_to_image_accuracy: last.text_to_image_accuracy,
+            logit_scale,
+        }))
+    }
+
+    fn backward(&self, out: &ContrastiveOutput, micro_batch: usize) -> Result<(), TrainError> {
+        let value = out.loss.double_value(&[]);
+        if !value.is_finite() {
+            return Err(TrainError::NonFiniteLoss {
+                step: self.step + 1,
+                micro_batch,
+                value,
+            });
+        }
+        out.loss.backward();
+        Ok(())
+    }
+
+    /// cn_clip's accumulation: for each cached micro-batch j, recompute its features with gradient
+    /// and take the loss over all cached rows with j's replaced; gradients add up over j. The
+    /// report is the last j's, as cn_clip logs.
+    fn accumulated_backward(&mut self) -> Result<ContrastiveOutput, TrainError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.optimizer.zero_grad();
+        let mut last = None;
+        for j in 0..pending.len() {
+            let (images, texts, _, _) = &pending[j];
+            let (img, txt, scale) = self.model.forward_t(images, texts, true);
+            let rows = |fresh: &Tensor, pick: fn(&(Tensor, Tensor, Tensor, Tensor)) -> &Tensor| {
+                let parts: Vec<Tensor> = pending
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        if i == j {
+                            fresh.shallow_clone()
+                        } else {
+                            pick(p).shallow_clone()
+                        }
+                    })
+                    .collect();
+                Tensor::cat(&parts, 0)
+            };
+            let all_img = rows(&img, |p| &p.2);
+            let all_txt = rows(&txt, |p| &p.3);
+            let out = contrastive_loss(&all_img, &all_txt, &scale, self.gather.as_ref());
+            self.backward(&out, j)?;
+            last = Some(out);
+        }
+        last.ok_or(TrainError::EmptyAccumulationGroup)
+    }
+}

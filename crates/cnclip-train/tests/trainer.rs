@@ -1,0 +1,172 @@
+//! The optimizer step: accumulation equals one large batch, freezing, non-finite losses.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use cnclip_model::{Clip, ClipConfig};
+use cnclip_train::optim::AdamWConfig;
+use cnclip_train::schedule::CosineSchedule;
+use cnclip_train::trainer::{TrainError, Trainer, TrainerConfig};
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> ClipConfig {
+    ClipConfig::from_json_str(
+        r#"{"embed_dim":16,"image_resolution":32,"vision_layers":2,"vision_width":32,"vision_patch_size":8,
+            "vision_head_width":16,"vocab_size":300,"text_attention_probs_dropout_prob":0.0,
+            "text_hidden_act":"gelu","text_hidden_dropout_prob":0.0,"text_hidden_size":24,
+            "text_initializer_range":0.02,"text_intermediate_size":48,"text_max_position_embeddings":64,
+            "text_num_attention_heads":2,"text_num_hidden_layers":2,"text_type_vocab_size":2}"#,
+        "tiny",
+    )
+    .unwrap()
+}
+
+fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
+    TrainerConfig {
+        schedule: CosineSchedule {
+            base_lr: 1e-3,
+            warmup: 1,
+            total_steps: 4,
+        },
+        adamw: AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.1,
+        },
+        accum_freq,
+        freeze_vision,
+    }
+}
+
+/// Two copies of the same random model.
+fn twins(seed: i64) -> (Clip, Clip) {
+    tch::manual_seed(seed);
+    let a = Clip::new(&tiny(), Device::Cpu);
+    let mut b = Clip::new(&tiny(), Device::Cpu);
+    let weights = a.named_tensors();
+    b.load_named(weights.iter().map(|(k, v)| (k.as_str(), v)), false)
+        .unwrap();
+    (a, b)
+}
+
+fn batch(n: i64, seed: i64) -> (Tensor, Tensor) {
+    tch::manual_seed(seed);
+    let images = Tensor::randn([n, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let texts = Tensor::randint_low(1, 300, [n, 8], (Kind::Int64, Device::Cpu));
+    (images, texts)
+}
+
+fn max_weight_difference(a: &Clip, b: &Clip) -> f64 {
+    let (a, b) = (a.named_tensors(), b.named_tensors());
+    a.iter()
+        .filter(|(_, t)| t.is_floating_point())
+        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+/// cn_clip's accumulation (cached features, each micro-batch re-run with gradient) must give the
+/// gradient of one batch of all rows: every row's features receive gradient exactly once. The
+/// exception is cn_clip's own: `logit_scale` enters every micro-batch's loss with gradient, so it
+/// receives `accum_freq` times the large-batch gradient (Adam's update is invariant to that scale).
+#[test]
+fn accumulation_gives_the_gradient_of_one_large_batch() {
+    let (plain_model, accum_model) = twins(1);
+    let (images, texts) = batch(6, 2);
+    let mut plain = Trainer::new(plain_model, config(1, false));
+    let mut accum = Trainer::new(accum_model, config(2, false));
+    let report = plain.train_batch(&images, &texts).unwrap().unwrap();
+    assert!(
+        accum
+            .train_batch(&images.narrow(0, 0, 3), &texts.narrow(0, 0, 3))
+            .unwrap()
+            .is_none()
+    );
+    let accumulated = accum
+        .train_batch(&images.narrow(0, 3, 3), &texts.narrow(0, 3, 3))
+        .unwrap()
+        .unwrap();
+    assert_eq!((report.step, report.lr), (accumulated.step, accumulated.lr));
+    assert!(
+        (report.loss - accumulated.loss).abs() < 1e-5,
+        "{report:?} vs {accumulated:?}"
+    );
+    // The gradients of the step just taken are still on the parameters.
+    let (a, b) = (plain.model().named_tensors(), accum.model().named_tensors());
+    let mut compared = 0;
+    for (key, tensor) in &a {
+        let (ga, gb) = (tensor.grad(), b[key].grad());
+        if !ga.defined() {
+            assert!(!gb.defined(), "{key}: gradient only in the accumulated run");
+            continue;
+        }
+        let ga = if key == "logit_scale" { ga * 2.0 } else { ga };
+        let scale = ga.abs().max().double_value(&[]).max(1e-12);
+        let diff = (&ga - &gb).abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-5 * scale + 1e-9,
+            "{key}: gradients differ by {diff:e} (scale {scale:e})"
+        );
+        compared += 1;
+    }
+    assert!(compared > 30, "only {compared} gradients compared");
+    // The step moved the weights, identically up to Adam's amplification of rounding.
+    let (fresh, _) = twins(1);
+    assert!(max_weight_difference(&fresh, plain.model()) > 1e-4);
+    assert!(max_weight_difference(plain.model(), accum.model()) < 1e-5);
+}
+
+#[test]
+fn frozen_vision_tower_stays_put() {
+    let (model, reference) = twins(3);
+    let (images, texts) = batch(4, 4);
+    let mut trainer = Trainer::new(model, config(1, true));
+    trainer.train_batch(&images, &texts).unwrap().unwrap();
+    let after = trainer.model().named_tensors();
+    let before = reference.named_tensors();
+    for (key, tensor) in &after {
+        let changed = !tensor.equal(&before[key]);
+        if key.starts_with("visual.") {
+            assert!(!changed, "{key} moved although the vision tower is frozen");
+        }
+    }
+    assert!(!after["text_projection"].equal(&before["text_projection"]));
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_step() {
+    let (model, _) = twins(5);
+    let (images, texts) = batch(4, 6);
+    let mut trainer = Trainer::new(model, config(1, false));
+    trainer.train_batch(&images, &texts).unwrap().unwrap();
+    let poisoned = images.fill(f64::NAN);
+    let err = trainer.train_batch(&poisoned, &texts).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TrainError::NonFiniteLoss {
+                step: 2,
+                micro_batch: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("optimizer step 2"), "{err}");
+}
+
+#[test]
+fn stops_at_the_configured_number_of_steps() {
+    let (model, _) = twins(7);
+    let (images, texts) = batch(2, 8);
+    let mut trainer = Trainer::new(model, config(1, false));
+    for expected in 1..=4 {
+        assert_eq!(
+            trainer.train_batch(&images, &texts).unwrap().unwrap().step,
+            expected
+        );
+    }
+    assert!(trainer.is_finished());
+    assert!(matches!(
+        trainer.train_batch(&images, &texts),
+        Err(TrainError::Finished { max_steps: 4 })
+    ));
+}
