@@ -10,10 +10,11 @@
 //! examples and binaries may depend on this crate.
 //!
 //! Present so far: the schedule ([`schedule`]), the optimizer with cn_clip's parameter groups
-//! ([`optim`]), the loss ([`loss`]) and the optimizer step with accumulation ([`trainer`]), each
-//! checked against cn_clip/torch. Data loading, checkpoints, AMP/bf16, logging and DDP arrive
-//! with their issues.
+//! ([`optim`]), the loss ([`loss`]), the optimizer step with accumulation ([`trainer`]) and
+//! crash-safe checkpoints with exact resume ([`checkpoint`]), each checked against cn_clip/torch.
+//! Data loading, AMP/bf16, gradient checkpointing, logging and DDP arrive with their issues.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod schedule;

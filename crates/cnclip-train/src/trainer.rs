@@ -20,6 +20,11 @@ pub struct TrainerConfig {
     pub accum_freq: usize,
     /// cn_clip's `--freeze-vision`: the vision tower gets no gradient and no optimizer state.
     pub freeze_vision: bool,
+    /// When set, torch's global generator is re-seeded from `(seed, step, micro-batch)` before every
+    /// forward, so dropout masks depend only on the position in the run and a resumed run draws
+    /// the same masks as an uninterrupted one. (cn_clip never seeds dropout, so its runs are not
+    /// reproducible; `None` keeps that behaviour.)
+    pub dropout_seed: Option<u64>,
 }
 
 /// What one optimizer step did, as cn_clip logs it.
@@ -143,12 +148,14 @@ impl Trainer {
         let lr = self.config.schedule.lr(self.step);
         let accum = self.config.accum_freq.max(1);
         let last = if accum == 1 {
+            self.reseed(0);
             self.optimizer.zero_grad();
             let (img, txt, scale) = self.model.forward_t(images, texts, true);
             let out = contrastive_loss(&img, &txt, &scale, self.gather.as_ref());
             self.backward(&out, 0)?;
             out
         } else {
+            self.reseed(self.pending.len());
             let (img, txt, _) = tch::no_grad(|| self.model.forward_t(images, texts, true));
             self.pending
                 .push((images.shallow_clone(), texts.shallow_clone(), img, txt));
@@ -176,6 +183,19 @@ impl Trainer {
         }))
     }
 
+    fn reseed(&self, micro_batch: usize) {
+        if let Some(seed) = self.config.dropout_seed {
+            let position = self
+                .step
+                .wrapping_mul(1 << 20)
+                .wrapping_add(micro_batch as u64);
+            tch::manual_seed(
+                seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(position) as i64,
+            );
+        }
+    }
+
     fn backward(&self, out: &ContrastiveOutput, micro_batch: usize) -> Result<(), TrainError> {
         let value = out.loss.double_value(&[]);
         if !value.is_finite() {
@@ -197,6 +217,8 @@ impl Trainer {
         self.optimizer.zero_grad();
         let mut last = None;
         for j in 0..pending.len() {
+            // The same masks as the caching pass drew for this micro-batch.
+            self.reseed(j);
             let (images, texts, _, _) = &pending[j];
             let (img, txt, scale) = self.model.forward_t(images, texts, true);
             let rows = |fresh: &Tensor, pick: fn(&(Tensor, Tensor, Tensor, Tensor)) -> &Tensor| {

@@ -34,6 +34,7 @@ fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
         },
         accum_freq,
         freeze_vision,
+        dropout_seed: None,
     }
 }
 

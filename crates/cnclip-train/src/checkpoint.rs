@@ -1,0 +1,185 @@
+//! Checkpoints that survive crashes and resume exactly.
+//!
+//! A checkpoint is two files written atomically (temporary file, fsync, rename): `STEM.safetensors`
+//! — the model in the native format, loadable on its own by [`Clip::load`] — and
+//! `STEM.state.safetensors` — optimizer moments and the run position. Both carry the same random
+//! checkpoint id in their metadata and the state file is written second, so a crash between the two
+//! renames leaves a pair whose ids differ, which [`load`] refuses instead of resuming from a model
+//! and an optimizer of different steps. File stems follow cn_clip: `epoch_latest`, `epoch{E}`,
+//! `epoch_{E}_{step}`.
+
+use crate::trainer::Trainer;
+use cnclip_model::weights::{
+    self, NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
+    StateDict, WeightsError,
+};
+use cnclip_model::{Clip, LoadOptions};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+const CHECKPOINT_ID_KEY: &str = "cnclip.checkpoint_id";
+const TRAINING_STATE_KEY: &str = "cnclip.training_state";
+
+/// Where a run stands, enough to continue it mid-epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPosition {
+    /// 0-based epoch in progress.
+    pub epoch: u64,
+    /// Optimizer steps taken in the whole run.
+    pub step: u64,
+    /// Micro-batches of `epoch` already consumed (the loader skips them on resume).
+    pub batches_into_epoch: u64,
+    /// The run's name (cn_clip's `--name`).
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Load(#[from] cnclip_model::LoadError),
+    #[error("{path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+    #[error(
+        "{model} and {state} belong to different checkpoints (ids {model_id} and {state_id}): the \
+         write of this checkpoint was interrupted; resume from an older one"
+    )]
+    Torn {
+        model: PathBuf,
+        state: PathBuf,
+        model_id: String,
+        state_id: String,
+    },
+    #[error("{path}: optimizer state does not fit the model: {source}")]
+    Optimizer {
+        path: PathBuf,
+        source: crate::optim::OptimError,
+    },
+}
+
+/// The two files of checkpoint `stem` in `dir`.
+pub fn paths(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{stem}.safetensors")),
+        dir.join(format!("{stem}.state.safetensors")),
+    )
+}
+
+fn checkpoint_id(step: u64) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{step}-{nanos}-{}", std::process::id())
+}
+
+/// Writes checkpoint `stem` of `trainer` at `position` into `dir` (created if needed).
+pub fn save(
+    dir: &Path,
+    stem: &str,
+    trainer: &Trainer,
+    position: &RunPosition,
+) -> Result<(), CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::Invalid {
+        path: dir.to_path_buf(),
+        what: format!("cannot create the checkpoint directory: {e}"),
+    })?;
+    let (model_path, state_path) = paths(dir, stem);
+    let id = checkpoint_id(position.step);
+    let model = trainer.model();
+    let model_meta = HashMap::from([
+        (NATIVE_FORMAT_KEY.to_string(), NATIVE_FORMAT.to_string()),
+        (NATIVE_VERSION_KEY.to_string(), NATIVE_VERSION.to_string()),
+        (NATIVE_CONFIG_KEY.to_string(), model.config().to_json()),
+        (CHECKPOINT_ID_KEY.to_string(), id.clone()),
+    ]);
+    weights::save_safetensors(&model_path, &model.state_dict(), model_meta)?;
+
+    let mut state = StateDict::new();
+    for (key, tensor) in trainer.optimizer().state() {
+        state.insert(key, tensor.detach().to_device(Device::Cpu));
+    }
+    let position_json = serde_json::to_string(position).map_err(|e| CheckpointError::Invalid {
+        path: state_path.clone(),
+        what: format!("cannot encode the run position: {e}"),
+    })?;
+    let state_meta = HashMap::from([
+        (CHECKPOINT_ID_KEY.to_string(), id),
+        (TRAINING_STATE_KEY.to_string(), position_json),
+    ]);
+    weights::save_safetensors(&state_path, &state, state_meta)?;
+    Ok(())
+}
+
+/// A checkpoint read back: the model (fp32, on `device`), the optimizer state and the position.
+pub struct Loaded {
+    pub model: Clip,
+    pub optimizer_state: StateDict,
+    pub position: RunPosition,
+}
+
+/// Reads checkpoint `stem` from `dir`, refusing torn pairs.
+pub fn load(dir: &Path, stem: &str, device: Device) -> Result<Loaded, CheckpointError> {
+    let (model_path, state_path) = paths(dir, stem);
+    let model_meta = weights::read_safetensors_metadata(&model_path)?;
+    let (optimizer_state, state_meta) = weights::read_safetensors(&state_path)?;
+    let id = |meta: &HashMap<String, String>, path: &Path| {
+        meta.get(CHECKPOINT_ID_KEY)
+            .cloned()
+            .ok_or_else(|| CheckpointError::Invalid {
+                path: path.to_path_buf(),
+                what: format!(
+                    "no {CHECKPOINT_ID_KEY} in the metadata: not a cnclip training checkpoint"
+                ),
+            })
+    };
+    let (model_id, state_id) = (id(&model_meta, &model_path)?, id(&state_meta, &state_path)?);
+    if model_id != state_id {
+        return Err(CheckpointError::Torn {
+            model: model_path,
+            state: state_path,
+            model_id,
+            state_id,
+        });
+    }
+    let position_json =
+        state_meta
+            .get(TRAINING_STATE_KEY)
+            .ok_or_else(|| CheckpointError::Invalid {
+                path: state_path.clone(),
+                what: format!("no {TRAINING_STATE_KEY} in the metadata"),
+            })?;
+    let position: RunPosition =
+        serde_json::from_str(position_json).map_err(|e| CheckpointError::Invalid {
+            path: state_path.clone(),
+            what: format!("run position is not valid: {e}"),
+        })?;
+    let model = Clip::load(&model_path, &LoadOptions::default(), device)?;
+    Ok(Loaded {
+        model,
+        optimizer_state,
+        position,
+    })
+}
+
+/// Puts a loaded checkpoint's optimizer state and step into `trainer` (built on the loaded model).
+pub fn restore(
+    trainer: &mut Trainer,
+    loaded_state: &StateDict,
+    position: &RunPosition,
+    path: &Path,
+) -> Result<(), CheckpointError> {
+    let device = trainer.model().device();
+    trainer
+        .optimizer_mut()
+        .load_state(|key| loaded_state.get(key).map(|t: &Tensor| t.to_device(device)))
+        .map_err(|source| CheckpointError::Optimizer {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    trainer.set_step(position.step);
+    Ok(())
+}
