@@ -25,6 +25,9 @@ pub struct TrainerConfig {
     /// the same masks as an uninterrupted one. (cn_clip never seeds dropout, so its runs are not
     /// reproducible; `None` keeps that behaviour.)
     pub dropout_seed: Option<u64>,
+    /// cn_clip's `--grad-checkpointing`: keep only block inputs and recompute each block in the
+    /// backward pass (same gradients, less activation memory).
+    pub grad_checkpointing: bool,
 }
 
 /// What one optimizer step did, as cn_clip logs it.
@@ -150,10 +153,9 @@ impl Trainer {
         let last = if accum == 1 {
             self.reseed(0);
             self.optimizer.zero_grad();
-            let (img, txt, scale) = self.model.forward_t(images, texts, true);
-            let out = contrastive_loss(&img, &txt, &scale, self.gather.as_ref());
-            self.backward(&out, 0)?;
-            out
+            self.forward_backward(images, texts, 0, |img, txt| {
+                (img.shallow_clone(), txt.shallow_clone())
+            })?
         } else {
             self.reseed(self.pending.len());
             let (img, txt, _) = tch::no_grad(|| self.model.forward_t(images, texts, true));
@@ -196,17 +198,42 @@ impl Trainer {
         }
     }
 
-    fn backward(&self, out: &ContrastiveOutput, micro_batch: usize) -> Result<(), TrainError> {
-        let value = out.loss.double_value(&[]);
-        if !value.is_finite() {
-            return Err(TrainError::NonFiniteLoss {
-                step: self.step + 1,
-                micro_batch,
-                value,
-            });
+    /// Forward in training mode (checkpointed or recorded), the loss over the rows `rows` builds
+    /// from this micro-batch's features, the finiteness check, and the backward pass.
+    fn forward_backward(
+        &self,
+        images: &Tensor,
+        texts: &Tensor,
+        micro_batch: usize,
+        rows: impl Fn(&Tensor, &Tensor) -> (Tensor, Tensor),
+    ) -> Result<ContrastiveOutput, TrainError> {
+        let check = |out: &ContrastiveOutput| {
+            let value = out.loss.double_value(&[]);
+            if value.is_finite() {
+                Ok(())
+            } else {
+                Err(TrainError::NonFiniteLoss {
+                    step: self.step + 1,
+                    micro_batch,
+                    value,
+                })
+            }
+        };
+        if self.config.grad_checkpointing {
+            let fwd = self.model.forward_checkpointed(images, texts, true);
+            let (img, txt) = rows(&fwd.image_features, &fwd.text_features);
+            let out = contrastive_loss(&img, &txt, &fwd.logit_scale, self.gather.as_ref());
+            check(&out)?;
+            fwd.backward(&self.model, &out.loss);
+            Ok(out)
+        } else {
+            let (img, txt, scale) = self.model.forward_t(images, texts, true);
+            let (img, txt) = rows(&img, &txt);
+            let out = contrastive_loss(&img, &txt, &scale, self.gather.as_ref());
+            check(&out)?;
+            out.loss.backward();
+            Ok(out)
         }
-        out.loss.backward();
-        Ok(())
     }
 
     /// cn_clip's accumulation: for each cached micro-batch j, recompute its features with gradient
@@ -220,7 +247,6 @@ impl Trainer {
             // The same masks as the caching pass drew for this micro-batch.
             self.reseed(j);
             let (images, texts, _, _) = &pending[j];
-            let (img, txt, scale) = self.model.forward_t(images, texts, true);
             let rows = |fresh: &Tensor, pick: fn(&(Tensor, Tensor, Tensor, Tensor)) -> &Tensor| {
                 let parts: Vec<Tensor> = pending
                     .iter()
@@ -235,10 +261,9 @@ impl Trainer {
                     .collect();
                 Tensor::cat(&parts, 0)
             };
-            let all_img = rows(&img, |p| &p.2);
-            let all_txt = rows(&txt, |p| &p.3);
-            let out = contrastive_loss(&all_img, &all_txt, &scale, self.gather.as_ref());
-            self.backward(&out, j)?;
+            let out = self.forward_backward(images, texts, j, |img, txt| {
+                (rows(img, |p| &p.2), rows(txt, |p| &p.3))
+            })?;
             last = Some(out);
         }
         last.ok_or(TrainError::EmptyAccumulationGroup)

@@ -42,6 +42,7 @@ fn trainer_config() -> TrainerConfig {
         accum_freq: 1,
         freeze_vision: false,
         dropout_seed: Some(2024),
+        grad_checkpointing: false,
     }
 }
 

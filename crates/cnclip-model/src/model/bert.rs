@@ -118,20 +118,36 @@ impl Bert {
     /// `[B, L]` token ids and a `[B, L]` mask (1 keep, 0 pad, in the compute dtype) → `[B, L, H]`.
     /// `train` switches cn_clip's dropout on (embeddings, attention probabilities, sub-layers).
     pub fn forward(&self, ids: &Tensor, attention_mask: &Tensor, train: bool) -> Tensor {
+        let mut x = self.embed(ids, train);
+        let mask = Self::additive_mask(attention_mask, x.kind());
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask, train);
+        }
+        x
+    }
+
+    /// Word + position + token-type-0 embeddings, LayerNorm and dropout: the input of layer 0.
+    pub(crate) fn embed(&self, ids: &Tensor, train: bool) -> Tensor {
         let len = ids.size()[1];
         let positions = Tensor::arange(len, (Kind::Int64, ids.device()));
         let x = Tensor::embedding(&self.word_embeddings, ids, 0, false, false)
             + self.position_embeddings.index_select(0, &positions)
             + self.token_type_embeddings.get(0);
-        let mut x = self
-            .embedding_norm
+        self.embedding_norm
             .forward(&x)
-            .dropout(self.hidden_dropout, train);
-        let kind = x.kind();
-        let mask = ((attention_mask.unsqueeze(1).unsqueeze(2) - 1.0) * 10000.0).to_kind(kind);
-        for layer in &self.layers {
-            x = layer.forward(&x, &mask, train);
-        }
-        x
+            .dropout(self.hidden_dropout, train)
+    }
+
+    /// cn_clip's `(1 − mask) · −10000`, broadcast over heads and queries.
+    pub(crate) fn additive_mask(attention_mask: &Tensor, kind: Kind) -> Tensor {
+        ((attention_mask.unsqueeze(1).unsqueeze(2) - 1.0) * 10000.0).to_kind(kind)
+    }
+
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub(crate) fn layer(&self, index: usize, x: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        self.layers[index].forward(x, mask, train)
     }
 }

@@ -303,12 +303,30 @@ impl Clip {
     /// inference mode, as fine-tuning with frozen statistics).
     pub fn encode_text_t(&self, ids: &Tensor, train: bool) -> Tensor {
         let ids = ids.to_device(self.device());
-        let dtype = self.visual.dtype();
-        let mask = ids.ne(0).to_kind(dtype);
-        let hidden = self.bert.forward(&ids, &mask, train).to_kind(dtype);
+        let mask = ids.ne(0).to_kind(self.compute_dtype());
+        self.text_head(&self.bert.forward(&ids, &mask, train))
+    }
+
+    /// cn_clip pools the `[CLS]` hidden state and projects it without bias.
+    pub(crate) fn text_head(&self, hidden: &Tensor) -> Tensor {
+        let dtype = self.compute_dtype();
         hidden
+            .to_kind(dtype)
             .select(1, 0)
             .matmul(&self.text_projection.to_kind(dtype))
+    }
+
+    /// The dtype cn_clip computes in: `visual.conv1.weight`'s (also used for the text mask).
+    pub(crate) fn compute_dtype(&self) -> Kind {
+        self.visual.dtype()
+    }
+
+    pub(crate) fn visual(&self) -> &Visual {
+        &self.visual
+    }
+
+    pub(crate) fn bert(&self) -> &Bert {
+        &self.bert
     }
 
     /// L2-normalised image features (no epsilon, as cn_clip).
@@ -354,7 +372,7 @@ impl Clip {
     }
 }
 
-fn normalize(x: &Tensor) -> Tensor {
+pub(crate) fn normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [-1], true)
 }
 

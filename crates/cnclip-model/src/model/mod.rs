@@ -2,10 +2,12 @@
 //! wrapper, with variables registered under cn_clip's state-dict keys.
 
 mod bert;
+mod checkpointing;
 mod clip;
 mod layers;
 mod resnet;
 mod vit;
 
+pub use checkpointing::CheckpointedForward;
 pub use clip::{Clip, ModelError, Precision, Visual};
 pub use vit::resize_positional_embedding;

@@ -141,6 +141,15 @@ impl VisionTransformer {
 
     /// `[N, 3, R, R]` images → `[N, embed_dim]` unnormalised features.
     pub fn forward(&self, image: &Tensor) -> Tensor {
+        let mut x = self.embed(image);
+        for block in &self.blocks {
+            x = block.forward(&x);
+        }
+        self.head(&x)
+    }
+
+    /// Patch embedding, class token, positions and `ln_pre`: the input of block 0.
+    pub(crate) fn embed(&self, image: &Tensor) -> Tensor {
         let kind = self.dtype();
         let x = image.to_kind(kind).conv2d(
             &self.conv1,
@@ -158,10 +167,19 @@ impl VisionTransformer {
             .view([1, 1, width])
             .expand([n, 1, width], false);
         let x = Tensor::cat(&[cls, x], 1) + self.positional_embedding.to_kind(kind);
-        let mut x = self.ln_pre.forward(&x);
-        for block in &self.blocks {
-            x = block.forward(&x);
-        }
+        self.ln_pre.forward(&x)
+    }
+
+    pub(crate) fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub(crate) fn block(&self, index: usize, x: &Tensor) -> Tensor {
+        self.blocks[index].forward(x)
+    }
+
+    /// `ln_post` on the class token, then the projection.
+    pub(crate) fn head(&self, x: &Tensor) -> Tensor {
         self.ln_post.forward(&x.select(1, 0)).matmul(&self.proj)
     }
 }
