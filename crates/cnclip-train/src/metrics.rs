@@ -1,0 +1,331 @@
+//! Run logs: one JSON line per training step or validation (flushed as written, so a crash loses
+//! nothing already logged), cn_clip's human-readable training line, and loss/recall curves as PNG.
+
+use crate::trainer::StepReport;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// One line of the metrics file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    Train {
+        step: u64,
+        epoch: u64,
+        lr: f64,
+        loss: f64,
+        image_to_text_accuracy: f64,
+        text_to_image_accuracy: f64,
+        logit_scale: f64,
+    },
+    Valid {
+        step: u64,
+        epoch: u64,
+        loss: f64,
+        /// MUGE recall in percent (cn_clip's evaluation.py scale), when computed.
+        r1: Option<f64>,
+        r5: Option<f64>,
+        r10: Option<f64>,
+        mean_recall: Option<f64>,
+    },
+}
+
+impl Record {
+    pub fn train(report: &StepReport, epoch: u64) -> Self {
+        Record::Train {
+            step: report.step,
+            epoch,
+            lr: report.lr,
+            loss: report.loss,
+            image_to_text_accuracy: report.image_to_text_accuracy,
+            text_to_image_accuracy: report.text_to_image_accuracy,
+            logit_scale: report.logit_scale,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: not a metrics record: {source}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("cannot draw {path}: {what}")]
+    Plot { path: PathBuf, what: String },
+}
+
+/// Appends records to a JSONL file.
+#[derive(Debug)]
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens `path` for appending (a resumed run continues the same file).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, MetricsError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| MetricsError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        Ok(Self { path, file })
+    }
+
+    pub fn write(&mut self, record: &Record) -> Result<(), MetricsError> {
+        let mut line = serde_json::to_string(record).map_err(|e| MetricsError::Io {
+            path: self.path.clone(),
+            source: e.into(),
+        })?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|source| MetricsError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Reads a metrics file back; errors name the line.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, MetricsError> {
+    let file = File::open(path).map_err(|source| MetricsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut records = Vec::new();
+    for (index, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| MetricsError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str(&line).map_err(|source| MetricsError::Parse {
+            path: path.to_path_buf(),
+            line: index + 1,
+            source,
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// cn_clip's training log line (`train.py:269-286`), without the timing fields it measures itself.
+pub fn cn_clip_train_line(
+    report: &StepReport,
+    max_steps: u64,
+    epoch: u64,
+    global_batch: u64,
+) -> String {
+    format!(
+        "Global Steps: {}/{} | Train Epoch: {} | Loss: {:.6} | Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | LR: {:.6} | logit_scale: {:.3} | Global Batch Size: {}",
+        report.step,
+        max_steps,
+        epoch + 1,
+        report.loss,
+        report.image_to_text_accuracy * 100.0,
+        report.text_to_image_accuracy * 100.0,
+        report.lr,
+        report.logit_scale,
+        global_batch
+    )
+}
+
+/// Draws training and validation loss, and validation mean recall where present, against the
+/// step, into a PNG.
+pub fn plot_curves(records: &[Record], png: &Path) -> Result<(), MetricsError> {
+    use plotters::prelude::*;
+    let fail = |what: String| MetricsError::Plot {
+        path: png.to_path_buf(),
+        what,
+    };
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| fail("the embedded DejaVu font did not load".into()))?;
+
+    // A run resumed from an earlier checkpoint logs some steps twice: the later record wins, and
+    // points are drawn in step order.
+    let by_step = |pick: &dyn Fn(&Record) -> Option<(u64, f64)>| -> Vec<(f64, f64)> {
+        let latest: std::collections::BTreeMap<u64, f64> =
+            records.iter().filter_map(pick).collect();
+        latest
+            .into_iter()
+            .map(|(step, v)| (step as f64, v))
+            .collect()
+    };
+    let train = by_step(&|r| match r {
+        Record::Train { step, loss, .. } => Some((*step, *loss)),
+        Record::Valid { .. } => None,
+    });
+    let valid = by_step(&|r| match r {
+        Record::Valid { step, loss, .. } => Some((*step, *loss)),
+        Record::Train { .. } => None,
+    });
+    let recall = by_step(&|r| match r {
+        Record::Valid {
+            step,
+            mean_recall: Some(m),
+            ..
+        } => Some((*step, *m)),
+        _ => None,
+    });
+    if train.is_empty() && valid.is_empty() {
+        return Err(fail("no records to plot".into()));
+    }
+    let finite = |v: &(f64, f64)| v.1.is_finite();
+    let max_step = train.iter().chain(&valid).map(|p| p.0).fold(1.0, f64::max);
+    let max_loss = train
+        .iter()
+        .chain(&valid)
+        .filter(|p| finite(p))
+        .map(|p| p.1)
+        .fold(0.0, f64::max)
+        * 1.05;
+
+    let root = BitMapBackend::new(png, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+    let (left, right) = root.split_horizontally(500);
+    let mut chart = ChartBuilder::on(&left)
+        .caption("loss", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_step, 0.0..max_loss.max(1e-6))
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .draw()
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(train.iter().copied().filter(finite), &BLUE))
+        .map_err(|e| fail(e.to_string()))?
+        .label("train")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+    chart
+        .draw_series(
+            valid
+                .iter()
+                .copied()
+                .filter(finite)
+                .map(|p| Circle::new(p, 4, RED.filled())),
+        )
+        .map_err(|e| fail(e.to_string()))?
+        .label("valid")
+        .legend(|(x, y)| Circle::new((x + 8, y), 4, RED.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(e.to_string()))?;
+
+    let mut chart = ChartBuilder::on(&right)
+        .caption("valid mean recall (%)", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_step, 0.0..100.0)
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .draw()
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(recall.iter().copied(), &GREEN))
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .draw_series(recall.iter().map(|p| Circle::new(*p, 4, GREEN.filled())))
+        .map_err(|e| fail(e.to_string()))?;
+    root.present().map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(step: u64, loss: f64) -> StepReport {
+        StepReport {
+            step,
+            lr: 5e-4 * step as f64,
+            loss,
+            image_to_text_accuracy: 0.25,
+            text_to_image_accuracy: 0.5,
+            logit_scale: 4.4929,
+        }
+    }
+
+    #[test]
+    fn line_matches_cn_clip_format() {
+        let line = cn_clip_train_line(&report(1, 3.554692506790161), 5, 0, 4);
+        assert_eq!(
+            line,
+            "Global Steps: 1/5 | Train Epoch: 1 | Loss: 3.554693 | Image2Text Acc: 25.00 | Text2Image Acc: 50.00 | LR: 0.000500 | logit_scale: 4.493 | Global Batch Size: 4"
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_plot() {
+        let dir = std::env::temp_dir().join(format!("cnclip-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path).unwrap();
+        let mut written = Vec::new();
+        for step in 1..=20 {
+            written.push(Record::train(&report(step, 4.0 / step as f64), 0));
+        }
+        written.push(Record::Valid {
+            step: 20,
+            epoch: 0,
+            loss: 0.5,
+            r1: Some(30.0),
+            r5: Some(60.0),
+            r10: Some(70.0),
+            mean_recall: Some(53.3),
+        });
+        for r in &written {
+            log.write(r).unwrap();
+        }
+        drop(log);
+        // Appending after a restart keeps what was there.
+        MetricsLog::open(&path).unwrap().write(&written[0]).unwrap();
+        let read = read_records(&path).unwrap();
+        assert_eq!(read.len(), written.len() + 1);
+        assert_eq!(&read[..written.len()], &written[..]);
+
+        let png = dir.join("curves.png");
+        plot_curves(&read, &png).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(
+            bytes.len() > 5_000,
+            "suspiciously small plot: {} bytes",
+            bytes.len()
+        );
+
+        std::fs::write(&path, "{\"kind\":\"train\"}\n").unwrap();
+        let err = read_records(&path).unwrap_err().to_string();
+        assert!(err.contains("metrics.jsonl line 1"), "{err}");
+    }
+}
