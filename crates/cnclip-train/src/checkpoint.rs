@@ -2,7 +2,7 @@
 //!
 //! A checkpoint is two files written atomically (temporary file, fsync, rename): `STEM.safetensors`
 //! — the model in the native format, loadable on its own by [`Clip::load`] — and
-//! `STEM.state.safetensors` — optimizer moments and the run position. Both carry the same random
+//! `STEM.state.safetensors` — optimizer moments, the AMP scaler and the run position. Both carry the same random
 //! checkpoint id in their metadata and the state file is written second, so a crash between the two
 //! renames leaves a pair whose ids differ, which [`load`] refuses instead of resuming from a model
 //! and an optimizer of different steps. File stems follow cn_clip: `epoch_latest`, `epoch{E}`,
@@ -99,7 +99,8 @@ pub fn save(
     weights::save_safetensors(&model_path, &model.state_dict(), model_meta)?;
 
     let mut state = StateDict::new();
-    for (key, tensor) in trainer.optimizer().state() {
+    let scaler_state = trainer.scaler().map(|s| s.state()).unwrap_or_default();
+    for (key, tensor) in trainer.optimizer().state().into_iter().chain(scaler_state) {
         state.insert(key, tensor.detach().to_device(Device::Cpu));
     }
     let position_json = serde_json::to_string(position).map_err(|e| CheckpointError::Invalid {
@@ -180,6 +181,11 @@ pub fn restore(
             path: path.to_path_buf(),
             source,
         })?;
+    if let Some(scaler) = trainer.scaler_mut() {
+        // A checkpoint of an fp32 run has no scaler state; the scaler then starts afresh, as
+        // torch's does when switching a run to AMP.
+        let _ = scaler.load_state(|key| loaded_state.get(key).map(|t: &Tensor| t.shallow_clone()));
+    }
     trainer.set_step(position.step);
     Ok(())
 }

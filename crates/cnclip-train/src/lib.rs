@@ -14,6 +14,7 @@
 //! crash-safe checkpoints with exact resume ([`checkpoint`]), each checked against cn_clip/torch.
 //! Data loading, AMP/bf16, gradient checkpointing, logging and DDP arrive with their issues.
 
+pub mod amp;
 pub mod checkpoint;
 pub mod loss;
 pub mod metrics;

@@ -273,6 +273,7 @@ mod tests {
             image_to_text_accuracy: 0.25,
             text_to_image_accuracy: 0.5,
             logit_scale: 4.4929,
+            skipped: false,
         }
     }
 

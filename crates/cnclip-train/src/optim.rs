@@ -121,6 +121,11 @@ impl AdamW {
         self.step
     }
 
+    /// The parameters' gradients (undefined tensors for parameters without one).
+    pub fn grads(&self) -> Vec<Tensor> {
+        self.params.iter().map(|p| p.param.grad()).collect()
+    }
+
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             let mut grad = p.param.grad();

@@ -5,6 +5,7 @@
 //!
 //! Precision here is fp32; data loading, checkpoints and DDP feed into this from outside.
 
+use crate::amp::GradScaler;
 use crate::loss::{ContrastiveOutput, FeatureGather, LocalOnly, contrastive_loss};
 use crate::optim::{AdamW, AdamWConfig, clamp_logit_scale};
 use crate::schedule::CosineSchedule;
@@ -28,6 +29,9 @@ pub struct TrainerConfig {
     /// cn_clip's `--grad-checkpointing`: keep only block inputs and recompute each block in the
     /// backward pass (same gradients, less activation memory).
     pub grad_checkpointing: bool,
+    /// cn_clip's `--precision amp`: fp16 autocast (CUDA) with fp32 master weights and a
+    /// [`GradScaler`]; steps whose gradients overflow are skipped, as torch's scaler does.
+    pub amp: bool,
 }
 
 /// What one optimizer step did, as cn_clip logs it.
@@ -41,6 +45,9 @@ pub struct StepReport {
     pub text_to_image_accuracy: f64,
     /// The `logit_scale` parameter after the clamp (not its exponential).
     pub logit_scale: f64,
+    /// AMP found inf/NaN gradients and skipped the optimizer update (the step still counts, as in
+    /// cn_clip, whose schedule advances regardless).
+    pub skipped: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +72,7 @@ pub struct Trainer {
     config: TrainerConfig,
     step: u64,
     gather: Box<dyn FeatureGather>,
+    scaler: Option<GradScaler>,
     /// Micro-batches of the current accumulation group: inputs and their gradient-free features.
     pending: Vec<(Tensor, Tensor, Tensor, Tensor)>,
 }
@@ -94,7 +102,9 @@ impl Trainer {
             }
         }
         let optimizer = AdamW::for_model(&model, config.adamw);
+        let scaler = config.amp.then(|| GradScaler::new(model.device()));
         Self {
+            scaler,
             model,
             optimizer,
             config,
@@ -158,7 +168,9 @@ impl Trainer {
             })?
         } else {
             self.reseed(self.pending.len());
-            let (img, txt, _) = tch::no_grad(|| self.model.forward_t(images, texts, true));
+            let amp = self.config.amp;
+            let (img, txt, _) =
+                tch::no_grad(|| tch::autocast(amp, || self.model.forward_t(images, texts, true)));
             self.pending
                 .push((images.shallow_clone(), texts.shallow_clone(), img, txt));
             if self.pending.len() < accum {
@@ -166,7 +178,13 @@ impl Trainer {
             }
             self.accumulated_backward()?
         };
-        self.optimizer.step(lr);
+        let skipped = match &self.scaler {
+            Some(scaler) => scaler.unscale(&self.optimizer.grads()),
+            None => false,
+        };
+        if !skipped {
+            self.optimizer.step(lr);
+        }
         clamp_logit_scale(&self.model);
         self.step += 1;
         let logit_scale = self
@@ -182,7 +200,17 @@ impl Trainer {
             image_to_text_accuracy: last.image_to_text_accuracy,
             text_to_image_accuracy: last.text_to_image_accuracy,
             logit_scale,
+            skipped,
         }))
+    }
+
+    /// The AMP gradient scaler, when `amp` is on (its state belongs in checkpoints).
+    pub fn scaler(&self) -> Option<&GradScaler> {
+        self.scaler.as_ref()
+    }
+
+    pub fn scaler_mut(&mut self) -> Option<&mut GradScaler> {
+        self.scaler.as_mut()
     }
 
     fn reseed(&self, micro_batch: usize) {
@@ -209,7 +237,8 @@ impl Trainer {
     ) -> Result<ContrastiveOutput, TrainError> {
         let check = |out: &ContrastiveOutput| {
             let value = out.loss.double_value(&[]);
-            if value.is_finite() {
+            // Under AMP an overflow is the scaler's business (the step is skipped), as in cn_clip.
+            if value.is_finite() || self.scaler.is_some() {
                 Ok(())
             } else {
                 Err(TrainError::NonFiniteLoss {
@@ -219,21 +248,29 @@ impl Trainer {
                 })
             }
         };
-        if self.config.grad_checkpointing {
-            let fwd = self.model.forward_checkpointed(images, texts, true);
-            let (img, txt) = rows(&fwd.image_features, &fwd.text_features);
-            let out = contrastive_loss(&img, &txt, &fwd.logit_scale, self.gather.as_ref());
-            check(&out)?;
-            fwd.backward(&self.model, &out.loss);
-            Ok(out)
-        } else {
-            let (img, txt, scale) = self.model.forward_t(images, texts, true);
-            let (img, txt) = rows(&img, &txt);
-            let out = contrastive_loss(&img, &txt, &scale, self.gather.as_ref());
-            check(&out)?;
-            out.loss.backward();
-            Ok(out)
-        }
+        let scaled = |loss: &Tensor| match &self.scaler {
+            Some(scaler) => scaler.scale(loss),
+            None => loss.shallow_clone(),
+        };
+        // The backward recomputation of checkpointed blocks must run under the same autocast as
+        // their forward, so both sit inside it.
+        tch::autocast(self.config.amp, || {
+            if self.config.grad_checkpointing {
+                let fwd = self.model.forward_checkpointed(images, texts, true);
+                let (img, txt) = rows(&fwd.image_features, &fwd.text_features);
+                let out = contrastive_loss(&img, &txt, &fwd.logit_scale, self.gather.as_ref());
+                check(&out)?;
+                fwd.backward(&self.model, &scaled(&out.loss));
+                Ok(out)
+            } else {
+                let (img, txt, scale) = self.model.forward_t(images, texts, true);
+                let (img, txt) = rows(&img, &txt);
+                let out = contrastive_loss(&img, &txt, &scale, self.gather.as_ref());
+                check(&out)?;
+                scaled(&out.loss).backward();
+                Ok(out)
+            }
+        })
     }
 
     /// cn_clip's accumulation: for each cached micro-batch j, recompute its features with gradient

@@ -55,6 +55,7 @@ fn five_steps_equal_cn_clip_main_py() {
         freeze_vision: false,
         dropout_seed: None,
         grad_checkpointing: false,
+        amp: false,
     };
     let mut trainer = Trainer::new(model, trainer_config);
     let (no_decay, decay) = trainer.optimizer().group_sizes();
@@ -168,6 +169,7 @@ fn logit_scale_is_clamped_after_each_step() {
         freeze_vision: false,
         dropout_seed: None,
         grad_checkpointing: false,
+        amp: false,
     };
     let mut trainer = Trainer::new(model, trainer_config);
     let images = Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, Device::Cpu));

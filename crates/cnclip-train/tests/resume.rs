@@ -43,6 +43,7 @@ fn trainer_config() -> TrainerConfig {
         freeze_vision: false,
         dropout_seed: Some(2024),
         grad_checkpointing: false,
+        amp: false,
     }
 }
 

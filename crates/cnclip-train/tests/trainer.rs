@@ -36,6 +36,7 @@ fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
         freeze_vision,
         dropout_seed: None,
         grad_checkpointing: false,
+        amp: false,
     }
 }
 
@@ -219,5 +220,41 @@ fn grad_checkpointing_gives_the_same_gradients() {
                 );
             }
         }
+    }
+}
+
+/// `--precision amp` on the CPU: autocast is a CUDA feature, so the forward stays fp32, but the
+/// scaler runs. Scaling by a power of two and back is exact, so a clean step equals the fp32 step;
+/// an overflowing step is skipped and halves the scale, as torch's GradScaler.
+#[test]
+fn amp_scaler_steps_like_fp32_and_skips_overflow() {
+    let (fp32_model, amp_model) = twins(21);
+    let (images, texts) = batch(4, 22);
+    let mut fp32 = Trainer::new(fp32_model, config(1, false));
+    let mut amp = Trainer::new(
+        amp_model,
+        TrainerConfig {
+            amp: true,
+            ..config(1, false)
+        },
+    );
+    let a = fp32.train_batch(&images, &texts).unwrap().unwrap();
+    let b = amp.train_batch(&images, &texts).unwrap().unwrap();
+    assert!(!b.skipped);
+    assert_eq!(a.loss, b.loss);
+    assert_eq!(max_weight_difference(fp32.model(), amp.model()), 0.0);
+    assert_eq!(amp.scaler().unwrap().scale_value(), 65536.0);
+
+    let before = amp.model().state_dict();
+    let poisoned = images.fill(f64::NAN);
+    let report = amp.train_batch(&poisoned, &texts).unwrap().unwrap();
+    assert!(report.skipped, "{report:?}");
+    assert_eq!(report.step, 2);
+    assert_eq!(amp.scaler().unwrap().scale_value(), 32768.0);
+    for (key, tensor) in amp.model().named_tensors() {
+        assert!(
+            tensor.equal(before.get(&key).unwrap()),
+            "{key} changed in a skipped step"
+        );
     }
 }
