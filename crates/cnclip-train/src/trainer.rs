@@ -29,9 +29,22 @@ pub struct TrainerConfig {
     /// cn_clip's `--grad-checkpointing`: keep only block inputs and recompute each block in the
     /// backward pass (same gradients, less activation memory).
     pub grad_checkpointing: bool,
-    /// cn_clip's `--precision amp`: fp16 autocast (CUDA) with fp32 master weights and a
-    /// [`GradScaler`]; steps whose gradients overflow are skipped, as torch's scaler does.
-    pub amp: bool,
+    /// Numerics of the forward and backward; master weights stay fp32 in every mode.
+    pub precision: TrainPrecision,
+}
+
+/// cn_clip's `--precision` choices that keep fp32 master weights, plus bf16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrainPrecision {
+    /// Plain fp32 (`--precision fp32`).
+    #[default]
+    Fp32,
+    /// `--precision amp`: fp16 autocast (CUDA) with a [`GradScaler`]; steps whose gradients
+    /// overflow are skipped, as torch's scaler does. On a CPU only the scaler acts.
+    Amp,
+    /// bf16 autocast on the model's device (GPU, or a CPU with bf16 kernels); bf16 keeps fp32's
+    /// range, so no scaler. Not in cn_clip; its `--precision bf16` does not exist.
+    Bf16,
 }
 
 /// What one optimizer step did, as cn_clip logs it.
@@ -64,6 +77,8 @@ pub enum TrainError {
     Finished { max_steps: u64 },
     #[error("an accumulation group completed with no micro-batch in it")]
     EmptyAccumulationGroup,
+    #[error(transparent)]
+    Autocast(#[from] torch_ext::AutocastError),
 }
 
 pub struct Trainer {
@@ -102,7 +117,8 @@ impl Trainer {
             }
         }
         let optimizer = AdamW::for_model(&model, config.adamw);
-        let scaler = config.amp.then(|| GradScaler::new(model.device()));
+        let scaler =
+            (config.precision == TrainPrecision::Amp).then(|| GradScaler::new(model.device()));
         Self {
             scaler,
             model,
@@ -168,9 +184,8 @@ impl Trainer {
             })?
         } else {
             self.reseed(self.pending.len());
-            let amp = self.config.amp;
             let (img, txt, _) =
-                tch::no_grad(|| tch::autocast(amp, || self.model.forward_t(images, texts, true)));
+                tch::no_grad(|| self.autocast(|| self.model.forward_t(images, texts, true)))?;
             self.pending
                 .push((images.shallow_clone(), texts.shallow_clone(), img, txt));
             if self.pending.len() < accum {
@@ -254,7 +269,7 @@ impl Trainer {
         };
         // The backward recomputation of checkpointed blocks must run under the same autocast as
         // their forward, so both sit inside it.
-        tch::autocast(self.config.amp, || {
+        self.autocast(|| {
             if self.config.grad_checkpointing {
                 let fwd = self.model.forward_checkpointed(images, texts, true);
                 let (img, txt) = rows(&fwd.image_features, &fwd.text_features);
@@ -270,7 +285,19 @@ impl Trainer {
                 scaled(&out.loss).backward();
                 Ok(out)
             }
-        })
+        })?
+    }
+
+    /// Runs `f` under the autocast of the configured precision.
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> Result<T, TrainError> {
+        match self.config.precision {
+            TrainPrecision::Fp32 => Ok(f()),
+            TrainPrecision::Amp => Ok(tch::autocast(true, f)),
+            TrainPrecision::Bf16 => {
+                torch_ext::autocast(self.model.device(), tch::Kind::BFloat16, true, f)
+                    .map_err(TrainError::Autocast)
+            }
+        }
     }
 
     /// cn_clip's accumulation: for each cached micro-batch j, recompute its features with gradient

@@ -6,7 +6,7 @@
 use cnclip_model::{Clip, ClipConfig, LoadOptions};
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
-use cnclip_train::trainer::{Trainer, TrainerConfig};
+use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -55,7 +55,7 @@ fn five_steps_equal_cn_clip_main_py() {
         freeze_vision: false,
         dropout_seed: None,
         grad_checkpointing: false,
-        amp: false,
+        precision: TrainPrecision::Fp32,
     };
     let mut trainer = Trainer::new(model, trainer_config);
     let (no_decay, decay) = trainer.optimizer().group_sizes();
@@ -169,7 +169,7 @@ fn logit_scale_is_clamped_after_each_step() {
         freeze_vision: false,
         dropout_seed: None,
         grad_checkpointing: false,
-        amp: false,
+        precision: TrainPrecision::Fp32,
     };
     let mut trainer = Trainer::new(model, trainer_config);
     let images = Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, Device::Cpu));

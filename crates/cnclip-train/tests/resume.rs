@@ -6,7 +6,7 @@ use cnclip_model::{Clip, ClipConfig};
 use cnclip_train::checkpoint::{self, CheckpointError, RunPosition};
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
-use cnclip_train::trainer::{Trainer, TrainerConfig};
+use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -43,7 +43,7 @@ fn trainer_config() -> TrainerConfig {
         freeze_vision: false,
         dropout_seed: Some(2024),
         grad_checkpointing: false,
-        amp: false,
+        precision: TrainPrecision::Fp32,
     }
 }
 

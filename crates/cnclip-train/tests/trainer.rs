@@ -4,7 +4,7 @@
 use cnclip_model::{Clip, ClipConfig};
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
-use cnclip_train::trainer::{TrainError, Trainer, TrainerConfig};
+use cnclip_train::trainer::{TrainError, TrainPrecision, Trainer, TrainerConfig};
 use tch::{Device, Kind, Tensor};
 
 fn tiny() -> ClipConfig {
@@ -36,7 +36,7 @@ fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
         freeze_vision,
         dropout_seed: None,
         grad_checkpointing: false,
-        amp: false,
+        precision: TrainPrecision::Fp32,
     }
 }
 
@@ -234,7 +234,7 @@ fn amp_scaler_steps_like_fp32_and_skips_overflow() {
     let mut amp = Trainer::new(
         amp_model,
         TrainerConfig {
-            amp: true,
+            precision: TrainPrecision::Amp,
             ..config(1, false)
         },
     );
@@ -257,4 +257,34 @@ fn amp_scaler_steps_like_fp32_and_skips_overflow() {
             "{key} changed in a skipped step"
         );
     }
+}
+
+/// bf16 autocast: the forward runs in bf16 (its loss differs from fp32 by bf16 rounding only),
+/// master weights and optimizer state stay fp32.
+#[test]
+fn bf16_autocast_trains_with_fp32_master_weights() {
+    let (fp32_model, bf16_model) = twins(31);
+    let (images, texts) = batch(4, 32);
+    let mut fp32 = Trainer::new(fp32_model, config(1, false));
+    let mut bf16 = Trainer::new(
+        bf16_model,
+        TrainerConfig {
+            precision: TrainPrecision::Bf16,
+            ..config(1, false)
+        },
+    );
+    let a = fp32.train_batch(&images, &texts).unwrap().unwrap();
+    let b = bf16.train_batch(&images, &texts).unwrap().unwrap();
+    assert_ne!(a.loss, b.loss, "bf16 autocast had no effect");
+    assert!(
+        (a.loss - b.loss).abs() <= 2e-2 * a.loss.abs(),
+        "{a:?} vs {b:?}"
+    );
+    for (key, tensor) in bf16.model().named_tensors() {
+        if tensor.is_floating_point() {
+            assert_eq!(tensor.kind(), Kind::Float, "{key}");
+            assert!(tensor.isfinite().all().int64_value(&[]) == 1, "{key}");
+        }
+    }
+    assert!(max_weight_difference(fp32.model(), bf16.model()) > 0.0);
 }
