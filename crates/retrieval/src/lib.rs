@@ -1,10 +1,23 @@
-//! Text→image and image→text retrieval: feature extraction helpers and exact top-k search.
+//! Text→image and image→text retrieval: feature stores and exact top-k search.
 //!
-//! Owns: feature stores (the native safetensors feature file and cn_clip's jsonl features), exact
-//! top-k on CPU and GPU with documented tie-breaking, blocked so galleries larger than memory stream,
-//! and the reduced-precision scan with fp32 rescoring that returns the same ids as a full fp32 scan.
+//! Owns: feature stores ([`store`]: cn_clip's jsonl features and the native memory-mapped
+//! safetensors file), exact top-k on CPU and GPU with documented tie-breaking ([`search`]: higher
+//! score, then lower gallery row — cn_clip's stable-sort order), blocked so galleries larger than
+//! memory stream, the int8 scan with exact rescoring that returns the same ids as a full fp32 scan,
+//! and cn_clip's prediction jsonl ([`predict`]).
 //!
-//! May depend on `cnclip-model` (to encode). Must never import training (`cnclip-train`) or data
-//! augmentation: a user who only searches should not compile a training loop.
-//!
-//! The implementation arrives with its issue ("retrieval + eval: feature extraction, exact top-k …").
+//! May depend on `cnclip-model` (to encode) and `torch-ext`. Must never import training
+//! (`cnclip-train`) or data augmentation: a user who only searches should not compile a training loop.
+
+pub mod error;
+pub mod predict;
+pub mod search;
+pub mod store;
+
+pub use error::{Result, RetrievalError};
+pub use predict::{Direction, write_predictions};
+pub use search::{Hit, Precision, SearchOptions, brute_force, exact_score, search};
+pub use store::{
+    FeatureKind, FeatureSource, FeatureView, Features, JsonlReader, NativeFeatures, load_features,
+    read_jsonl, write_jsonl, write_native,
+};
