@@ -8,4 +8,26 @@
 //! Depends on `cnclip-model` for its tokenizer and preprocessing only. Must not depend on training,
 //! retrieval, eval or soup: data flows one way, from here into `cnclip-train`.
 //!
-//! The implementation arrives with its issue ("muge-data: MUGE files, cn_clip-compatible LMDB …").
+//! | module | what |
+//! |---|---|
+//! | [`files`] | TSV/JSONL readers, bad-record policy and reports |
+//! | [`lmdb`] | building and reading cn_clip's `pairs/` + `imgs/` environments |
+//! | [`pickle`], [`base64`] | the value encodings cn_clip's LMDB uses, exactly as Python writes and reads them |
+//! | [`text`] | prompt + dataset preprocessing + tokenizer: the one text path of training and evaluation |
+//! | [`sampler`] | torch's `randperm` and `DistributedSampler`, cn_clip's padding, mid-epoch resume |
+//! | [`loader`] | worker threads turning a sampler's plan into batches of tensors |
+
+pub mod augment;
+pub mod base64;
+pub mod files;
+pub mod lmdb;
+pub mod loader;
+pub mod pickle;
+pub mod sampler;
+pub mod text;
+
+pub use files::{BadRecordPolicy, FileError, ImageTsvReader, ReadReport, TextJsonlReader};
+pub use lmdb::{LmdbError, LmdbImages, LmdbSplit, build_split};
+pub use loader::{Batch, ImageTransform, Loader, LoaderConfig, LoaderError, SampleKey};
+pub use sampler::{DistributedSampler, EpochPlan};
+pub use text::{PRODUCT_PROMPT, TextPipeline};
