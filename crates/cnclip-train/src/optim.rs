@@ -69,6 +69,8 @@ pub enum OptimError {
     },
     #[error("optimizer state: {0}")]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Foreach(torch_ext::ForeachError),
 }
 
 /// AdamW over named parameters, in name order.
@@ -138,7 +140,10 @@ impl AdamW {
     /// One update with rate `lr`. Parameters without a gradient are skipped (torch skips
     /// `p.grad is None`), but the step counter is shared, as torch's per-parameter counters all
     /// advance together whenever every parameter has a gradient, which is the case in training.
-    pub fn step(&mut self, lr: f64) {
+    ///
+    /// On the CPU this is torch's single-tensor AdamW (its CPU default); on CUDA its multi-tensor
+    /// ("foreach") AdamW (its CUDA default), which launches a few fused kernels per group.
+    pub fn step(&mut self, lr: f64) -> Result<(), OptimError> {
         self.step += 1;
         let AdamWConfig {
             beta1,
@@ -151,6 +156,46 @@ impl AdamW {
         let bias_correction1 = 1.0 - beta1.powf(t);
         let bias_correction2_sqrt = (1.0 - beta2.powf(t)).sqrt();
         let step_size = lr / bias_correction1;
+        let on_gpu = self
+            .params
+            .first()
+            .is_some_and(|p| p.param.device().is_cuda());
+        if on_gpu {
+            // torch's default for CUDA parameters: the multi-tensor path, one group at a time.
+            let constants = torch_ext::AdamWStep {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay: 0.0,
+                bias_correction1,
+                bias_correction2_sqrt,
+            };
+            for decay in [false, true] {
+                let group: Vec<&ParamState> = self
+                    .params
+                    .iter()
+                    .filter(|p| p.decay == decay && p.param.grad().defined())
+                    .collect();
+                let list =
+                    |f: fn(&ParamState) -> Tensor| group.iter().map(|p| f(p)).collect::<Vec<_>>();
+                let step = torch_ext::AdamWStep {
+                    weight_decay: if decay { weight_decay } else { 0.0 },
+                    ..constants
+                };
+                tch::no_grad(|| {
+                    torch_ext::adamw_foreach(
+                        &list(|p| p.param.shallow_clone()),
+                        &list(|p| p.param.grad()),
+                        &list(|p| p.exp_avg.shallow_clone()),
+                        &list(|p| p.exp_avg_sq.shallow_clone()),
+                        step,
+                    )
+                })
+                .map_err(OptimError::Foreach)?;
+            }
+            return Ok(());
+        }
         tch::no_grad(|| {
             for p in &mut self.params {
                 let grad = p.param.grad();
@@ -171,6 +216,7 @@ impl AdamW {
                 let _ = p.param.addcdiv_(&(&p.exp_avg * -step_size), &denom);
             }
         });
+        Ok(())
     }
 
     /// The moments by `exp_avg.NAME` / `exp_avg_sq.NAME`, plus `step`, for checkpoints.

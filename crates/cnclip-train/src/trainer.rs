@@ -79,6 +79,8 @@ pub enum TrainError {
     EmptyAccumulationGroup,
     #[error(transparent)]
     Autocast(#[from] torch_ext::AutocastError),
+    #[error(transparent)]
+    Optimizer(#[from] crate::optim::OptimError),
 }
 
 pub struct Trainer {
@@ -198,7 +200,7 @@ impl Trainer {
             None => false,
         };
         if !skipped {
-            self.optimizer.step(lr);
+            self.optimizer.step(lr)?;
         }
         clamp_logit_scale(&self.model);
         self.step += 1;

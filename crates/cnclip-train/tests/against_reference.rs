@@ -86,7 +86,7 @@ fn adamw_equals_torch_over_five_steps() {
                 (p * given).sum(tch::Kind::Float).backward();
             }
         }
-        optimizer.step(lr.as_f64().unwrap());
+        optimizer.step(lr.as_f64().unwrap()).unwrap();
     }
     for (name, p) in &params {
         let expected = &t[&format!("adamw.final.{name}")];
@@ -151,7 +151,7 @@ fn optimizer_state_round_trips_and_rejects_wrong_shapes() {
     };
     let mut a = AdamW::new([("w".to_string(), p.shallow_clone())], config);
     (&p * &p).sum(tch::Kind::Float).backward();
-    a.step(1e-2);
+    a.step(1e-2).unwrap();
     let state: HashMap<String, Tensor> =
         a.state().into_iter().map(|(k, v)| (k, v.copy())).collect();
     let q = p.detach().copy().set_requires_grad(true);
@@ -163,7 +163,7 @@ fn optimizer_state_round_trips_and_rejects_wrong_shapes() {
     for (opt, t) in [(&mut a, &p), (&mut b, &q)] {
         opt.zero_grad();
         (t * t).sum(tch::Kind::Float).backward();
-        opt.step(1e-2);
+        opt.step(1e-2).unwrap();
     }
     assert!(p.detach().equal(&q.detach()));
 

@@ -288,3 +288,86 @@ fn bf16_autocast_trains_with_fp32_master_weights() {
     }
     assert!(max_weight_difference(fp32.model(), bf16.model()) > 0.0);
 }
+
+/// On a GPU machine: bf16 steps land close to fp32 ones; AMP (real fp16 autocast there) skips
+/// the first steps while its 2¹⁶ loss scale overflows fp16 gradients — as torch's GradScaler
+/// does — then trains. Master weights stay fp32 throughout. Skipped, and says so, without CUDA.
+#[test]
+fn cuda_amp_and_bf16_steps() {
+    if !torch_ext::init_cuda() {
+        eprintln!(
+            "skipped: {}",
+            torch_ext::cuda_init_error().unwrap_or_default()
+        );
+        return;
+    }
+    let device = Device::Cuda(0);
+    let (images, texts) = batch(8, 41);
+    let (images, texts) = (images.to(device), texts.to(device));
+    let trainer_for = |precision| {
+        let (model, _) = twins(42);
+        let mut on_gpu = Clip::new(model.config(), device);
+        let weights = model.named_tensors();
+        on_gpu
+            .load_named(weights.iter().map(|(k, v)| (k.as_str(), v)), false)
+            .unwrap();
+        let long = TrainerConfig {
+            precision,
+            ..config(1, false)
+        };
+        let long = TrainerConfig {
+            schedule: CosineSchedule {
+                total_steps: 20,
+                ..long.schedule
+            },
+            ..long
+        };
+        Trainer::new(on_gpu, long)
+    };
+    let mut losses = Vec::new();
+    for precision in [TrainPrecision::Fp32, TrainPrecision::Bf16] {
+        let mut trainer = trainer_for(precision);
+        let mut last = None;
+        for _ in 0..3 {
+            last = trainer.train_batch(&images, &texts).unwrap();
+        }
+        let last = last.unwrap();
+        assert!(!last.skipped);
+        eprintln!("cuda {precision:?}: loss at step 3 {:.6}", last.loss);
+        losses.push(last.loss);
+    }
+    assert!(
+        (losses[1] - losses[0]).abs() <= 1e-2 * losses[0].abs(),
+        "bf16 {} vs fp32 {}",
+        losses[1],
+        losses[0]
+    );
+
+    let mut amp = trainer_for(TrainPrecision::Amp);
+    let reports: Vec<_> = (0..20)
+        .map(|_| amp.train_batch(&images, &texts).unwrap().unwrap())
+        .collect();
+    let skipped = reports.iter().filter(|r| r.skipped).count();
+    let scale = amp.scaler().unwrap().scale_value();
+    eprintln!(
+        "cuda Amp: {skipped}/20 steps skipped, final loss scale {scale}, last loss {:.6}",
+        reports[19].loss
+    );
+    assert!(skipped < 20, "AMP never took a step");
+    assert_eq!(
+        scale,
+        65536.0 / 2f64.powi(skipped as i32),
+        "one back-off per skipped step"
+    );
+    assert!(
+        reports[19].loss < reports[0].loss,
+        "AMP did not learn: {:?}",
+        (reports[0].loss, reports[19].loss)
+    );
+    for (key, t) in amp.model().named_tensors() {
+        if t.is_floating_point() {
+            assert_eq!(t.kind(), Kind::Float, "{key}");
+            assert_eq!(t.isfinite().all().int64_value(&[]), 1, "{key}");
+        }
+    }
+}

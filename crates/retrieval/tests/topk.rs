@@ -223,3 +223,45 @@ fn bad_parameters_are_errors() {
         Err(RetrievalError::UnknownId { id: 5, .. })
     ));
 }
+
+/// On a GPU machine: the CUDA scan (fp32 matmul + top-k per block, rescored where the bound
+/// fails) returns the brute-force ids. Skipped, and says so, without CUDA.
+#[test]
+fn cuda_search_matches_brute_force() {
+    if !torch_ext::init_cuda() {
+        eprintln!(
+            "skipped: {}",
+            torch_ext::cuda_init_error().unwrap_or_default()
+        );
+        return;
+    }
+    let mut rng = Rng(11);
+    for case in 0..12 {
+        let d = [16, 64, 512][case % 3];
+        let nq = 1 + rng.below(64);
+        let ng = 1 + rng.below(2000);
+        let k = 1 + rng.below(20);
+        let q = unit_rows(&mut rng, nq, d);
+        let g = if case % 2 == 0 {
+            tricky_gallery(&mut rng, &q, ng, d)
+        } else {
+            unit_rows(&mut rng, ng, d)
+        };
+        let (qi, gi) = (ids(nq), ids(ng));
+        let qv = FeatureView::new(&qi, &q, d).unwrap();
+        let gv = FeatureView::new(&gi, &g, d).unwrap();
+        let want = brute_force(&qv, &gv, k).unwrap();
+        for (qb, gb) in [(1024, 8192), (7, 129)] {
+            let opts = SearchOptions {
+                k,
+                query_block: qb,
+                gallery_block: gb,
+                precision: Precision::Fp32,
+                device: Device::Cuda(0),
+            };
+            let got = search(&qv, &gv, &opts).unwrap();
+            check_same(&got, &want, &format!("cuda case {case} {qb}x{gb}"));
+        }
+    }
+    eprintln!("cuda: 12 cases × 2 block shapes identical to brute force");
+}

@@ -32,18 +32,32 @@ fn dtype_code(kind: Kind) -> Result<i32, AutocastError> {
 }
 
 fn kind_of(code: i32) -> Kind {
-    if code == 1 { Kind::BFloat16 } else { Kind::Half }
+    if code == 1 {
+        Kind::BFloat16
+    } else {
+        Kind::Half
+    }
 }
 
 /// Runs `f` with autocast to `dtype` enabled for `device`'s type, restoring the previous state
 /// afterwards (also when `enabled` is false, which runs `f` with autocast off, like Python's
 /// `autocast(enabled=False)`).
-pub fn autocast<T>(device: Device, dtype: Kind, enabled: bool, f: impl FnOnce() -> T) -> Result<T, AutocastError> {
+pub fn autocast<T>(
+    device: Device,
+    dtype: Kind,
+    enabled: bool,
+    f: impl FnOnce() -> T,
+) -> Result<T, AutocastError> {
     let code = device_code(device);
     let wanted = dtype_code(dtype)?;
     // SAFETY: the shim functions only read/write libtorch's thread-local autocast state and catch
     // every C++ exception; the codes passed are the ones the shim defines.
-    let (was_enabled, was_dtype) = unsafe { (cnclip_autocast_is_enabled(code), cnclip_autocast_dtype(code)) };
+    let (was_enabled, was_dtype) = unsafe {
+        (
+            cnclip_autocast_is_enabled(code),
+            cnclip_autocast_dtype(code),
+        )
+    };
     if was_enabled < 0 || was_dtype < 0 {
         return Err(AutocastError::Torch(device));
     }
@@ -53,7 +67,11 @@ pub fn autocast<T>(device: Device, dtype: Kind, enabled: bool, f: impl FnOnce() 
     }
     // SAFETY: as above; nesting is balanced by the decrement below.
     unsafe { cnclip_autocast_increment_nesting() };
-    let restore = Restore { code, enabled: was_enabled, dtype: if was_dtype <= 1 { was_dtype } else { wanted } };
+    let restore = Restore {
+        code,
+        enabled: was_enabled,
+        dtype: if was_dtype <= 1 { was_dtype } else { wanted },
+    };
     let out = f();
     drop(restore);
     Ok(out)
@@ -80,7 +98,12 @@ impl Drop for Restore {
 pub fn autocast_state(device: Device) -> Option<(bool, Kind)> {
     let code = device_code(device);
     // SAFETY: see `autocast`.
-    let (enabled, dtype) = unsafe { (cnclip_autocast_is_enabled(code), cnclip_autocast_dtype(code)) };
+    let (enabled, dtype) = unsafe {
+        (
+            cnclip_autocast_is_enabled(code),
+            cnclip_autocast_dtype(code),
+        )
+    };
     (enabled >= 0 && dtype >= 0).then(|| (enabled == 1, kind_of(dtype)))
 }
 
@@ -104,7 +127,8 @@ mod tests {
 
         // Nested: an inner disabled region runs in fp32, the outer state comes back after it.
         autocast(Device::Cpu, Kind::BFloat16, true, || {
-            let inner = autocast(Device::Cpu, Kind::BFloat16, false, || a.matmul(&a).kind()).unwrap();
+            let inner =
+                autocast(Device::Cpu, Kind::BFloat16, false, || a.matmul(&a).kind()).unwrap();
             assert_eq!(inner, Kind::Float);
             assert_eq!(a.matmul(&a).kind(), Kind::BFloat16);
         })
@@ -113,6 +137,9 @@ mod tests {
 
     #[test]
     fn only_half_and_bf16() {
-        assert_eq!(autocast(Device::Cpu, Kind::Float, true, || ()), Err(AutocastError::Dtype(Kind::Float)));
+        assert_eq!(
+            autocast(Device::Cpu, Kind::Float, true, || ()),
+            Err(AutocastError::Dtype(Kind::Float))
+        );
     }
 }

@@ -8,11 +8,13 @@
 //!
 //! Depends on tch only; every crate that touches a device may depend on it.
 
+mod adamw;
 mod autocast;
 mod cuda;
 mod device;
 mod view;
 
+pub use adamw::{AdamWStep, ForeachError, adamw_foreach};
 pub use autocast::{AutocastError, autocast, autocast_state};
 pub use cuda::{cuda_init_error, init_cuda};
 pub use device::{DeviceError, DeviceSpec, parse_device};
