@@ -231,44 +231,32 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-impl VisionConfig {
-    /// A vision config shipped with cn_clip, by file stem (`ViT-B-16`, `ViT-B-32`, …, `RN50`).
-    pub fn from_name(name: &str) -> Result<Self, ConfigError> {
-        let json = lookup(VISION_CONFIGS, "vision model", name)?;
-        let config: Self = parse(json, name)?;
-        config.validate(name)?;
+/// What the two tower configs share: a table of shipped files and a validation.
+trait Tower: for<'de> Deserialize<'de> {
+    const SHIPPED: &'static [(&'static str, &'static str)];
+    const KIND: &'static str;
+    /// Checks what serde cannot: positive sizes, divisibility, supported activations.
+    fn check(&self, origin: &str) -> Result<(), ConfigError>;
+
+    fn shipped(name: &str) -> Result<Self, ConfigError> {
+        let config: Self = parse(lookup(Self::SHIPPED, Self::KIND, name)?, name)?;
+        config.check(name)?;
         Ok(config)
     }
 
-    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
+    fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let origin = path.display().to_string();
         let config: Self = parse(&read(path)?, &origin)?;
-        config.validate(&origin)?;
+        config.check(&origin)?;
         Ok(config)
     }
+}
 
-    pub fn is_resnet(&self) -> bool {
-        matches!(self.vision_layers, VisionLayers::ResNet(_))
-    }
+impl Tower for VisionConfig {
+    const SHIPPED: &'static [(&'static str, &'static str)] = VISION_CONFIGS;
+    const KIND: &'static str = "vision model";
 
-    /// Attention heads: `width / head_width` for a ViT, `width * 32 / head_width` for the ResNet's
-    /// attention pool (its final width is 32 × the stem width), as cn_clip derives them.
-    pub fn heads(&self) -> i64 {
-        match self.vision_layers {
-            VisionLayers::Transformer(_) => self.vision_width / self.vision_head_width,
-            VisionLayers::ResNet(_) => self.vision_width * 32 / self.vision_head_width,
-        }
-    }
-
-    /// Patches per side of a ViT (`resolution / patch`), or the ResNet's final feature map side.
-    pub fn grid(&self) -> i64 {
-        match self.vision_patch_size {
-            Some(p) if !self.is_resnet() => self.image_resolution / p,
-            _ => self.image_resolution / 32,
-        }
-    }
-
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    fn check(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| ConfigError::Invalid {
             origin: origin.to_string(),
             field,
@@ -346,27 +334,11 @@ impl VisionConfig {
     }
 }
 
-impl TextConfig {
-    /// A text config shipped with cn_clip, by file stem (`RoBERTa-wwm-ext-base-chinese`, …).
-    pub fn from_name(name: &str) -> Result<Self, ConfigError> {
-        let json = lookup(TEXT_CONFIGS, "text model", name)?;
-        let config: Self = parse(json, name)?;
-        config.validate(name)?;
-        Ok(config)
-    }
+impl Tower for TextConfig {
+    const SHIPPED: &'static [(&'static str, &'static str)] = TEXT_CONFIGS;
+    const KIND: &'static str = "text model";
 
-    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
-        let origin = path.display().to_string();
-        let config: Self = parse(&read(path)?, &origin)?;
-        config.validate(&origin)?;
-        Ok(config)
-    }
-
-    pub fn head_dim(&self) -> i64 {
-        self.text_hidden_size / self.text_num_attention_heads
-    }
-
-    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+    fn check(&self, origin: &str) -> Result<(), ConfigError> {
         let invalid = |field, reason: String| ConfigError::Invalid {
             origin: origin.to_string(),
             field,
@@ -407,6 +379,53 @@ impl TextConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl VisionConfig {
+    /// A vision config shipped with cn_clip, by file stem (`ViT-B-16`, `ViT-B-32`, …, `RN50`).
+    pub fn from_name(name: &str) -> Result<Self, ConfigError> {
+        Self::shipped(name)
+    }
+
+    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file(path)
+    }
+
+    pub fn is_resnet(&self) -> bool {
+        matches!(self.vision_layers, VisionLayers::ResNet(_))
+    }
+
+    /// Attention heads: `width / head_width` for a ViT, `width * 32 / head_width` for the ResNet's
+    /// attention pool (its final width is 32 × the stem width), as cn_clip derives them.
+    pub fn heads(&self) -> i64 {
+        match self.vision_layers {
+            VisionLayers::Transformer(_) => self.vision_width / self.vision_head_width,
+            VisionLayers::ResNet(_) => self.vision_width * 32 / self.vision_head_width,
+        }
+    }
+
+    /// Patches per side of a ViT (`resolution / patch`), or the ResNet's final feature map side.
+    pub fn grid(&self) -> i64 {
+        match self.vision_patch_size {
+            Some(p) if !self.is_resnet() => self.image_resolution / p,
+            _ => self.image_resolution / 32,
+        }
+    }
+}
+
+impl TextConfig {
+    /// A text config shipped with cn_clip, by file stem (`RoBERTa-wwm-ext-base-chinese`, …).
+    pub fn from_name(name: &str) -> Result<Self, ConfigError> {
+        Self::shipped(name)
+    }
+
+    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file(path)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.text_hidden_size / self.text_num_attention_heads
     }
 }
 
@@ -453,8 +472,8 @@ impl ClipConfig {
     /// The merged dict (as stored in native weight files' metadata).
     pub fn from_json_str(json: &str, origin: &str) -> Result<Self, ConfigError> {
         let config: Self = parse(json, origin)?;
-        config.vision.validate(origin)?;
-        config.text.validate(origin)?;
+        config.vision.check(origin)?;
+        config.text.check(origin)?;
         Ok(config)
     }
 

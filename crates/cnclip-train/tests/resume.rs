@@ -2,7 +2,9 @@
 //! (CPU, fp32, dropout on with per-step seeding), and torn or foreign checkpoints are refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cnclip_model::{Clip, ClipConfig};
+mod common;
+
+use cnclip_model::Clip;
 use cnclip_train::checkpoint::{self, CheckpointError, RunPosition};
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
@@ -13,18 +15,6 @@ use tch::{Device, Kind, Tensor};
 
 /// torch's generator is process-global: tests that seed it must not interleave.
 static TORCH_RNG: Mutex<()> = Mutex::new(());
-
-fn config() -> ClipConfig {
-    ClipConfig::from_json_str(
-        r#"{"embed_dim":16,"image_resolution":32,"vision_layers":2,"vision_width":32,"vision_patch_size":8,
-            "vision_head_width":16,"vocab_size":300,"text_attention_probs_dropout_prob":0.1,
-            "text_hidden_act":"gelu","text_hidden_dropout_prob":0.1,"text_hidden_size":24,
-            "text_initializer_range":0.02,"text_intermediate_size":48,"text_max_position_embeddings":64,
-            "text_num_attention_heads":2,"text_num_hidden_layers":2,"text_type_vocab_size":2}"#,
-        "tiny with dropout",
-    )
-    .unwrap()
-}
 
 fn trainer_config() -> TrainerConfig {
     TrainerConfig {
@@ -61,7 +51,7 @@ fn batches() -> Vec<(Tensor, Tensor)> {
 
 fn fresh_model() -> Clip {
     tch::manual_seed(5);
-    Clip::new(&config(), Device::Cpu)
+    Clip::new(&common::tiny_config(0.1), Device::Cpu)
 }
 
 fn temp_dir(name: &str) -> PathBuf {

@@ -1,23 +1,13 @@
 //! The optimizer step: accumulation equals one large batch, freezing, non-finite losses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cnclip_model::{Clip, ClipConfig};
+mod common;
+
+use cnclip_model::Clip;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainError, TrainPrecision, Trainer, TrainerConfig};
 use tch::{Device, Kind, Tensor};
-
-fn tiny() -> ClipConfig {
-    ClipConfig::from_json_str(
-        r#"{"embed_dim":16,"image_resolution":32,"vision_layers":2,"vision_width":32,"vision_patch_size":8,
-            "vision_head_width":16,"vocab_size":300,"text_attention_probs_dropout_prob":0.0,
-            "text_hidden_act":"gelu","text_hidden_dropout_prob":0.0,"text_hidden_size":24,
-            "text_initializer_range":0.02,"text_intermediate_size":48,"text_max_position_embeddings":64,
-            "text_num_attention_heads":2,"text_num_hidden_layers":2,"text_type_vocab_size":2}"#,
-        "tiny",
-    )
-    .unwrap()
-}
 
 fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
     TrainerConfig {
@@ -43,8 +33,8 @@ fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
 /// Two copies of the same random model.
 fn twins(seed: i64) -> (Clip, Clip) {
     tch::manual_seed(seed);
-    let a = Clip::new(&tiny(), Device::Cpu);
-    let mut b = Clip::new(&tiny(), Device::Cpu);
+    let a = Clip::new(&common::tiny_config(0.0), Device::Cpu);
+    let mut b = Clip::new(&common::tiny_config(0.0), Device::Cpu);
     let weights = a.named_tensors();
     b.load_named(weights.iter().map(|(k, v)| (k.as_str(), v)), false)
         .unwrap();
