@@ -19,5 +19,6 @@ pub mod checkpoint;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod trainer;

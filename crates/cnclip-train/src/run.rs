@@ -1,0 +1,248 @@
+//! A whole fine-tuning run over a cn_clip LMDB: epochs of muge-data's sampler and loader feeding
+//! the [`Trainer`], cn_clip's log line and our JSONL metrics, checkpoints with cn_clip's names
+//! (`epoch{E}`, `epoch_{E}_{step}`, `epoch_latest`) and mid-epoch resume, and the curves at the end.
+//!
+//! Single process (world size 1). Validation recall and DDP plug in on top of this loop.
+
+use crate::checkpoint::{self, CheckpointError, RunPosition};
+use crate::metrics::{self, MetricsError, MetricsLog, Record};
+use crate::schedule::{CosineSchedule, run_length};
+use crate::trainer::{TrainError, Trainer, TrainerConfig};
+use cnclip_model::Clip;
+use cnclip_model::preprocess::Preprocessor;
+use muge_data::augment::TrainTransform;
+use muge_data::sampler::{DistributedSampler, pad_dataset_len};
+use muge_data::{ImageTransform, LmdbSplit, Loader, LoaderConfig, TextPipeline};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a run is told, named after cn_clip's training flags where they exist.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// `--train-data`: an LMDB split directory (`pairs/` + `imgs/`).
+    pub train_data: PathBuf,
+    pub batch_size: usize,
+    /// `--num-workers`: loader threads.
+    pub workers: usize,
+    /// `--seed`: the sampler's (and the augmentation stream's).
+    pub seed: u64,
+    pub context_length: usize,
+    pub use_augment: bool,
+    /// Prefix every query with the product prompt (the seed's recipe; not in cn_clip).
+    pub text_prompt: bool,
+    pub max_epochs: u64,
+    pub max_steps: Option<u64>,
+    pub base_lr: f64,
+    pub warmup: u64,
+    /// `--logs/--name`: checkpoints go to `{logs}/{name}/checkpoints`, metrics and curves next to them.
+    pub logs: PathBuf,
+    pub name: String,
+    /// `--save-step-frequency` (0: off) and `--save-epoch-frequency`.
+    pub save_step_frequency: u64,
+    pub save_epoch_frequency: u64,
+    /// The optimizer step's settings (its schedule is derived here from the data size).
+    pub trainer: TrainerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Data(#[from] muge_data::LmdbError),
+    #[error(transparent)]
+    Loader(#[from] muge_data::LoaderError),
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub steps: u64,
+    /// Epochs begun (the last may be partial when `max_steps` ends the run).
+    pub epochs: u64,
+    pub last_loss: f64,
+    pub checkpoint_dir: PathBuf,
+    pub metrics: PathBuf,
+    pub curves: PathBuf,
+}
+
+impl RunConfig {
+    pub fn run_dir(&self) -> PathBuf {
+        self.logs.join(&self.name)
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.run_dir().join("checkpoints")
+    }
+}
+
+/// Trains `model` as configured. With `resume`, continues from that checkpoint stem in the run's
+/// checkpoint directory (e.g. `epoch_latest`): weights, optimizer, step and data position.
+pub fn train(
+    model: Clip,
+    config: &RunConfig,
+    resume: Option<&str>,
+) -> Result<RunSummary, RunError> {
+    let split = Arc::new(LmdbSplit::open(&config.train_data)?);
+    let size = u32::try_from(model.config().vision.image_resolution)
+        .map_err(|_| RunError::Setup("image_resolution does not fit u32".into()))?;
+    let mut text =
+        TextPipeline::new(config.context_length).map_err(|e| RunError::Setup(e.to_string()))?;
+    if config.text_prompt {
+        text = text.with_product_prompt();
+    }
+    if config.use_augment {
+        let transform = TrainTransform::new(size, 0).map_err(|e| RunError::Setup(e.to_string()))?;
+        train_with(model, config, resume, split, Arc::new(transform), text)
+    } else {
+        let transform = Preprocessor::new(size).map_err(|e| RunError::Setup(e.to_string()))?;
+        train_with(model, config, resume, split, Arc::new(transform), text)
+    }
+}
+
+fn train_with<T: ImageTransform + 'static>(
+    model: Clip,
+    config: &RunConfig,
+    resume: Option<&str>,
+    split: Arc<LmdbSplit>,
+    transform: Arc<T>,
+    text: TextPipeline,
+) -> Result<RunSummary, RunError> {
+    let batch = config.batch_size.max(1) as u64;
+    let padded =
+        pad_dataset_len(split.num_samples(), batch).map_err(|e| RunError::Setup(e.to_string()))?;
+    let sampler = DistributedSampler::new(padded, 1, 0, config.seed)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let batches_per_epoch = padded / batch;
+    let accum = config.trainer.accum_freq.max(1) as u64;
+    let (total_steps, max_epochs) = run_length(
+        batches_per_epoch,
+        accum,
+        config.max_epochs,
+        config.max_steps,
+    );
+    let trainer_config = TrainerConfig {
+        schedule: CosineSchedule {
+            base_lr: config.base_lr,
+            warmup: config.warmup,
+            total_steps,
+        },
+        ..config.trainer
+    };
+    let checkpoints = config.checkpoint_dir();
+    let (mut trainer, mut position) = match resume {
+        Some(stem) => {
+            let loaded = checkpoint::load(&checkpoints, stem, model.device())?;
+            let mut trainer = Trainer::new(loaded.model, trainer_config);
+            checkpoint::restore(
+                &mut trainer,
+                &loaded.optimizer_state,
+                &loaded.position,
+                &checkpoints,
+            )?;
+            (trainer, loaded.position)
+        }
+        None => (
+            Trainer::new(model, trainer_config),
+            RunPosition {
+                epoch: 0,
+                step: 0,
+                batches_into_epoch: 0,
+                name: config.name.clone(),
+            },
+        ),
+    };
+    let metrics_path = config.run_dir().join("metrics.jsonl");
+    let mut log = MetricsLog::open(&metrics_path)?;
+    let device = trainer.model().device();
+    let mut last_loss = f64::NAN;
+
+    'epochs: while position.epoch < max_epochs && !trainer.is_finished() {
+        let offset = position.batches_into_epoch * batch;
+        let plan = sampler
+            .plan(position.epoch, offset)
+            .map_err(|e| RunError::Setup(e.to_string()))?;
+        let loader_config = LoaderConfig {
+            batch_size: config.batch_size.max(1),
+            workers: config.workers,
+            prefetch: 2,
+            drop_last: false,
+            seed: config.seed,
+        };
+        let loader = Loader::new(
+            split.clone(),
+            transform.clone(),
+            text.clone(),
+            &plan,
+            loader_config,
+        )?;
+        for batch_result in loader {
+            let batch_data = batch_result?;
+            let images = batch_data.images.to_device(device);
+            let texts = batch_data.texts.to_device(device);
+            position.batches_into_epoch += 1;
+            let Some(report) = trainer.train_batch(&images, &texts)? else {
+                continue;
+            };
+            position.step = report.step;
+            last_loss = report.loss;
+            log.write(&Record::train(&report, position.epoch))?;
+            println!(
+                "{}",
+                metrics::cn_clip_train_line(&report, total_steps, position.epoch, batch * accum)
+            );
+            if config.save_step_frequency > 0
+                && report.step.is_multiple_of(config.save_step_frequency)
+            {
+                let stem = format!("epoch_{}_{}", position.epoch + 1, report.step);
+                checkpoint::save(&checkpoints, &stem, &trainer, &position)?;
+                checkpoint::save(&checkpoints, "epoch_latest", &trainer, &position)?;
+            }
+            if trainer.is_finished() {
+                end_of_epoch(config, &trainer, &position, max_epochs, &checkpoints)?;
+                break 'epochs;
+            }
+        }
+        end_of_epoch(config, &trainer, &position, max_epochs, &checkpoints)?;
+        position.epoch += 1;
+        position.batches_into_epoch = 0;
+    }
+    // The latest checkpoint records where the next run starts.
+    checkpoint::save(&checkpoints, "epoch_latest", &trainer, &position)?;
+    let records = metrics::read_records(&metrics_path)?;
+    let curves = config.run_dir().join("curves.png");
+    if !records.is_empty() {
+        metrics::plot_curves(&records, &curves)?;
+    }
+    Ok(RunSummary {
+        steps: trainer.step(),
+        epochs: position.epoch + u64::from(position.batches_into_epoch > 0),
+        last_loss,
+        checkpoint_dir: checkpoints,
+        metrics: metrics_path,
+        curves,
+    })
+}
+
+/// cn_clip writes `epoch{E}` (1-based) at the last epoch and every `save_epoch_frequency` epochs.
+fn end_of_epoch(
+    config: &RunConfig,
+    trainer: &Trainer,
+    position: &RunPosition,
+    max_epochs: u64,
+    dir: &Path,
+) -> Result<(), RunError> {
+    let e = position.epoch + 1;
+    if e == max_epochs
+        || (config.save_epoch_frequency > 0 && e.is_multiple_of(config.save_epoch_frequency))
+    {
+        checkpoint::save(dir, &format!("epoch{e}"), trainer, position)?;
+    }
+    Ok(())
+}

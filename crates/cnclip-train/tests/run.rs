@@ -1,0 +1,163 @@
+//! A whole run over a cn_clip LMDB built from the loop fixture's raw files: the loss of every step
+//! equals cn_clip 1.6.0's `main.py` on the same data (same LMDB bytes, sampler, batches and
+//! optimizer), cn_clip's checkpoint names are written, and resuming from a step checkpoint ends
+//! with the same weights as the uninterrupted run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use cnclip_model::{Clip, ClipConfig, LoadOptions};
+use cnclip_train::optim::AdamWConfig;
+use cnclip_train::run::{RunConfig, train};
+use cnclip_train::schedule::CosineSchedule;
+use cnclip_train::trainer::{TrainPrecision, TrainerConfig};
+use muge_data::files::BadRecordPolicy;
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cnclip-run-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tiny_model() -> Clip {
+    let fx = repo().join("crates/cnclip-model/tests/fixtures/model");
+    let config = ClipConfig::from_json_files(
+        &fx.join("configs/tiny-vit.json"),
+        &fx.join("configs/tiny-bert.json"),
+    )
+    .unwrap();
+    Clip::load(
+        fx.join("tiny_vit.pt"),
+        &LoadOptions {
+            config: Some(config),
+            ..Default::default()
+        },
+        Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The loop fixture's raw files as a `train` split, built into an LMDB by muge-data.
+fn lmdb() -> PathBuf {
+    let raw = temp("raw");
+    let fx = repo().join("crates/cnclip-train/tests/fixtures/loop");
+    std::fs::copy(fx.join("train_imgs.tsv"), raw.join("train_imgs.tsv")).unwrap();
+    std::fs::copy(fx.join("train_texts.jsonl"), raw.join("train_texts.jsonl")).unwrap();
+    let out = temp("lmdb");
+    muge_data::build_split(&raw, "train", &out, BadRecordPolicy::Fail, &mut |_| {}).unwrap();
+    out.join("train")
+}
+
+fn config(train_data: PathBuf, logs: PathBuf) -> RunConfig {
+    RunConfig {
+        train_data,
+        batch_size: 4,
+        workers: 1,
+        seed: 123,
+        context_length: 52,
+        use_augment: false,
+        text_prompt: false,
+        max_epochs: 99,
+        max_steps: Some(5),
+        base_lr: 1e-3,
+        warmup: 2,
+        logs,
+        name: "loop".into(),
+        save_step_frequency: 2,
+        save_epoch_frequency: 1,
+        trainer: TrainerConfig {
+            // Replaced by the run from the data size; only the other fields matter here.
+            schedule: CosineSchedule {
+                base_lr: 0.0,
+                warmup: 0,
+                total_steps: 0,
+            },
+            adamw: AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-6,
+                weight_decay: 0.1,
+            },
+            accum_freq: 1,
+            freeze_vision: false,
+            dropout_seed: None,
+            grad_checkpointing: false,
+            precision: TrainPrecision::Fp32,
+        },
+    }
+}
+
+#[test]
+fn run_equals_cn_clip_and_resumes_exactly() {
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            repo().join("crates/cnclip-train/tests/fixtures/loop/expected.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let data = lmdb();
+    let logs = temp("logs");
+    let summary = train(tiny_model(), &config(data.clone(), logs.clone()), None).unwrap();
+    assert_eq!(summary.steps, 5);
+
+    // Every step's loss equals cn_clip's (replayed at full precision from its run).
+    let records = cnclip_train::metrics::read_records(&summary.metrics).unwrap();
+    assert_eq!(records.len(), 5);
+    for (record, reference) in records.iter().zip(expected["replay"].as_array().unwrap()) {
+        let cnclip_train::metrics::Record::Train { step, loss, lr, .. } = record else {
+            panic!("{record:?}")
+        };
+        let want = reference["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want).abs() <= 1e-5 * want,
+            "step {step}: loss {loss} vs cn_clip {want}"
+        );
+        assert_eq!(*lr, reference["lr"].as_f64().unwrap(), "step {step}");
+    }
+    // cn_clip's names: epoch1 (3 batches per epoch), epoch2 (the last), step files every 2 steps.
+    for stem in ["epoch1", "epoch2", "epoch_1_2", "epoch_2_4", "epoch_latest"] {
+        assert!(
+            summary
+                .checkpoint_dir
+                .join(format!("{stem}.safetensors"))
+                .is_file(),
+            "{stem} missing"
+        );
+    }
+    assert!(summary.curves.is_file());
+
+    // Resume from the step-2 checkpoint in a copy of the run: same final weights.
+    let logs2 = temp("logs-resumed");
+    let dir2 = logs2.join("loop").join("checkpoints");
+    std::fs::create_dir_all(&dir2).unwrap();
+    for file in ["epoch_1_2.safetensors", "epoch_1_2.state.safetensors"] {
+        std::fs::copy(summary.checkpoint_dir.join(file), dir2.join(file)).unwrap();
+    }
+    let resumed = train(tiny_model(), &config(data, logs2), Some("epoch_1_2")).unwrap();
+    assert_eq!(resumed.steps, 5);
+    let a = Clip::load(
+        summary.checkpoint_dir.join("epoch_latest.safetensors"),
+        &LoadOptions::default(),
+        Device::Cpu,
+    )
+    .unwrap();
+    let b = Clip::load(
+        resumed.checkpoint_dir.join("epoch_latest.safetensors"),
+        &LoadOptions::default(),
+        Device::Cpu,
+    )
+    .unwrap();
+    let (a, b) = (a.named_tensors(), b.named_tensors());
+    for (key, tensor) in &a {
+        assert!(
+            tensor.equal(&b[key]),
+            "{key} differs after resuming from step 2"
+        );
+    }
+}
