@@ -25,6 +25,13 @@ use std::path::{Path, PathBuf};
 struct Args {
     #[arg(long = "train-data")]
     train_data: PathBuf,
+    /// Validation LMDB split: loss, accuracy and MUGE Recall@1/5/10.
+    #[arg(long = "val-data")]
+    val_data: Option<PathBuf>,
+    #[arg(long = "valid-epoch-interval", default_value_t = 1)]
+    valid_epoch_interval: u64,
+    #[arg(long = "valid-step-interval")]
+    valid_step_interval: Option<u64>,
     /// Initial weights: official .pt, HF directory or native .safetensors (random init if absent).
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -127,6 +134,9 @@ fn main() -> Result<()> {
     let base_lr = pick(args.lr, defaults.map(|d| d.0), "lr")?;
     let run = RunConfig {
         train_data: args.train_data.clone(),
+        val_data: args.val_data.clone(),
+        valid_epoch_interval: args.valid_epoch_interval,
+        valid_step_interval: args.valid_step_interval,
         batch_size: args.batch_size,
         workers: args.num_workers,
         seed: args.seed,
@@ -179,6 +189,12 @@ fn main() -> Result<()> {
         println!("resuming from {}", latest.display());
     }
     let summary = train(model, &run, resume_run)?;
+    if let Some(v) = summary.last_validation {
+        println!(
+            "last validation: loss {:.6}, Recall@1/5/10 {:.2}/{:.2}/{:.2}, mean recall {:.2}",
+            v.loss, v.score.r1, v.score.r5, v.score.r10, v.score.mean_recall
+        );
+    }
     println!(
         "trained {} steps ({} epochs), last loss {:.6}\ncheckpoints: {}\nmetrics: {}\ncurves: {}",
         summary.steps,

@@ -22,3 +22,4 @@ pub mod optim;
 pub mod run;
 pub mod schedule;
 pub mod trainer;
+pub mod validate;

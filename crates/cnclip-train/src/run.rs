@@ -21,6 +21,11 @@ use std::sync::Arc;
 pub struct RunConfig {
     /// `--train-data`: an LMDB split directory (`pairs/` + `imgs/`).
     pub train_data: PathBuf,
+    /// `--val-data`: validated after every `valid_epoch_interval` epochs and, when set, every
+    /// `valid_step_interval` steps (loss, accuracy and MUGE recall).
+    pub val_data: Option<PathBuf>,
+    pub valid_epoch_interval: u64,
+    pub valid_step_interval: Option<u64>,
     pub batch_size: usize,
     /// `--num-workers`: loader threads.
     pub workers: usize,
@@ -58,6 +63,8 @@ pub enum RunError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Validation(#[from] crate::validate::ValidationError),
 }
 
 /// What a finished run reports.
@@ -67,6 +74,8 @@ pub struct RunSummary {
     /// Epochs begun (the last may be partial when `max_steps` ends the run).
     pub epochs: u64,
     pub last_loss: f64,
+    /// The last validation, when `val_data` was given.
+    pub last_validation: Option<crate::validate::Validation>,
     pub checkpoint_dir: PathBuf,
     pub metrics: PathBuf,
     pub curves: PathBuf,
@@ -162,6 +171,56 @@ fn train_with<T: ImageTransform + 'static>(
     let mut log = MetricsLog::open(&metrics_path)?;
     let device = trainer.model().device();
     let mut last_loss = f64::NAN;
+    let validation = match &config.val_data {
+        Some(path) => {
+            let size = u32::try_from(trainer.model().config().vision.image_resolution)
+                .map_err(|_| RunError::Setup("image_resolution does not fit u32".into()))?;
+            let eval_transform =
+                Preprocessor::new(size).map_err(|e| RunError::Setup(e.to_string()))?;
+            Some((Arc::new(LmdbSplit::open(path)?), Arc::new(eval_transform)))
+        }
+        None => None,
+    };
+    let mut last_validation = None;
+    let mut validate_now = |trainer: &Trainer,
+                            position: &RunPosition,
+                            log: &mut MetricsLog|
+     -> Result<(), RunError> {
+        let Some((split, transform)) = &validation else {
+            return Ok(());
+        };
+        let v = crate::validate::validate(
+            trainer.model(),
+            split.clone(),
+            transform.clone(),
+            text.clone(),
+            config.batch_size.max(1),
+            config.workers,
+        )?;
+        println!(
+            "Validation Result (epoch {} @ {} steps) | Valid Loss: {:.6} | Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | Recall@1/5/10: {:.2}/{:.2}/{:.2} | Mean Recall: {:.2}",
+            position.epoch + 1,
+            position.step,
+            v.loss,
+            v.image_to_text_accuracy * 100.0,
+            v.text_to_image_accuracy * 100.0,
+            v.score.r1,
+            v.score.r5,
+            v.score.r10,
+            v.score.mean_recall
+        );
+        log.write(&Record::Valid {
+            step: position.step,
+            epoch: position.epoch,
+            loss: v.loss,
+            r1: Some(v.score.r1),
+            r5: Some(v.score.r5),
+            r10: Some(v.score.r10),
+            mean_recall: Some(v.score.mean_recall),
+        })?;
+        last_validation = Some(v);
+        Ok(())
+    };
 
     'epochs: while position.epoch < max_epochs && !trainer.is_finished() {
         let offset = position.batches_into_epoch * batch;
@@ -197,6 +256,12 @@ fn train_with<T: ImageTransform + 'static>(
                 "{}",
                 metrics::cn_clip_train_line(&report, total_steps, position.epoch, batch * accum)
             );
+            if config
+                .valid_step_interval
+                .is_some_and(|n| n > 0 && report.step.is_multiple_of(n))
+            {
+                validate_now(&trainer, &position, &mut log)?;
+            }
             if config.save_step_frequency > 0
                 && report.step.is_multiple_of(config.save_step_frequency)
             {
@@ -205,11 +270,19 @@ fn train_with<T: ImageTransform + 'static>(
                 checkpoint::save(&checkpoints, "epoch_latest", &trainer, &position)?;
             }
             if trainer.is_finished() {
-                end_of_epoch(config, &trainer, &position, max_epochs, &checkpoints)?;
-                break 'epochs;
+                break;
             }
         }
+        let finished = trainer.is_finished();
+        if config.valid_epoch_interval > 0
+            && (position.epoch + 1).is_multiple_of(config.valid_epoch_interval)
+        {
+            validate_now(&trainer, &position, &mut log)?;
+        }
         end_of_epoch(config, &trainer, &position, max_epochs, &checkpoints)?;
+        if finished {
+            break 'epochs;
+        }
         position.epoch += 1;
         position.batches_into_epoch = 0;
     }
@@ -224,6 +297,7 @@ fn train_with<T: ImageTransform + 'static>(
         steps: trainer.step(),
         epochs: position.epoch + u64::from(position.batches_into_epoch > 0),
         last_loss,
+        last_validation,
         checkpoint_dir: checkpoints,
         metrics: metrics_path,
         curves,

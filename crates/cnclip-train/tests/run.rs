@@ -43,12 +43,12 @@ fn tiny_model() -> Clip {
 }
 
 /// The loop fixture's raw files as a `train` split, built into an LMDB by muge-data.
-fn lmdb() -> PathBuf {
-    let raw = temp("raw");
+fn lmdb(tag: &str) -> PathBuf {
+    let raw = temp(&format!("raw-{tag}"));
     let fx = repo().join("crates/cnclip-train/tests/fixtures/loop");
     std::fs::copy(fx.join("train_imgs.tsv"), raw.join("train_imgs.tsv")).unwrap();
     std::fs::copy(fx.join("train_texts.jsonl"), raw.join("train_texts.jsonl")).unwrap();
-    let out = temp("lmdb");
+    let out = temp(&format!("lmdb-{tag}"));
     muge_data::build_split(&raw, "train", &out, BadRecordPolicy::Fail, &mut |_| {}).unwrap();
     out.join("train")
 }
@@ -56,6 +56,9 @@ fn lmdb() -> PathBuf {
 fn config(train_data: PathBuf, logs: PathBuf) -> RunConfig {
     RunConfig {
         train_data,
+        val_data: None,
+        valid_epoch_interval: 1,
+        valid_step_interval: None,
         batch_size: 4,
         workers: 1,
         seed: 123,
@@ -101,7 +104,7 @@ fn run_equals_cn_clip_and_resumes_exactly() {
         .unwrap(),
     )
     .unwrap();
-    let data = lmdb();
+    let data = lmdb("parity");
     let logs = temp("logs");
     let summary = train(tiny_model(), &config(data.clone(), logs.clone()), None).unwrap();
     assert_eq!(summary.steps, 5);
@@ -121,6 +124,7 @@ fn run_equals_cn_clip_and_resumes_exactly() {
         assert_eq!(*lr, reference["lr"].as_f64().unwrap(), "step {step}");
     }
     // cn_clip's names: epoch1 (3 batches per epoch), epoch2 (the last), step files every 2 steps.
+    assert!(summary.last_validation.is_none());
     for stem in ["epoch1", "epoch2", "epoch_1_2", "epoch_2_4", "epoch_latest"] {
         assert!(
             summary
@@ -160,4 +164,44 @@ fn run_equals_cn_clip_and_resumes_exactly() {
             "{key} differs after resuming from step 2"
         );
     }
+}
+
+/// With `val_data`, every epoch end (and every N steps) is validated: cn_clip's loss and accuracy
+/// plus MUGE recall, logged as records and lines.
+#[test]
+fn validation_reports_loss_accuracy_and_recall() {
+    let data = lmdb("valid");
+    let logs = temp("logs-valid");
+    let mut cfg = config(data.clone(), logs);
+    cfg.val_data = Some(data);
+    cfg.valid_step_interval = Some(2);
+    let summary = train(tiny_model(), &cfg, None).unwrap();
+    let v = summary.last_validation.unwrap();
+    assert!(v.loss.is_finite() && v.loss > 0.0, "{v:?}");
+    for r in [v.score.r1, v.score.r5, v.score.r10] {
+        assert!((0.0..=100.0).contains(&r), "{v:?}");
+    }
+    assert!(
+        v.score.r1 <= v.score.r5 && v.score.r5 <= v.score.r10,
+        "{v:?}"
+    );
+    // 11 images: a text's relevant image is always within the top 10 unless ranked last.
+    assert!(v.score.r10 >= 80.0, "{v:?}");
+    let records = cnclip_train::metrics::read_records(&summary.metrics).unwrap();
+    let valid: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r {
+            cnclip_train::metrics::Record::Valid {
+                step, mean_recall, ..
+            } => Some((*step, *mean_recall)),
+            _ => None,
+        })
+        .collect();
+    // Steps 2 and 4, and the ends of epochs 1 (step 3) and 2 (step 5).
+    assert_eq!(
+        valid.iter().map(|v| v.0).collect::<Vec<_>>(),
+        vec![2, 3, 4, 5],
+        "{valid:?}"
+    );
+    assert!(valid.iter().all(|v| v.1.is_some()));
 }
