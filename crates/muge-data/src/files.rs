@@ -422,40 +422,48 @@ fn truncate(s: &str, max_chars: usize) -> String {
     }
 }
 
-impl Iterator for ImageTsvReader {
-    type Item = Result<ImageRecord, FileError>;
+/// The record loop both readers share: next line, parse, then stop at the first error or, under
+/// [`BadRecordPolicy::Skip`], count it in the report and go on. Only `parse` differs.
+macro_rules! record_iterator {
+    ($reader:ty, $record:ty) => {
+        impl Iterator for $reader {
+            type Item = Result<$record, FileError>;
 
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        loop {
-            let (line, bytes) = match self.lines.next_line() {
-                Ok(Some(l)) => l,
-                Ok(None) => return None,
-                Err(source) => {
-                    self.failed = true;
-                    return Some(Err(FileError::Io {
-                        path: self.path.clone(),
-                        source,
-                    }));
+            fn next(&mut self) -> Option<Self::Item> {
+                if self.failed {
+                    return None;
                 }
-            };
-            self.report.lines = line;
-            match self.parse(line, bytes) {
-                Ok(r) => {
-                    self.report.records += 1;
-                    return Some(Ok(r));
-                }
-                Err(e) if self.policy == BadRecordPolicy::Skip => self.report.skip(e),
-                Err(e) => {
-                    self.failed = true;
-                    return Some(Err(e));
+                loop {
+                    let (line, bytes) = match self.lines.next_line() {
+                        Ok(Some(l)) => l,
+                        Ok(None) => return None,
+                        Err(source) => {
+                            self.failed = true;
+                            return Some(Err(FileError::Io {
+                                path: self.path.clone(),
+                                source,
+                            }));
+                        }
+                    };
+                    self.report.lines = line;
+                    match self.parse(line, bytes) {
+                        Ok(r) => {
+                            self.report.records += 1;
+                            return Some(Ok(r));
+                        }
+                        Err(e) if self.policy == BadRecordPolicy::Skip => self.report.skip(e),
+                        Err(e) => {
+                            self.failed = true;
+                            return Some(Err(e));
+                        }
+                    }
                 }
             }
         }
-    }
+    };
 }
+
+record_iterator!(ImageTsvReader, ImageRecord);
 
 /// Which key names a texts file uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -722,40 +730,7 @@ fn json_kind(v: &serde_json::Value) -> String {
     }
 }
 
-impl Iterator for TextJsonlReader {
-    type Item = Result<TextRecord, FileError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        loop {
-            let (line, bytes) = match self.lines.next_line() {
-                Ok(Some(l)) => l,
-                Ok(None) => return None,
-                Err(source) => {
-                    self.failed = true;
-                    return Some(Err(FileError::Io {
-                        path: self.path.clone(),
-                        source,
-                    }));
-                }
-            };
-            self.report.lines = line;
-            match self.parse(line, bytes) {
-                Ok(r) => {
-                    self.report.records += 1;
-                    return Some(Ok(r));
-                }
-                Err(e) if self.policy == BadRecordPolicy::Skip => self.report.skip(e),
-                Err(e) => {
-                    self.failed = true;
-                    return Some(Err(e));
-                }
-            }
-        }
-    }
-}
+record_iterator!(TextJsonlReader, TextRecord);
 
 /// Reads a whole image TSV into `(image_id, base64)` pairs in file order; convenient for small
 /// files and tests (MUGE's training TSV is better streamed).
