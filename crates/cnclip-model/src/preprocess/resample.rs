@@ -214,6 +214,23 @@ fn resize_8bpc<const C: usize>(
     }
 }
 
+/// The caller-bug checks every resize makes (the public resizes document that they panic on them):
+/// no empty source or target, and a buffer holding `width * height * channels` samples.
+fn assert_resize_args(
+    len: usize,
+    width: usize,
+    height: usize,
+    channels: usize,
+    out_w: usize,
+    out_h: usize,
+) {
+    assert!(
+        width > 0 && height > 0 && out_w > 0 && out_h > 0,
+        "empty image in resize"
+    );
+    assert!(len >= width * height * channels, "pixel buffer too short");
+}
+
 /// Pillow's 8-bit `BICUBIC` resize of an interleaved image with 1 to 4 channels.
 ///
 /// Channels are resampled independently (Pillow's premultiplication for `RGBA`/`LA` is the
@@ -227,14 +244,7 @@ pub fn resize_bicubic(
     out_w: usize,
     out_h: usize,
 ) -> Vec<u8> {
-    assert!(
-        width > 0 && height > 0 && out_w > 0 && out_h > 0,
-        "empty image in resize"
-    );
-    assert!(
-        src.len() >= width * height * channels,
-        "pixel buffer too short"
-    );
+    assert_resize_args(src.len(), width, height, channels, out_w, out_h);
     match channels {
         1 => resize_8bpc::<1>(src, width, height, out_w, out_h),
         2 => resize_8bpc::<2>(src, width, height, out_w, out_h),
@@ -306,11 +316,7 @@ pub fn resize_bicubic_u16(
     out_w: usize,
     out_h: usize,
 ) -> Vec<u16> {
-    assert!(
-        width > 0 && height > 0 && out_w > 0 && out_h > 0,
-        "empty image in resize"
-    );
-    assert!(src.len() >= width * height, "pixel buffer too short");
+    assert_resize_args(src.len(), width, height, 1, out_w, out_h);
     let need_horizontal = out_w != width;
     let need_vertical = out_h != height;
     if !need_horizontal && !need_vertical {
@@ -365,14 +371,7 @@ pub fn resize_nearest(
     out_w: usize,
     out_h: usize,
 ) -> Vec<u8> {
-    assert!(
-        width > 0 && height > 0 && out_w > 0 && out_h > 0,
-        "empty image in resize"
-    );
-    assert!(
-        src.len() >= width * height * channels,
-        "pixel buffer too short"
-    );
+    assert_resize_args(src.len(), width, height, channels, out_w, out_h);
     if width == out_w && height == out_h {
         return src[..width * height * channels].to_vec();
     }
