@@ -6,6 +6,7 @@
 //!  [--precision fp32|amp|bf16] [--grad-checkpointing] [--threads 2]`
 
 use cnclip::model::{Clip, ClipConfig};
+use cnclip::train::freeze::Freeze;
 use cnclip::train::optim::AdamWConfig;
 use cnclip::train::schedule::CosineSchedule;
 use cnclip::train::trainer::{TrainPrecision, Trainer, TrainerConfig};
@@ -60,7 +61,7 @@ fn main() -> anyhow::Result<()> {
             weight_decay: 0.001,
         },
         accum_freq: 1,
-        freeze_vision: false,
+        freeze: Freeze::NONE,
         dropout_seed: None,
         grad_checkpointing: checkpointing,
         precision,

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use cnclip::model::config::{TextConfig, VisionConfig};
 use cnclip::model::{Clip, ClipConfig, LoadOptions, WeightFormat};
+use cnclip::train::freeze::{Freeze, TowerFreeze};
 use cnclip::train::optim::{AdamWConfig, cn_clip_defaults};
 use cnclip::train::run::{RunConfig, train};
 use cnclip::train::schedule::CosineSchedule;
@@ -67,6 +68,15 @@ struct Args {
     accum_freq: usize,
     #[arg(long = "freeze-vision")]
     freeze_vision: bool,
+    /// Beyond cn_clip: freeze the whole text tower.
+    #[arg(long = "freeze-text", conflicts_with = "train_last_text_layers")]
+    freeze_text: bool,
+    /// Beyond cn_clip: freeze the vision tower except its last N blocks (ResNet: stages) and head.
+    #[arg(long = "train-last-vision-layers", conflicts_with = "freeze_vision")]
+    train_last_vision_layers: Option<usize>,
+    /// Beyond cn_clip: freeze the text tower except its last N layers and `text_projection`.
+    #[arg(long = "train-last-text-layers")]
+    train_last_text_layers: Option<usize>,
     #[arg(long, default_value = "amp", value_parser = ["amp", "fp32", "bf16"])]
     precision: String,
     #[arg(long, default_value = "./logs")]
@@ -98,6 +108,14 @@ fn tower<T>(
     } else {
         name(value)?
     })
+}
+
+fn tower_freeze(all: bool, train_last: Option<usize>) -> TowerFreeze {
+    match (all, train_last) {
+        (true, _) => TowerFreeze::All,
+        (false, Some(n)) => TowerFreeze::AllButLast(n),
+        (false, None) => TowerFreeze::None,
+    }
 }
 
 fn main() -> Result<()> {
@@ -159,7 +177,10 @@ fn main() -> Result<()> {
             },
             adamw,
             accum_freq: args.accum_freq,
-            freeze_vision: args.freeze_vision,
+            freeze: Freeze {
+                vision: tower_freeze(args.freeze_vision, args.train_last_vision_layers),
+                text: tower_freeze(args.freeze_text, args.train_last_text_layers),
+            },
             dropout_seed: Some(args.seed),
             grad_checkpointing: args.grad_checkpointing,
             precision: match args.precision.as_str() {

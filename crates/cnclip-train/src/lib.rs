@@ -9,13 +9,14 @@
 //! Data flows in one direction: `muge-data` → this crate ← `cnclip-model`/`cnclip-lora`. Nothing but
 //! examples and binaries may depend on this crate.
 //!
-//! Present so far: the schedule ([`schedule`]), the optimizer with cn_clip's parameter groups
-//! ([`optim`]), the loss ([`loss`]), the optimizer step with accumulation ([`trainer`]) and
-//! crash-safe checkpoints with exact resume ([`checkpoint`]), each checked against cn_clip/torch.
-//! Data loading, AMP/bf16, gradient checkpointing, logging and DDP arrive with their issues.
+//! Modules: the schedule ([`schedule`]), the optimizer with cn_clip's parameter groups
+//! ([`optim`]), the loss ([`loss`]), frozen towers/layers ([`freeze`]), the optimizer step with
+//! accumulation and precision ([`trainer`]), crash-safe checkpoints with exact resume
+//! ([`checkpoint`]), validation ([`validate`]), logging ([`metrics`]) and the whole run ([`run`]).
 
 pub mod amp;
 pub mod checkpoint;
+pub mod freeze;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

@@ -6,6 +6,7 @@
 //! Precision here is fp32; data loading, checkpoints and DDP feed into this from outside.
 
 use crate::amp::GradScaler;
+use crate::freeze::Freeze;
 use crate::loss::{ContrastiveOutput, FeatureGather, LocalOnly, contrastive_loss};
 use crate::optim::{AdamW, AdamWConfig, clamp_logit_scale};
 use crate::schedule::CosineSchedule;
@@ -19,8 +20,9 @@ pub struct TrainerConfig {
     pub adamw: AdamWConfig,
     /// cn_clip's `--accum-freq`: micro-batches per optimizer step.
     pub accum_freq: usize,
-    /// cn_clip's `--freeze-vision`: the vision tower gets no gradient and no optimizer state.
-    pub freeze_vision: bool,
+    /// Frozen weights (cn_clip's `--freeze-vision`, the text tower, or all but the last layers):
+    /// they get no gradient and no optimizer state.
+    pub freeze: Freeze,
     /// When set, torch's global generator is re-seeded from `(seed, step, micro-batch)` before every
     /// forward, so dropout masks depend only on the position in the run and a resumed run draws
     /// the same masks as an uninterrupted one. (cn_clip never seeds dropout, so its runs are not
@@ -111,13 +113,7 @@ impl Trainer {
 
     /// A trainer whose loss sees the rows `gather` assembles (DDP plugs in here).
     pub fn with_gather(model: Clip, config: TrainerConfig, gather: Box<dyn FeatureGather>) -> Self {
-        if config.freeze_vision {
-            for (name, tensor) in model.named_tensors() {
-                if name.starts_with("visual.") && tensor.is_floating_point() {
-                    let _ = tensor.set_requires_grad(false);
-                }
-            }
-        }
+        config.freeze.apply(&model);
         let optimizer = AdamW::for_model(&model, config.adamw);
         let scaler =
             (config.precision == TrainPrecision::Amp).then(|| GradScaler::new(model.device()));

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cnclip_model::{Clip, ClipConfig, LoadOptions};
+use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
@@ -52,7 +53,7 @@ fn five_steps_equal_cn_clip_main_py() {
             weight_decay: f("wd"),
         },
         accum_freq: 1,
-        freeze_vision: false,
+        freeze: Freeze::NONE,
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
@@ -166,7 +167,7 @@ fn logit_scale_is_clamped_after_each_step() {
             weight_decay: 0.0,
         },
         accum_freq: 1,
-        freeze_vision: false,
+        freeze: Freeze::NONE,
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,

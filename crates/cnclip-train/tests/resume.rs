@@ -6,6 +6,7 @@ mod common;
 
 use cnclip_model::Clip;
 use cnclip_train::checkpoint::{self, CheckpointError, RunPosition};
+use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
@@ -30,7 +31,7 @@ fn trainer_config() -> TrainerConfig {
             weight_decay: 0.1,
         },
         accum_freq: 1,
-        freeze_vision: false,
+        freeze: Freeze::NONE,
         dropout_seed: Some(2024),
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cnclip_model::{Clip, ClipConfig, LoadOptions};
+use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::run::{RunConfig, train};
 use cnclip_train::schedule::CosineSchedule;
@@ -87,7 +88,7 @@ fn config(train_data: PathBuf, logs: PathBuf) -> RunConfig {
                 weight_decay: 0.1,
             },
             accum_freq: 1,
-            freeze_vision: false,
+            freeze: Freeze::NONE,
             dropout_seed: None,
             grad_checkpointing: false,
             precision: TrainPrecision::Fp32,

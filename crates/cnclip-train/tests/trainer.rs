@@ -4,6 +4,7 @@
 mod common;
 
 use cnclip_model::Clip;
+use cnclip_train::freeze::{Freeze, TowerFreeze};
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainError, TrainPrecision, Trainer, TrainerConfig};
@@ -23,7 +24,11 @@ fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
             weight_decay: 0.1,
         },
         accum_freq,
-        freeze_vision,
+        freeze: if freeze_vision {
+            Freeze::VISION
+        } else {
+            Freeze::NONE
+        },
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
@@ -122,6 +127,48 @@ fn frozen_vision_tower_stays_put() {
         }
     }
     assert!(!after["text_projection"].equal(&before["text_projection"]));
+}
+
+/// Beyond cn_clip: a frozen text tower and a vision tower trained only in its last block. The
+/// frozen weights are bit-identical after a step; every other weight that receives gradient moves.
+#[test]
+fn partial_freezing_moves_only_the_trainable_weights() {
+    let (model, reference) = twins(13);
+    let (images, texts) = batch(4, 14);
+    let mut cfg = config(1, false);
+    cfg.freeze = Freeze {
+        vision: TowerFreeze::AllButLast(1),
+        text: TowerFreeze::All,
+    };
+    let mut trainer = Trainer::new(model, cfg);
+    trainer.train_batch(&images, &texts).unwrap().unwrap();
+    let after = trainer.model().named_tensors();
+    let before = reference.named_tensors();
+    let mut moved = Vec::new();
+    for (key, tensor) in &after {
+        if !tensor.is_floating_point() {
+            continue;
+        }
+        let frozen = key.starts_with("bert.")
+            || key == "text_projection"
+            || (key.starts_with("visual.")
+                && !key.starts_with("visual.transformer.resblocks.1.")
+                && !key.starts_with("visual.ln_post")
+                && key != "visual.proj");
+        let changed = !tensor.equal(&before[key]);
+        if frozen {
+            assert!(!changed, "{key} moved although it is frozen");
+        } else if changed {
+            moved.push(key.clone());
+        }
+    }
+    assert!(
+        moved
+            .iter()
+            .any(|k| k.starts_with("visual.transformer.resblocks.1."))
+    );
+    assert!(moved.iter().any(|k| k == "visual.proj"));
+    assert!(moved.iter().any(|k| k == "logit_scale"));
 }
 
 #[test]
