@@ -25,6 +25,7 @@ pub mod lmdb;
 pub mod loader;
 pub mod pickle;
 pub mod sampler;
+pub mod synth;
 pub mod text;
 
 pub use files::{BadRecordPolicy, FileError, ImageTsvReader, ReadReport, TextJsonlReader};
