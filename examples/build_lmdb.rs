@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use cnclip::data::augment::{OfflinePolicy, multiply_rare_images_in_files};
 use cnclip::data::files::BadRecordPolicy;
 use cnclip::data::lmdb::{BuildProgress, Stage, build_split, parse_splits};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,6 +37,18 @@ struct Args {
     /// What to do with bad records: fail (stop, naming file and line) or skip (count and report).
     #[arg(long = "on-error", default_value = "fail")]
     on_error: BadRecordPolicy,
+    /// The seed's offline augmentation of the train split: every image of a training query with
+    /// at most --offline-max-images images gets N augmented copies (0 = off). The augmented
+    /// TSV/JSONL are written to {lmdb_dir}/offline-augmented/ and built from there.
+    #[arg(long = "offline-augment", default_value_t = 0)]
+    offline_augment: usize,
+    #[arg(long = "offline-max-images", default_value_t = 2)]
+    offline_max_images: usize,
+    /// Side of the augmented copies (the training resolution).
+    #[arg(long = "offline-size", default_value_t = 224)]
+    offline_size: u32,
+    #[arg(long = "offline-seed", default_value_t = 0)]
+    offline_seed: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,14 +94,32 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         };
-        let summary = build_split(
-            &args.data_dir,
-            split,
-            &lmdb_dir,
-            args.on_error,
-            &mut on_progress,
-        )
-        .with_context(|| format!("building the {split} split"))?;
+        let mut source = args.data_dir.clone();
+        if args.offline_augment > 0 && split == "train" {
+            let out = lmdb_dir.join("offline-augmented");
+            let policy = OfflinePolicy {
+                max_images: args.offline_max_images,
+                copies: args.offline_augment,
+                size: args.offline_size,
+                seed: args.offline_seed,
+                ..OfflinePolicy::default()
+            };
+            let done =
+                multiply_rare_images_in_files(&args.data_dir, split, &out, &policy, args.on_error)
+                    .context("offline augmentation of the train split")?;
+            println!(
+                "Offline augmentation: {} queries with at most {} images, {} images × {} copies = {} new images → {}",
+                done.queries_multiplied,
+                args.offline_max_images,
+                done.source_images,
+                args.offline_augment,
+                done.new_images,
+                out.display()
+            );
+            source = out;
+        }
+        let summary = build_split(&source, split, &lmdb_dir, args.on_error, &mut on_progress)
+            .with_context(|| format!("building the {split} split"))?;
         if summary.replaced_existing {
             println!("Replaced the existing LMDB files {}", summary.dir.display());
         }

@@ -80,7 +80,7 @@ fn main() -> Result<()> {
     if !args.extract_image_feats && !args.extract_text_feats {
         bail!("--extract-image-feats and --extract-text-feats cannot both be false");
     }
-    let config = tower_config(&args.vision_model, &args.text_model)?;
+    let config = ClipConfig::from_tower_args(&args.vision_model, &args.text_model)?;
     // Only an official .pt needs the tower names; the other formats carry their config.
     let options = match WeightFormat::detect(&args.resume)? {
         WeightFormat::Pt => LoadOptions {
@@ -194,23 +194,6 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// cn_clip reads `clip/model_configs/{name}.json`; we take a shipped name or a path to a JSON file
-/// in that schema (how custom sizes such as tiny test models are named).
-fn tower_config(vision: &str, text: &str) -> Result<ClipConfig> {
-    use cnclip::model::config::{TextConfig, VisionConfig};
-    let vision = if Path::new(vision).is_file() {
-        VisionConfig::from_json_file(Path::new(vision))?
-    } else {
-        VisionConfig::from_name(vision)?
-    };
-    let text = if Path::new(text).is_file() {
-        TextConfig::from_json_file(Path::new(text))?
-    } else {
-        TextConfig::from_name(text)?
-    };
-    Ok(ClipConfig { vision, text })
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {

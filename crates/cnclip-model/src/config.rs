@@ -461,6 +461,23 @@ impl ClipConfig {
         })
     }
 
+    /// What the examples' `--vision-model` / `--text-model` flags take: a shipped tower name (as
+    /// cn_clip reads `clip/model_configs/{name}.json`) or the path of a JSON file in that schema
+    /// (how custom sizes, such as the demo's small model, are named).
+    pub fn from_tower_args(vision: &str, text: &str) -> Result<Self, ConfigError> {
+        let vision = if Path::new(vision).is_file() {
+            VisionConfig::from_json_file(Path::new(vision))?
+        } else {
+            VisionConfig::from_name(vision)?
+        };
+        let text = if Path::new(text).is_file() {
+            TextConfig::from_json_file(Path::new(text))?
+        } else {
+            TextConfig::from_name(text)?
+        };
+        Ok(Self { vision, text })
+    }
+
     /// A user's two JSON files in cn_clip's schema.
     pub fn from_json_files(vision: &Path, text: &Path) -> Result<Self, ConfigError> {
         Ok(Self {

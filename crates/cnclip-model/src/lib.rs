@@ -17,6 +17,7 @@ pub mod model;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod weights;
+pub mod zeroshot;
 
 pub use config::ClipConfig;
 pub use load::{LoadError, LoadOptions, WeightFormat};

@@ -37,7 +37,8 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 pub use crop::{CropBox, random_resized_crop_box};
 pub use offline::{
-    AugmentedImages, OfflineError, OfflineImage, OfflinePolicy, QueryImages, multiply_rare_images,
+    AugmentedImages, OfflineError, OfflineImage, OfflinePolicy, OfflineSummary, QueryImages,
+    multiply_rare_images, multiply_rare_images_in_files,
 };
 pub use policy::{ORIGINAL_POLICY, OpName, PolicyOp};
 

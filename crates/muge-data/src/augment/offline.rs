@@ -92,6 +92,125 @@ pub enum OfflineError {
     IdsExhausted(i64),
     #[error(transparent)]
     Augment(#[from] AugmentError),
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
+    #[error("{path}: image {image_id}: bad base64: {reason}")]
+    Base64 {
+        path: std::path::PathBuf,
+        image_id: i64,
+        reason: String,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What [`multiply_rare_images_in_files`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineSummary {
+    pub images_tsv: std::path::PathBuf,
+    pub texts_jsonl: std::path::PathBuf,
+    /// Queries that qualified and gained copies.
+    pub queries_multiplied: usize,
+    /// Distinct source images copied, and the copies written.
+    pub source_images: usize,
+    pub new_images: usize,
+}
+
+/// The file-level form of [`multiply_rare_images`], for `build_lmdb --offline-augment`: reads
+/// `{data_dir}/{split}_imgs.tsv` and `{split}_texts.jsonl`, and writes both into `out_dir` — every
+/// original image line unchanged, the copies appended, and the queries (in the Chinese-CLIP
+/// form) with their copies' ids added. Only the images of qualifying queries are held in memory.
+pub fn multiply_rare_images_in_files(
+    data_dir: &std::path::Path,
+    split: &str,
+    out_dir: &std::path::Path,
+    policy: &OfflinePolicy,
+    bad_records: crate::files::BadRecordPolicy,
+) -> Result<OfflineSummary, OfflineError> {
+    use crate::files::{ImageTsvReader, TextJsonlReader};
+    use std::collections::HashSet;
+    use std::io::Write;
+
+    let write_err = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| OfflineError::Write { path, source }
+    };
+    let texts_in = data_dir.join(format!("{split}_texts.jsonl"));
+    let images_in = data_dir.join(format!("{split}_imgs.tsv"));
+    let mut texts = Vec::new();
+    let mut queries = Vec::new();
+    for record in TextJsonlReader::open(&texts_in, bad_records)? {
+        let record = record?;
+        queries.push(QueryImages {
+            query_id: record.text_id,
+            image_ids: record.image_ids.clone().unwrap_or_default(),
+        });
+        texts.push(record);
+    }
+    let qualifies = |q: &QueryImages| (1..=policy.max_images).contains(&q.image_ids.len());
+    let wanted: HashSet<i64> = queries
+        .iter()
+        .filter(|q| qualifies(q))
+        .flat_map(|q| q.image_ids.iter().copied())
+        .collect();
+
+    std::fs::create_dir_all(out_dir).map_err(write_err(out_dir))?;
+    let images_out = out_dir.join(format!("{split}_imgs.tsv"));
+    let texts_out = out_dir.join(format!("{split}_texts.jsonl"));
+    let mut tsv = std::io::BufWriter::new(
+        std::fs::File::create(&images_out).map_err(write_err(&images_out))?,
+    );
+    let mut kept = Vec::new();
+    for record in ImageTsvReader::open(&images_in, bad_records)? {
+        let record = record?;
+        writeln!(tsv, "{}\t{}", record.image_id, record.base64).map_err(write_err(&images_out))?;
+        if wanted.contains(&record.image_id) {
+            let bytes = crate::base64::decode_cn_clip(record.base64.as_bytes()).map_err(|e| {
+                OfflineError::Base64 {
+                    path: images_in.clone(),
+                    image_id: record.image_id,
+                    reason: e.to_string(),
+                }
+            })?;
+            kept.push(OfflineImage {
+                id: record.image_id,
+                bytes,
+            });
+        }
+    }
+    let augmented = multiply_rare_images(&kept, &queries, policy)?;
+    for image in &augmented.new_images {
+        writeln!(tsv, "{}\t{}", image.id, crate::base64::encode(&image.bytes))
+            .map_err(write_err(&images_out))?;
+    }
+    tsv.flush().map_err(write_err(&images_out))?;
+
+    let mut jsonl =
+        std::io::BufWriter::new(std::fs::File::create(&texts_out).map_err(write_err(&texts_out))?);
+    for (record, query) in texts.iter().zip(&augmented.queries) {
+        let line = serde_json::json!({
+            "text_id": record.text_id,
+            "text": record.text,
+            "image_ids": query.image_ids,
+        });
+        writeln!(jsonl, "{line}").map_err(write_err(&texts_out))?;
+    }
+    jsonl.flush().map_err(write_err(&texts_out))?;
+    Ok(OfflineSummary {
+        images_tsv: images_out,
+        texts_jsonl: texts_out,
+        queries_multiplied: queries.iter().filter(|q| qualifies(q)).count(),
+        source_images: augmented
+            .sources
+            .iter()
+            .map(|(s, _)| *s)
+            .collect::<HashSet<_>>()
+            .len(),
+        new_images: augmented.new_images.len(),
+    })
 }
 
 fn encode_jpeg(
@@ -269,5 +388,76 @@ mod tests {
         }];
         let e = multiply_rare_images(&images, &missing, &policy).unwrap_err();
         assert!(e.to_string().contains("image 99"), "{e}");
+    }
+
+    /// The file form: the same TSV lines plus the copies, queries rewritten with their new ids,
+    /// and the result builds into an LMDB.
+    #[test]
+    fn files_gain_copies_and_build_into_lmdb() {
+        let root = std::env::temp_dir().join(format!("offline-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (data, out) = (root.join("data"), root.join("aug"));
+        std::fs::create_dir_all(&data).unwrap();
+        let tsv: String = (1..=3)
+            .map(|id| {
+                format!(
+                    "{id}\t{}\n",
+                    crate::base64::encode(&png(20, 16, id as u8 * 41))
+                )
+            })
+            .collect();
+        std::fs::write(data.join("train_imgs.tsv"), &tsv).unwrap();
+        std::fs::write(
+            data.join("train_texts.jsonl"),
+            concat!(
+                "{\"text_id\": 7, \"text\": \"红色 抱枕\", \"image_ids\": [1]}\n",
+                "{\"text_id\": 8, \"text\": \"蓝色\", \"image_ids\": [1, 2, 3]}\n",
+            ),
+        )
+        .unwrap();
+        let policy = OfflinePolicy {
+            copies: 3,
+            size: 16,
+            ..OfflinePolicy::default()
+        };
+        let summary = multiply_rare_images_in_files(
+            &data,
+            "train",
+            &out,
+            &policy,
+            crate::files::BadRecordPolicy::Fail,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                summary.queries_multiplied,
+                summary.source_images,
+                summary.new_images
+            ),
+            (1, 1, 3)
+        );
+        let written = std::fs::read_to_string(&summary.images_tsv).unwrap();
+        assert!(written.starts_with(&tsv), "original lines first, unchanged");
+        let new_ids: Vec<&str> = written
+            .lines()
+            .skip(3)
+            .map(|l| l.split('\t').next().unwrap())
+            .collect();
+        assert_eq!(new_ids, ["4", "5", "6"]);
+        let texts = std::fs::read_to_string(&summary.texts_jsonl).unwrap();
+        let first: serde_json::Value = serde_json::from_str(texts.lines().next().unwrap()).unwrap();
+        assert_eq!(first["text"], "红色 抱枕");
+        assert_eq!(first["image_ids"], serde_json::json!([1, 4, 5, 6]));
+        let built = crate::lmdb::build_split(
+            &out,
+            "train",
+            &root.join("lmdb"),
+            crate::files::BadRecordPolicy::Fail,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(built.images, 6);
+        assert_eq!(built.pairs, 7);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

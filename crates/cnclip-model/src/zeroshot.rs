@@ -1,0 +1,166 @@
+//! Zero-shot classification as cn_clip's `zeroshot_evaluation.py` does it (spec §7.5): each class
+//! is the normalised mean of its normalised prompt embeddings, and an image's class probabilities
+//! are `softmax(100 · image · W)` — a fixed 100, not the model's `logit_scale`.
+//!
+//! Prompts go through the datasets' text preprocessing (lower-casing, curly quotes), as cn_clip's
+//! script applies it to every template.
+
+use crate::Clip;
+use crate::tokenizer::{Tokenizer, TokenizerError, preprocess_dataset_text};
+use tch::{Kind, Tensor};
+
+/// A few generic Chinese templates of our own; `{}` is the label. cn_clip's script uses its
+/// `openai_templates` list (183 templates) for ImageNet-style data: pass those as a file to
+/// [`Templates::from_lines`] for identical class vectors.
+pub const DEFAULT_TEMPLATES: &[&str] = &[
+    "{}",
+    "{}的照片",
+    "一张{}的照片",
+    "一张{}的图片",
+    "这是一张{}的图片",
+    "一张好看的{}的照片",
+    "一张清晰的{}的照片",
+    "商品图：{}",
+];
+
+/// The fixed logit scale of cn_clip's zero-shot script.
+pub const ZERO_SHOT_SCALE: f64 = 100.0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroShotError {
+    #[error("no class labels were given")]
+    NoLabels,
+    #[error("label {index} is empty")]
+    EmptyLabel { index: usize },
+    #[error("{origin} line {line}: template {template:?} has no `{{}}` for the label")]
+    TemplateWithoutSlot {
+        origin: String,
+        line: usize,
+        template: String,
+    },
+    #[error("{origin}: no templates")]
+    NoTemplates { origin: String },
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// Prompt templates, each with one `{}` for the label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Templates(Vec<String>);
+
+impl Default for Templates {
+    fn default() -> Self {
+        Self(DEFAULT_TEMPLATES.iter().map(|t| t.to_string()).collect())
+    }
+}
+
+impl Templates {
+    /// One template per non-empty line; `origin` names the source in errors.
+    pub fn from_lines(text: &str, origin: &str) -> Result<Self, ZeroShotError> {
+        let mut templates = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            if !line.contains("{}") {
+                return Err(ZeroShotError::TemplateWithoutSlot {
+                    origin: origin.to_string(),
+                    line: i + 1,
+                    template: line.to_string(),
+                });
+            }
+            templates.push(line.to_string());
+        }
+        if templates.is_empty() {
+            return Err(ZeroShotError::NoTemplates {
+                origin: origin.to_string(),
+            });
+        }
+        Ok(Self(templates))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The prompts of one label, preprocessed like cn_clip's datasets.
+    pub fn prompts(&self, label: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|t| preprocess_dataset_text(&t.replacen("{}", label, 1)))
+            .collect()
+    }
+}
+
+/// `[E, C]` class vectors: per label, the mean of its L2-normalised prompt features, normalised.
+pub fn classifier(
+    model: &Clip,
+    tokenizer: &Tokenizer,
+    labels: &[impl AsRef<str>],
+    templates: &Templates,
+    context_length: usize,
+) -> Result<Tensor, ZeroShotError> {
+    if labels.is_empty() {
+        return Err(ZeroShotError::NoLabels);
+    }
+    let _guard = tch::no_grad_guard();
+    let mut columns = Vec::with_capacity(labels.len());
+    for (index, label) in labels.iter().enumerate() {
+        let label = label.as_ref().trim();
+        if label.is_empty() {
+            return Err(ZeroShotError::EmptyLabel { index });
+        }
+        let ids = tokenizer
+            .tokenize(&templates.prompts(label), context_length)?
+            .to_device(model.device());
+        let features = model.text_features(&ids).to_kind(Kind::Float);
+        let mean = features.mean_dim(0, false, Kind::Float);
+        columns.push(&mean / mean.norm());
+    }
+    Ok(Tensor::stack(&columns, 1))
+}
+
+/// `softmax(100 · normalise(image_features) · classifier)`: `[N, C]` probabilities.
+pub fn probabilities(image_features: &Tensor, classifier: &Tensor) -> Tensor {
+    let images = image_features.to_kind(Kind::Float);
+    let images = &images / images.norm_scalaropt_dim(2.0, [-1], true);
+    (images.matmul(&classifier.to_device(images.device())) * ZERO_SHOT_SCALE)
+        .softmax(-1, Kind::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn templates_need_a_slot_and_name_the_line() {
+        let err = Templates::from_lines("{}的照片\n\n照片\n", "t.txt").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.txt line 3: template \"照片\" has no `{}` for the label"
+        );
+        let t = Templates::from_lines(" {}的照片 \n一张{}\n", "t.txt").unwrap();
+        assert_eq!(
+            t.prompts("Ｔ恤“新”"),
+            ["ｔ恤\"新\"的照片", "一张ｔ恤\"新\""]
+        );
+    }
+
+    #[test]
+    fn probabilities_rank_the_matching_class_first() {
+        let classifier = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).reshape([2, 2]);
+        let images = Tensor::from_slice(&[3.0f32, 0.1, 0.2, 5.0]).reshape([2, 2]);
+        let p = probabilities(&images, &classifier);
+        let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&p).unwrap();
+        assert!(rows[0][0] > 0.99 && rows[1][1] > 0.99);
+        assert!((rows[0][0] + rows[0][1] - 1.0).abs() < 1e-6);
+    }
+}

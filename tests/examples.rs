@@ -1,0 +1,368 @@
+//! Every example run as a user runs it, on tiny data, checking the files it writes: mini-MUGE →
+//! `build_lmdb` → `finetune` (from scratch, with validation) → `convert` → `extract_features` →
+//! `predict` → `evaluate`, and `zero_shot` on an image folder.
+//!
+//! `cargo test` builds the examples (debug) before running tests; this test runs those binaries.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `target/debug/examples`, next to this test's own `deps/` directory.
+fn examples_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("examples")
+}
+
+fn run(name: &str, args: &[&str]) -> String {
+    let bin = examples_dir().join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests through `cargo test` (it builds the examples)",
+        bin.display()
+    );
+    let out = Command::new(&bin).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{name} {args:?} failed:\n{text}");
+    text
+}
+
+fn fails(name: &str, args: &[&str]) -> String {
+    let out = Command::new(examples_dir().join(name))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{name} {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":1,"vision_width":32,
+    "vision_head_width":16,"vision_patch_size":16}"#;
+const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.0,"text_hidden_act":"gelu",
+    "text_hidden_dropout_prob":0.0,"text_hidden_size":16,"text_initializer_range":0.02,
+    "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
+    "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
+
+#[test]
+fn the_pipeline_examples_write_what_cn_clip_would() {
+    let dir = tempdir();
+    let data = dir.join("data");
+    let lmdb = dir.join("lmdb");
+    let vision = dir.join("vision.json");
+    let text = dir.join("text.json");
+    std::fs::write(&vision, VISION).unwrap();
+    std::fs::write(&text, TEXT).unwrap();
+
+    let out = run(
+        "mini_muge",
+        &[
+            "--out",
+            s(&data),
+            "--train-queries",
+            "12",
+            "--valid-queries",
+            "4",
+            "--test-queries",
+            "4",
+            "--train-images-per-query",
+            "2",
+            "--eval-images-per-query",
+            "2",
+            "--image-size",
+            "32",
+        ],
+    );
+    assert!(out.contains("valid    4 queries     8 images"), "{out}");
+    run(
+        "build_lmdb",
+        &[
+            "--data_dir",
+            s(&data),
+            "--splits",
+            "train,valid,test",
+            "--lmdb_dir",
+            s(&lmdb),
+        ],
+    );
+    for split in ["train", "valid", "test"] {
+        assert!(lmdb.join(split).join("imgs").join("data.mdb").is_file());
+        assert!(lmdb.join(split).join("pairs").join("data.mdb").is_file());
+    }
+
+    // The seed's offline augmentation: 12 train queries of 2 images each all qualify.
+    let out = run(
+        "build_lmdb",
+        &[
+            "--data_dir",
+            s(&data),
+            "--splits",
+            "train",
+            "--lmdb_dir",
+            s(&dir.join("lmdb-offline")),
+            "--offline-augment",
+            "2",
+            "--offline-size",
+            "32",
+        ],
+    );
+    assert!(out.contains("24 images × 2 copies = 48 new images"), "{out}");
+    assert!(out.contains("Finished serializing 72 train split pairs"), "{out}");
+
+    let logs = dir.join("logs");
+    let out = run(
+        "finetune",
+        &[
+            "--train-data",
+            s(&lmdb.join("train")),
+            "--val-data",
+            s(&lmdb.join("valid")),
+            "--vision-model",
+            s(&vision),
+            "--text-model",
+            s(&text),
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--beta1",
+            "0.9",
+            "--beta2",
+            "0.98",
+            "--eps",
+            "1e-6",
+            "--warmup",
+            "1",
+            "--max-epochs",
+            "2",
+            "--context-length",
+            "24",
+            "--precision",
+            "fp32",
+            "--num-workers",
+            "1",
+            "--device",
+            "cpu",
+            "--text-prompt",
+            "--use-augment",
+            "--logs",
+            s(&logs),
+            "--name",
+            "tiny",
+        ],
+    );
+    assert!(out.contains("Mean Recall"), "{out}");
+    let run_dir = logs.join("tiny");
+    let checkpoint = run_dir.join("checkpoints").join("epoch_latest.safetensors");
+    assert!(checkpoint.is_file());
+    assert!(
+        run_dir
+            .join("checkpoints")
+            .join("epoch2.safetensors")
+            .is_file()
+    );
+    assert!(
+        std::fs::read(run_dir.join("curves.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("\"kind\":\"valid\"") && l.contains("mean_recall"))
+    );
+
+    // Native → official .pt → native gives the same tensors (each step verifies itself).
+    let pt = dir.join("tiny.pt");
+    let back = dir.join("tiny-back.safetensors");
+    run(
+        "convert",
+        &[
+            "--input",
+            s(&checkpoint),
+            "--output",
+            s(&pt),
+            "--format",
+            "pt",
+        ],
+    );
+    let err = fails("convert", &["--input", s(&pt), "--output", s(&back)]);
+    assert!(err.contains("--vision-model"), "{err}");
+    run(
+        "convert",
+        &[
+            "--input",
+            s(&pt),
+            "--output",
+            s(&back),
+            "--vision-model",
+            s(&vision),
+            "--text-model",
+            s(&text),
+        ],
+    );
+
+    // extract_features on the .pt, as cn_clip's script is used; then predict and evaluate.
+    let feats = dir.join("feats");
+    std::fs::create_dir_all(&feats).unwrap();
+    let (img, txt) = (
+        feats.join("test_imgs.img_feat.jsonl"),
+        feats.join("test_texts.txt_feat.jsonl"),
+    );
+    run(
+        "extract_features",
+        &[
+            "--extract-image-feats",
+            "--extract-text-feats",
+            "--image-data",
+            s(&lmdb.join("test").join("imgs")),
+            "--text-data",
+            s(&data.join("test_texts.jsonl")),
+            "--image-feat-output-path",
+            s(&img),
+            "--text-feat-output-path",
+            s(&txt),
+            "--resume",
+            s(&pt),
+            "--vision-model",
+            s(&vision),
+            "--text-model",
+            s(&text),
+            "--context-length",
+            "24",
+            "--precision",
+            "fp32",
+            "--text-prompt",
+            "--native",
+            "--device",
+            "cpu",
+        ],
+    );
+    let img_lines = std::fs::read_to_string(&img).unwrap();
+    assert_eq!(img_lines.lines().count(), 8);
+    let first: serde_json::Value = serde_json::from_str(img_lines.lines().next().unwrap()).unwrap();
+    assert_eq!(first["feature"].as_array().unwrap().len(), 16);
+    assert!(first["image_id"].is_i64());
+    assert!(
+        feats.join("test_imgs.img_feat.safetensors").is_file(),
+        "native feature file next to the jsonl"
+    );
+
+    let predictions = dir.join("predictions.jsonl");
+    run(
+        "predict",
+        &[
+            "--image-feats",
+            s(&img),
+            "--text-feats",
+            s(&txt),
+            "--top-k",
+            "5",
+            "--output",
+            s(&predictions),
+        ],
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&predictions)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["image_ids"].as_array().unwrap().len() == 5)
+    );
+
+    let score = dir.join("score.json");
+    run(
+        "evaluate",
+        &[
+            s(&data.join("test_texts.jsonl")),
+            s(&predictions),
+            s(&score),
+            "--top-k",
+            "5",
+        ],
+    );
+    let score: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&score).unwrap()).unwrap();
+    assert_eq!(score["success"], true, "{score}");
+    assert!(score["scoreJson"]["mean_recall"].as_f64().unwrap() >= 0.0);
+
+    // zero_shot: an ImageFolder of two classes rendered by mini-MUGE's painter.
+    let folder = dir.join("classes");
+    for (class, combo) in [("000", 0usize), ("001", 5)] {
+        let class_dir = folder.join(class);
+        std::fs::create_dir_all(&class_dir).unwrap();
+        for k in 0..2 {
+            cnclip::data::synth::render_product(combo, 1, k, 32)
+                .save(class_dir.join(format!("{k}.png")))
+                .unwrap();
+        }
+    }
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, "圆形抱枕\n菱形杯垫\n").unwrap();
+    let save = dir.join("zs");
+    let out = run(
+        "zero_shot",
+        &[
+            "--datapath",
+            s(&folder),
+            "--label-file",
+            s(&labels),
+            "--resume",
+            s(&back),
+            "--save-dir",
+            s(&save),
+            "--dataset",
+            "mini",
+            "--context-length",
+            "24",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(out.contains("zeroshot-top1:"), "{out}");
+    let zs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(save.join("mini.json")).unwrap()).unwrap();
+    let rows = zs["predictions"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        let p: f64 = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((p - 1.0).abs() < 1e-4, "probabilities sum to {p}");
+    }
+    let err = fails(
+        "zero_shot",
+        &[
+            "--datapath",
+            s(&folder),
+            "--label-file",
+            s(&dir.join("missing.txt")),
+            "--resume",
+            s(&back),
+        ],
+    );
+    assert!(err.contains("missing.txt"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
