@@ -7,6 +7,10 @@
 //! renames leaves a pair whose ids differ, which [`load`] refuses instead of resuming from a model
 //! and an optimizer of different steps. File stems follow cn_clip: `epoch_latest`, `epoch{E}`,
 //! `epoch_{E}_{step}`.
+//!
+//! A LoRA run (a model carrying `cnclip-lora` adapters) stores only what trains: `STEM.safetensors`
+//! is then a `cnclip-lora` adapter file (adapters plus any base weights the LoRA config trains),
+//! and resuming puts it back onto the run's base model ([`load_onto`]).
 
 use crate::trainer::Trainer;
 use cnclip_model::weights::{
@@ -58,6 +62,8 @@ pub enum CheckpointError {
         path: PathBuf,
         source: crate::optim::OptimError,
     },
+    #[error(transparent)]
+    Lora(#[from] cnclip_lora::LoraError),
 }
 
 /// The two files of checkpoint `stem` in `dir`.
@@ -96,7 +102,12 @@ pub fn save(
         (NATIVE_CONFIG_KEY.to_string(), model.config().to_json()),
         (CHECKPOINT_ID_KEY.to_string(), id.clone()),
     ]);
-    weights::save_safetensors(&model_path, &model.state_dict(), model_meta)?;
+    if cnclip_lora::attached(model).is_empty() {
+        weights::save_safetensors(&model_path, &model.state_dict(), model_meta)?;
+    } else {
+        let meta = HashMap::from([(CHECKPOINT_ID_KEY.to_string(), id.clone())]);
+        cnclip_lora::save_adapter_with(model, &model_path, meta)?;
+    }
 
     let mut state = StateDict::new();
     let scaler_state = trainer.scaler().map(|s| s.state()).unwrap_or_default();
@@ -122,8 +133,26 @@ pub struct Loaded {
     pub position: RunPosition,
 }
 
-/// Reads checkpoint `stem` from `dir`, refusing torn pairs.
+/// Reads checkpoint `stem` from `dir`, refusing torn pairs. A LoRA checkpoint holds no base
+/// weights: read it with [`load_onto`].
 pub fn load(dir: &Path, stem: &str, device: Device) -> Result<Loaded, CheckpointError> {
+    load_with(dir, stem, None, device)
+}
+
+/// [`load`] for a run that starts from `base`: a LoRA checkpoint's adapters go onto `base` (which
+/// may already carry fresh adapters of the same config); a full checkpoint replaces `base`, which
+/// must then carry no adapters (a LoRA run cannot resume from a full fine-tune's checkpoint).
+pub fn load_onto(dir: &Path, stem: &str, base: Clip) -> Result<Loaded, CheckpointError> {
+    let device = base.device();
+    load_with(dir, stem, Some(base), device)
+}
+
+fn load_with(
+    dir: &Path,
+    stem: &str,
+    base: Option<Clip>,
+    device: Device,
+) -> Result<Loaded, CheckpointError> {
     let (model_path, state_path) = paths(dir, stem);
     let model_meta = weights::read_safetensors_metadata(&model_path)?;
     let (optimizer_state, state_meta) = weights::read_safetensors(&state_path)?;
@@ -158,7 +187,28 @@ pub fn load(dir: &Path, stem: &str, device: Device) -> Result<Loaded, Checkpoint
             path: state_path.clone(),
             what: format!("run position is not valid: {e}"),
         })?;
-    let model = Clip::load(&model_path, &LoadOptions::default(), device)?;
+    let model = if cnclip_lora::is_adapter_file(&model_path)? {
+        let mut model = base.ok_or_else(|| CheckpointError::Invalid {
+            path: model_path.clone(),
+            what: "a LoRA checkpoint holds only adapters: resume it onto its base model \
+                   (checkpoint::load_onto)"
+                .into(),
+        })?;
+        cnclip_lora::load_adapter(&mut model, &model_path)?;
+        model
+    } else {
+        if base
+            .as_ref()
+            .is_some_and(|b| !cnclip_lora::attached(b).is_empty())
+        {
+            return Err(CheckpointError::Invalid {
+                path: model_path,
+                what: "a full model checkpoint, but this run is a LoRA run".into(),
+            });
+        }
+        drop(base);
+        Clip::load(&model_path, &LoadOptions::default(), device)?
+    };
     Ok(Loaded {
         model,
         optimizer_state,

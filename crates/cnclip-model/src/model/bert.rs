@@ -2,6 +2,7 @@
 //! exact erf GELU, LayerNorm eps 1e-12, a −10000 additive key mask, token type 0 everywhere and no
 //! pooler (cn_clip pools the `[CLS]` hidden state itself).
 
+use super::delta::{self, DeltaSlot};
 use super::layers::{LayerNorm, Linear, multi_head_attention};
 use crate::config::TextConfig;
 use tch::nn::{Init, Path};
@@ -53,24 +54,48 @@ impl BertLayer {
     /// is active only when `train` is true, as in cn_clip's `train()` mode.
     fn forward(&self, x: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let context = multi_head_attention(
-            &self.query.forward(x),
-            &self.key.forward(x),
-            &self.value.forward(x),
+            &self.query.forward_t(x, train),
+            &self.key.forward_t(x, train),
+            &self.value.forward_t(x, train),
             self.heads,
             Some(mask),
             if train { self.attention_dropout } else { 0.0 },
         );
         let projected = self
             .attention_output
-            .forward(&context)
+            .forward_t(&context, train)
             .dropout(self.hidden_dropout, train);
         let attended = self.attention_norm.forward(&(projected + x));
-        let hidden = self.intermediate.forward(&attended).gelu("none");
+        let hidden = self.intermediate.forward_t(&attended, train).gelu("none");
         let output = self
             .output
-            .forward(&hidden)
+            .forward_t(&hidden, train)
             .dropout(self.hidden_dropout, train);
         self.output_norm.forward(&(output + attended))
+    }
+
+    fn linear_mut(&mut self, module: &str) -> Option<&mut Linear> {
+        Some(match module {
+            "attention.self.query" => &mut self.query,
+            "attention.self.key" => &mut self.key,
+            "attention.self.value" => &mut self.value,
+            "attention.output.dense" => &mut self.attention_output,
+            "intermediate.dense" => &mut self.intermediate,
+            "output.dense" => &mut self.output,
+            _ => return None,
+        })
+    }
+
+    fn linear(&self, module: &str) -> Option<&Linear> {
+        Some(match module {
+            "attention.self.query" => &self.query,
+            "attention.self.key" => &self.key,
+            "attention.self.value" => &self.value,
+            "attention.output.dense" => &self.attention_output,
+            "intermediate.dense" => &self.intermediate,
+            "output.dense" => &self.output,
+            _ => return None,
+        })
     }
 }
 
@@ -149,5 +174,16 @@ impl Bert {
 
     pub(crate) fn layer(&self, index: usize, x: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         self.layers[index].forward(x, mask, train)
+    }
+
+    /// The slot of site `name` relative to `bert.` (`encoder.layer.{j}.…`).
+    pub(crate) fn slot_mut(&mut self, name: &str) -> Option<&mut DeltaSlot> {
+        let (j, module) = delta::indexed(name, "encoder.layer.")?;
+        Some(&mut self.layers.get_mut(j)?.linear_mut(module)?.delta)
+    }
+
+    pub(crate) fn slot(&self, name: &str) -> Option<&DeltaSlot> {
+        let (j, module) = delta::indexed(name, "encoder.layer.")?;
+        Some(&self.layers.get(j)?.linear(module)?.delta)
     }
 }

@@ -10,8 +10,9 @@
 //! embeddings come last. Parameter gradients accumulate exactly as in the plain path.
 //!
 //! Dropout masks must be the same in both passes, so each BERT stage re-seeds torch's generator
-//! from a base drawn once per forward. The ResNet tower has no blocks to checkpoint (cn_clip's is a
-//! no-op too) and is recorded whole.
+//! from a base drawn once per forward; the ViT blocks are re-seeded the same way (on their own
+//! stream) so that adapter dropout inside them (cnclip-lora) also draws the same masks twice. The
+//! ResNet tower has no blocks to checkpoint (cn_clip's is a no-op too) and is recorded whole.
 
 use super::clip::{Clip, Visual};
 use tch::{Kind, Tensor};
@@ -47,8 +48,12 @@ fn leaf(x: &Tensor) -> Tensor {
 }
 
 /// Back-propagates `grad` (the gradient of the loss w.r.t. `output`) through the graph of `output`.
+/// An output without a graph (the embeddings when all their weights are frozen, as in a LoRA run
+/// or under `--freeze-vision`) has nothing to propagate to.
 fn backward_with(output: &Tensor, grad: &Tensor) {
-    (output * grad.detach()).sum(Kind::Float).backward();
+    if output.requires_grad() {
+        (output * grad.detach()).sum(Kind::Float).backward();
+    }
 }
 
 impl Clip {
@@ -73,17 +78,21 @@ impl Clip {
                     let mut x = vit.embed(&images);
                     for i in 0..vit.num_blocks() {
                         inputs.push(x.shallow_clone());
-                        x = vit.block(i, &x);
+                        reseed(seed_base ^ VISION_STREAM, i);
+                        x = vit.block(i, &x, train);
                     }
                     x
                 });
                 let tail = leaf(&last);
                 (
-                    super::clip::normalize(&vit.head(&tail)),
+                    super::clip::normalize(&vit.head(&tail, train)),
                     Some((inputs, tail)),
                 )
             }
-            Visual::ResNet(_) => (self.image_features(&images), None),
+            Visual::ResNet(_) => (
+                super::clip::normalize(&self.encode_image_t(&images, train)),
+                None,
+            ),
         };
 
         let bert = self.bert();
@@ -102,7 +111,7 @@ impl Clip {
             x
         });
         let tail = leaf(&last);
-        let text_features = super::clip::normalize(&self.text_head(&tail));
+        let text_features = super::clip::normalize(&self.text_head(&tail, train));
         CheckpointedForward {
             image_features,
             text_features,
@@ -116,6 +125,9 @@ impl Clip {
         }
     }
 }
+
+/// Separates the ViT blocks' seeds from the BERT stages'.
+const VISION_STREAM: i64 = 0x5649_5400_0000;
 
 fn reseed(base: i64, stage: usize) {
     tch::manual_seed(base.wrapping_add(stage as i64));
@@ -133,7 +145,8 @@ impl CheckpointedForward {
                     return;
                 }
                 let x = leaf(&inputs[i]);
-                backward_with(&vit.block(i, &x), &grad);
+                reseed(self.seed_base ^ VISION_STREAM, i);
+                backward_with(&vit.block(i, &x, self.train), &grad);
                 grad = x.grad();
             }
             if grad.defined() {

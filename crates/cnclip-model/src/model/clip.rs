@@ -3,6 +3,7 @@
 //! the precision modes of cn_clip's entry points.
 
 use super::bert::Bert;
+use super::delta::{self, DeltaSlot, LinearDelta, LinearSite};
 use super::resnet::ModifiedResNet;
 use super::vit::{VisionTransformer, resize_positional_embedding};
 use crate::config::{ClipConfig, VisionLayers};
@@ -29,10 +30,23 @@ pub enum ModelError {
         expected: Vec<i64>,
         found: Vec<i64>,
     },
+    #[error(
+        "dtype mismatch for {key}: the model holds {expected:?} values, the weights are {found:?} \
+         (a float weight stored as integers or booleans is a damaged or foreign file)"
+    )]
+    DtypeMismatch {
+        key: String,
+        expected: Kind,
+        found: Kind,
+    },
     #[error("cannot copy weights into {key}: {source}")]
     Copy { key: String, source: tch::TchError },
     #[error("{what}: {source}")]
     Torch { what: String, source: tch::TchError },
+    #[error(
+        "{name} is not a linear map that can carry an adapter (see Clip::linear_sites for the names)"
+    )]
+    UnknownSite { name: String },
 }
 
 fn list(prefix: &str, keys: &[String]) -> String {
@@ -81,9 +95,9 @@ pub enum Visual {
 }
 
 impl Visual {
-    fn forward(&self, image: &Tensor) -> Tensor {
+    fn forward(&self, image: &Tensor, train: bool) -> Tensor {
         match self {
-            Visual::Transformer(v) => v.forward(image),
+            Visual::Transformer(v) => v.forward(image, train),
             Visual::ResNet(r) => r.forward(image),
         }
     }
@@ -102,6 +116,7 @@ pub struct Clip {
     visual: Visual,
     bert: Bert,
     text_projection: Tensor,
+    text_projection_delta: DeltaSlot,
     logit_scale: Tensor,
 }
 
@@ -172,6 +187,7 @@ impl Clip {
             visual,
             bert,
             text_projection,
+            text_projection_delta: None,
             logit_scale,
         }
     }
@@ -245,6 +261,14 @@ impl Clip {
                     found: src.size(),
                 });
             }
+            // copy_ casts any dtype; only a float-to-float cast (fp16/bf16 checkpoints) is sound.
+            if src.is_floating_point() != var.is_floating_point() {
+                return Err(ModelError::DtypeMismatch {
+                    key: key.clone(),
+                    expected: var.kind(),
+                    found: src.kind(),
+                });
+            }
             plan.push((key, var, src));
         }
         tch::no_grad(|| {
@@ -290,7 +314,13 @@ impl Clip {
 
     /// `[N, 3, R, R]` preprocessed images → `[N, embed_dim]` unnormalised features.
     pub fn encode_image(&self, images: &Tensor) -> Tensor {
-        self.visual.forward(&images.to_device(self.device()))
+        self.encode_image_t(images, false)
+    }
+
+    /// [`Clip::encode_image`] in training mode when `train` is true. cn_clip's vision towers have
+    /// no dropout, so `train` only reaches adapter deltas (e.g. LoRA dropout).
+    pub fn encode_image_t(&self, images: &Tensor, train: bool) -> Tensor {
+        self.visual.forward(&images.to_device(self.device()), train)
     }
 
     /// `[N, L]` token ids (PAD 0) → `[N, embed_dim]` unnormalised features.
@@ -304,16 +334,64 @@ impl Clip {
     pub fn encode_text_t(&self, ids: &Tensor, train: bool) -> Tensor {
         let ids = ids.to_device(self.device());
         let mask = ids.ne(0).to_kind(self.compute_dtype());
-        self.text_head(&self.bert.forward(&ids, &mask, train))
+        self.text_head(&self.bert.forward(&ids, &mask, train), train)
     }
 
     /// cn_clip pools the `[CLS]` hidden state and projects it without bias.
-    pub(crate) fn text_head(&self, hidden: &Tensor) -> Tensor {
+    pub(crate) fn text_head(&self, hidden: &Tensor, train: bool) -> Tensor {
         let dtype = self.compute_dtype();
-        hidden
-            .to_kind(dtype)
-            .select(1, 0)
-            .matmul(&self.text_projection.to_kind(dtype))
+        let pooled = hidden.to_kind(dtype).select(1, 0);
+        let y = pooled.matmul(&self.text_projection.to_kind(dtype));
+        delta::apply(&self.text_projection_delta, &pooled, y, train)
+    }
+
+    /// The linear maps of this model that can carry an adapter's delta (see
+    /// [`delta::linear_sites`]).
+    pub fn linear_sites(&self) -> Vec<LinearSite> {
+        delta::linear_sites(&self.config)
+    }
+
+    /// Puts `delta` into site `name`'s slot (`None` empties it) and returns what was there.
+    pub fn set_linear_delta(
+        &mut self,
+        name: &str,
+        delta: DeltaSlot,
+    ) -> Result<DeltaSlot, ModelError> {
+        let slot = self.slot_mut(name).ok_or_else(|| ModelError::UnknownSite {
+            name: name.to_string(),
+        })?;
+        Ok(std::mem::replace(slot, delta))
+    }
+
+    /// The delta in site `name`'s slot, if any.
+    pub fn linear_delta(&self, name: &str) -> Option<&dyn LinearDelta> {
+        self.slot(name)?.as_deref()
+    }
+
+    fn slot_mut(&mut self, name: &str) -> Option<&mut DeltaSlot> {
+        if name == "text_projection" {
+            return Some(&mut self.text_projection_delta);
+        }
+        if let Some(rest) = name.strip_prefix("bert.") {
+            return self.bert.slot_mut(rest);
+        }
+        match (&mut self.visual, name.strip_prefix("visual.")) {
+            (Visual::Transformer(vit), Some(rest)) => vit.slot_mut(rest),
+            _ => None,
+        }
+    }
+
+    fn slot(&self, name: &str) -> Option<&DeltaSlot> {
+        if name == "text_projection" {
+            return Some(&self.text_projection_delta);
+        }
+        if let Some(rest) = name.strip_prefix("bert.") {
+            return self.bert.slot(rest);
+        }
+        match (&self.visual, name.strip_prefix("visual.")) {
+            (Visual::Transformer(vit), Some(rest)) => vit.slot(rest),
+            _ => None,
+        }
     }
 
     /// The dtype cn_clip computes in: `visual.conv1.weight`'s (also used for the text mask).
@@ -357,7 +435,7 @@ impl Clip {
         train: bool,
     ) -> (Tensor, Tensor, Tensor) {
         (
-            self.image_features(images),
+            normalize(&self.encode_image_t(images, train)),
             normalize(&self.encode_text_t(ids, train)),
             self.logit_scale_exp(),
         )
@@ -528,6 +606,101 @@ mod tests {
         assert_eq!((&a.1 - &b.1).abs().max().double_value(&[]), 0.0);
         let norms = a.1.norm_scalaropt_dim(2, [-1], false);
         assert!((norms - 1.0).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    /// Adds an input-dependent term to a site's output (nothing outside training when `train_only`).
+    #[derive(Debug)]
+    struct Shift {
+        out: i64,
+        train_only: bool,
+    }
+
+    impl delta::LinearDelta for Shift {
+        fn forward(&self, x: &Tensor, train: bool) -> Option<Tensor> {
+            if self.train_only && !train {
+                return None;
+            }
+            // Depends on the input (a constant added to every key would leave softmax unchanged).
+            let ramp = Tensor::arange(self.out, (x.kind(), x.device())) / self.out as f64;
+            Some(x.narrow(-1, 0, 1) * 0.5 * ramp + 0.25)
+        }
+
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    #[test]
+    fn every_linear_site_names_a_weight_and_takes_a_delta() {
+        tch::manual_seed(8);
+        let mut model = Clip::new(&tiny(), Device::Cpu);
+        let weights = model.named_tensors();
+        let images = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let ids = Tensor::from_slice(&[101i64, 5, 7, 102, 101, 9, 102, 0]).view([2, 4]);
+        let (img, txt) = tch::no_grad(|| (model.encode_image(&images), model.encode_text(&ids)));
+        let sites = model.linear_sites();
+        // 2 ViT blocks × 4 + visual.proj, 2 BERT layers × 6 + text_projection.
+        assert_eq!(sites.len(), 2 * 4 + 1 + 2 * 6 + 1);
+        for site in &sites {
+            let shape = weights[&site.weight_key].size();
+            let expected = match site.layout {
+                delta::WeightLayout::OutIn => vec![site.output, site.input],
+                delta::WeightLayout::InOut => vec![site.input, site.output],
+            };
+            assert_eq!(shape, expected, "{}", site.name);
+            let shift = Shift {
+                out: site.output,
+                train_only: false,
+            };
+            assert!(
+                model
+                    .set_linear_delta(&site.name, Some(Box::new(shift)))
+                    .unwrap()
+                    .is_none()
+            );
+            let (img2, txt2) =
+                tch::no_grad(|| (model.encode_image(&images), model.encode_text(&ids)));
+            let moved = if site.name.starts_with("visual.") {
+                !img2.equal(&img) && txt2.equal(&txt)
+            } else {
+                img2.equal(&img) && !txt2.equal(&txt)
+            };
+            assert!(
+                moved,
+                "{}: the delta did not act on its tower only",
+                site.name
+            );
+            assert!(model.linear_delta(&site.name).is_some());
+            let train_only = Shift {
+                out: site.output,
+                train_only: true,
+            };
+            let old = model
+                .set_linear_delta(&site.name, Some(Box::new(train_only)))
+                .unwrap();
+            assert!(old.is_some());
+            // The training flag reaches the slot: inactive in inference, active in training.
+            let (img3, txt3) =
+                tch::no_grad(|| (model.encode_image(&images), model.encode_text(&ids)));
+            assert!(img3.equal(&img) && txt3.equal(&txt), "{}", site.name);
+            let (img4, txt4) = tch::no_grad(|| {
+                (
+                    model.encode_image_t(&images, true),
+                    model.encode_text_t(&ids, true),
+                )
+            });
+            assert!(!img4.equal(&img) || !txt4.equal(&txt), "{}", site.name);
+            model.set_linear_delta(&site.name, None).unwrap();
+        }
+        let err = model
+            .set_linear_delta("visual.transformer.resblocks.0.attn.in_proj_weight", None)
+            .unwrap_err();
+        assert!(matches!(err, ModelError::UnknownSite { .. }), "{err}");
+        assert!(
+            model
+                .set_linear_delta("visual.transformer.resblocks.2.mlp.c_fc", None)
+                .is_err()
+        );
     }
 
     #[test]

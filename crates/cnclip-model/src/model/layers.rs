@@ -1,14 +1,17 @@
 //! Small building blocks shared by the towers. Each holds the tensors registered in the model's
 //! `VarStore` under cn_clip's names, so the forward code reads like cn_clip's modules.
 
+use super::delta::{self, DeltaSlot};
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
-/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`, `y = x Wᵀ + b`.
+/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`, `y = x Wᵀ + b` (+ an adapter's delta
+/// when its slot is filled).
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub delta: DeltaSlot,
 }
 
 impl Linear {
@@ -23,11 +26,25 @@ impl Linear {
             },
         );
         let bias = Some(p.var("bias", &[output], Init::Const(0.0)));
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            delta: None,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        self.forward_t(x, false)
+    }
+
+    /// `train` reaches the delta only (the map itself has no training mode).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        delta::apply(
+            &self.delta,
+            x,
+            x.linear(&self.weight, self.bias.as_ref()),
+            train,
+        )
     }
 }
 

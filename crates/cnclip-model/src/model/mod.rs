@@ -4,10 +4,12 @@
 mod bert;
 mod checkpointing;
 mod clip;
+pub mod delta;
 mod layers;
 mod resnet;
 mod vit;
 
 pub use checkpointing::CheckpointedForward;
 pub use clip::{Clip, ModelError, Precision, Visual};
+pub use delta::{DeltaSlot, LinearDelta, LinearSite, WeightLayout};
 pub use vit::resize_positional_embedding;

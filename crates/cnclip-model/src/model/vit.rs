@@ -2,6 +2,7 @@
 //! pre-LN residual blocks with fused-QKV attention and QuickGELU MLPs, `ln_post` on the class token,
 //! projection without bias. Computed batch-first; cn_clip's sequence-first layout is only a transpose.
 
+use super::delta::{self, DeltaSlot};
 use super::layers::{LayerNorm, Linear, multi_head_attention, quick_gelu};
 use crate::config::VisionConfig;
 use tch::nn::{Init, Path};
@@ -12,6 +13,8 @@ use tch::{Kind, Tensor};
 struct ResidualAttentionBlock {
     in_proj_weight: Tensor,
     in_proj_bias: Tensor,
+    /// The fused q/k/v map's adapter slot (its delta covers all `3 · width` outputs).
+    in_proj_delta: DeltaSlot,
     out_proj: Linear,
     ln_1: LayerNorm,
     c_fc: Linear,
@@ -41,6 +44,7 @@ impl ResidualAttentionBlock {
         Self {
             in_proj_weight,
             in_proj_bias,
+            in_proj_delta: None,
             out_proj,
             ln_1: LayerNorm::new(&(p / "ln_1"), width, 1e-5, true),
             c_fc: Linear::new(&(&mlp / "c_fc"), width, 4 * width, fc_std),
@@ -50,19 +54,42 @@ impl ResidualAttentionBlock {
         }
     }
 
-    fn attention(&self, x: &Tensor) -> Tensor {
+    fn attention(&self, x: &Tensor, train: bool) -> Tensor {
         let qkv = x.linear(&self.in_proj_weight, Some(&self.in_proj_bias));
+        let qkv = delta::apply(&self.in_proj_delta, x, qkv, train);
         let parts = qkv.chunk(3, -1);
         let out = multi_head_attention(&parts[0], &parts[1], &parts[2], self.heads, None, 0.0);
-        self.out_proj.forward(&out)
+        self.out_proj.forward_t(&out, train)
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.attention(&self.ln_1.forward(x));
-        let h = self
-            .c_proj
-            .forward(&quick_gelu(&self.c_fc.forward(&self.ln_2.forward(&x))));
+    /// `train` only reaches adapter deltas: cn_clip's ViT has no dropout.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x + self.attention(&self.ln_1.forward(x), train);
+        let h = self.c_proj.forward_t(
+            &quick_gelu(&self.c_fc.forward_t(&self.ln_2.forward(&x), train)),
+            train,
+        );
         x + h
+    }
+
+    fn slot_mut(&mut self, module: &str) -> Option<&mut DeltaSlot> {
+        Some(match module {
+            "attn.in_proj" => &mut self.in_proj_delta,
+            "attn.out_proj" => &mut self.out_proj.delta,
+            "mlp.c_fc" => &mut self.c_fc.delta,
+            "mlp.c_proj" => &mut self.c_proj.delta,
+            _ => return None,
+        })
+    }
+
+    fn slot(&self, module: &str) -> Option<&DeltaSlot> {
+        Some(match module {
+            "attn.in_proj" => &self.in_proj_delta,
+            "attn.out_proj" => &self.out_proj.delta,
+            "mlp.c_fc" => &self.c_fc.delta,
+            "mlp.c_proj" => &self.c_proj.delta,
+            _ => return None,
+        })
     }
 }
 
@@ -75,6 +102,7 @@ pub struct VisionTransformer {
     blocks: Vec<ResidualAttentionBlock>,
     ln_post: LayerNorm,
     proj: Tensor,
+    proj_delta: DeltaSlot,
     patch: i64,
 }
 
@@ -130,6 +158,7 @@ impl VisionTransformer {
             blocks,
             ln_post,
             proj,
+            proj_delta: None,
             patch,
         }
     }
@@ -140,12 +169,13 @@ impl VisionTransformer {
     }
 
     /// `[N, 3, R, R]` images → `[N, embed_dim]` unnormalised features.
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    /// `train` only reaches adapter deltas (the tower itself has no dropout).
+    pub fn forward(&self, image: &Tensor, train: bool) -> Tensor {
         let mut x = self.embed(image);
         for block in &self.blocks {
-            x = block.forward(&x);
+            x = block.forward(&x, train);
         }
-        self.head(&x)
+        self.head(&x, train)
     }
 
     /// Patch embedding, class token, positions and `ln_pre`: the input of block 0.
@@ -174,13 +204,32 @@ impl VisionTransformer {
         self.blocks.len()
     }
 
-    pub(crate) fn block(&self, index: usize, x: &Tensor) -> Tensor {
-        self.blocks[index].forward(x)
+    pub(crate) fn block(&self, index: usize, x: &Tensor, train: bool) -> Tensor {
+        self.blocks[index].forward(x, train)
     }
 
     /// `ln_post` on the class token, then the projection.
-    pub(crate) fn head(&self, x: &Tensor) -> Tensor {
-        self.ln_post.forward(&x.select(1, 0)).matmul(&self.proj)
+    pub(crate) fn head(&self, x: &Tensor, train: bool) -> Tensor {
+        let pooled = self.ln_post.forward(&x.select(1, 0));
+        let y = pooled.matmul(&self.proj);
+        delta::apply(&self.proj_delta, &pooled, y, train)
+    }
+
+    /// The slot of site `name` relative to `visual.` (`proj`, `transformer.resblocks.{i}.…`).
+    pub(crate) fn slot_mut(&mut self, name: &str) -> Option<&mut DeltaSlot> {
+        if name == "proj" {
+            return Some(&mut self.proj_delta);
+        }
+        let (i, module) = delta::indexed(name, "transformer.resblocks.")?;
+        self.blocks.get_mut(i)?.slot_mut(module)
+    }
+
+    pub(crate) fn slot(&self, name: &str) -> Option<&DeltaSlot> {
+        if name == "proj" {
+            return Some(&self.proj_delta);
+        }
+        let (i, module) = delta::indexed(name, "transformer.resblocks.")?;
+        self.blocks.get(i)?.slot(module)
     }
 }
 

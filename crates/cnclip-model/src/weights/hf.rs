@@ -413,6 +413,38 @@ fn map_key(key: &str) -> Option<Mapped> {
     })
 }
 
+/// The `ChineseCLIPModel` module holding cn_clip module `module`'s weights: the reverse of
+/// [`import_hf`]'s key mapping, by module. A ViT block's fused `attn.in_proj` has no HF module;
+/// its parts `attn.in_proj.q|k|v` name HF's separate `self_attn.{q,k,v}_proj`. Used to export
+/// adapters in PEFT's layout.
+pub fn hf_module_name(module: &str) -> Option<String> {
+    match module {
+        "visual.proj" => return Some("visual_projection".into()),
+        "text_projection" => return Some("text_projection".into()),
+        "visual.ln_pre" => return Some("vision_model.pre_layrnorm".into()),
+        "visual.ln_post" => return Some("vision_model.post_layernorm".into()),
+        _ => {}
+    }
+    if let Some(rest) = module.strip_prefix("bert.") {
+        return Some(format!("text_model.{rest}"));
+    }
+    let rest = module.strip_prefix("visual.transformer.resblocks.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match rest {
+        "attn.in_proj.q" => "self_attn.q_proj",
+        "attn.in_proj.k" => "self_attn.k_proj",
+        "attn.in_proj.v" => "self_attn.v_proj",
+        "attn.out_proj" => "self_attn.out_proj",
+        "ln_1" => "layer_norm1",
+        "ln_2" => "layer_norm2",
+        "mlp.c_fc" => "mlp.fc1",
+        "mlp.c_proj" => "mlp.fc2",
+        _ => return None,
+    };
+    Some(format!("vision_model.encoder.layers.{layer}.{hf}"))
+}
+
 /// Reads the weights of an HF directory, in whichever of its formats it has.
 fn read_hf_weights(dir: &Path) -> Result<(PathBuf, StateDict), WeightsError> {
     let single = dir.join("model.safetensors");
@@ -595,6 +627,52 @@ mod tests {
             "UNKNOWN"
         );
         assert_eq!(to("vision_model.head.weight"), "UNKNOWN");
+    }
+
+    #[test]
+    fn module_names_invert_the_key_mapping() {
+        for (module, key) in [
+            (
+                "visual.transformer.resblocks.1.attn.in_proj.k",
+                "visual.transformer.resblocks.1.attn.in_proj_weight#1",
+            ),
+            (
+                "visual.transformer.resblocks.0.attn.out_proj",
+                "visual.transformer.resblocks.0.attn.out_proj.weight",
+            ),
+            (
+                "visual.transformer.resblocks.3.mlp.c_fc",
+                "visual.transformer.resblocks.3.mlp.c_fc.weight",
+            ),
+            (
+                "visual.transformer.resblocks.3.mlp.c_proj",
+                "visual.transformer.resblocks.3.mlp.c_proj.weight",
+            ),
+            (
+                "visual.transformer.resblocks.2.ln_2",
+                "visual.transformer.resblocks.2.ln_2.weight",
+            ),
+            ("visual.proj", "visual.proj"),
+            ("text_projection", "text_projection"),
+            ("visual.ln_pre", "visual.ln_pre.weight"),
+            (
+                "bert.encoder.layer.1.output.dense",
+                "bert.encoder.layer.1.output.dense.weight",
+            ),
+        ] {
+            let hf = hf_module_name(module).unwrap();
+            let back = match map_key(&format!("{hf}.weight")) {
+                Some(Mapped::To(t)) | Some(Mapped::Transposed(t)) => t,
+                Some(Mapped::Qkv { target, part }) => format!("{target}#{part}"),
+                _ => "NONE".into(),
+            };
+            assert_eq!(back, key, "{module} -> {hf}");
+        }
+        assert_eq!(
+            hf_module_name("visual.transformer.resblocks.0.attn.in_proj"),
+            None
+        );
+        assert_eq!(hf_module_name("visual.conv9"), None);
     }
 
     #[test]

@@ -1,0 +1,159 @@
+//! The PEFT export loads in Python and gives our features: `tests/fixtures/peft/` holds a LoRA
+//! adapter of the tiny ViT model (native file), its PEFT export, and the features that
+//! `peft.PeftModel` on transformers' `ChineseCLIPModel` computed with it
+//! (`tests/fixtures/make_peft_fixture.py`, which runs the ignored `write_peft_fixture` below).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use cnclip_model::{Clip, LoadOptions};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Max |Δ| / max |reference| between our features and PEFT's (fp32 on both sides; the two
+/// compute the same sums in different orders: fused vs separate q/k/v, and the delta added per
+/// module by PEFT).
+const TOLERANCE: f64 = 1e-5;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft")
+}
+
+fn model_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../cnclip-model/tests/fixtures/model")
+}
+
+/// The base: the HF copy of the tiny ViT checkpoint (what the Python side loads too).
+fn base() -> Clip {
+    Clip::load(
+        model_fixtures().join("tiny_vit_hf"),
+        &LoadOptions::default(),
+        Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn io() -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(model_fixtures().join("tiny_vit.io.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Writes the native adapter and its PEFT export. Every site kind is adapted; the fused
+/// `in_proj` only in q and v, so the k block of zeros is exercised too.
+#[test]
+#[ignore = "writes the fixture; run by tests/fixtures/make_peft_fixture.py"]
+fn write_peft_fixture() {
+    let mut model = base();
+    tch::manual_seed(20240601);
+    let config = cnclip_lora::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.05,
+        targets: [
+            "attn.in_proj.q",
+            "attn.in_proj.v",
+            "attn.out_proj",
+            "mlp.c_fc",
+            "mlp.c_proj",
+            "visual.proj",
+            "query",
+            "key",
+            "value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "layer.*.output.dense",
+            "text_projection",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        train_logit_scale: false,
+        train_layer_norms: false,
+    };
+    cnclip_lora::inject(&mut model, &config).unwrap();
+    // B as a trained adapter would have it: non-zero, deterministic.
+    tch::no_grad(|| {
+        for (i, (key, mut t)) in model.named_tensors().into_iter().enumerate() {
+            if key.ends_with(".lora_B.weight") {
+                let n = t.numel() as i64;
+                let v =
+                    (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37 + i as f64).sin() * 0.2;
+                t.copy_(&v.view(t.size().as_slice()));
+            }
+        }
+    });
+    let dir = fixtures();
+    std::fs::create_dir_all(&dir).unwrap();
+    cnclip_lora::save_adapter(&model, dir.join("tiny_vit.lora.safetensors")).unwrap();
+    let file = cnclip_lora::read_adapter(dir.join("tiny_vit.lora.safetensors")).unwrap();
+    cnclip_lora::export_peft(&file, dir.join("tiny_vit_peft")).unwrap();
+}
+
+#[test]
+fn export_is_what_peft_loaded() {
+    let dir = fixtures();
+    let file = cnclip_lora::read_adapter(dir.join("tiny_vit.lora.safetensors")).unwrap();
+    let out = std::env::temp_dir().join(format!("cnclip-peft-{}", std::process::id()));
+    cnclip_lora::export_peft(&file, &out).unwrap();
+    let committed = dir.join("tiny_vit_peft");
+    assert_eq!(
+        std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        std::fs::read_to_string(committed.join("adapter_config.json")).unwrap()
+    );
+    let ours = read(&out.join("adapter_model.safetensors"));
+    let theirs = read(&committed.join("adapter_model.safetensors"));
+    assert_eq!(ours.len(), theirs.len());
+    assert_eq!(ours.len(), 2 * file.adapters().len());
+    for (key, t) in &ours {
+        assert!(t.equal(&theirs[key]), "{key}");
+    }
+    assert!(ours.contains_key(
+        "base_model.model.vision_model.encoder.layers.1.self_attn.v_proj.lora_A.weight"
+    ));
+    assert!(!ours.keys().any(|k| k.contains("k_proj")));
+    assert!(ours.contains_key("base_model.model.visual_projection.lora_B.weight"));
+    assert!(
+        ours.contains_key("base_model.model.text_model.encoder.layer.0.output.dense.lora_A.weight")
+    );
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn peft_features_equal_ours() {
+    let io = io();
+    let mut model = base();
+    cnclip_lora::load_adapter(&mut model, fixtures().join("tiny_vit.lora.safetensors")).unwrap();
+    let peft = read(&fixtures().join("peft_features.safetensors"));
+    let (img, txt) = tch::no_grad(|| {
+        (
+            model.encode_image(&io["image"]),
+            model.encode_text(&io["text"]),
+        )
+    });
+    let rel = |a: &Tensor, b: &Tensor| {
+        assert_eq!(a.size(), b.size());
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    };
+    let (ri, rt) = (
+        rel(&img, &peft["image_features"]),
+        rel(&txt, &peft["text_features"]),
+    );
+    assert!(ri <= TOLERANCE, "image features: {ri}");
+    assert!(rt <= TOLERANCE, "text features: {rt}");
+    // The adapters matter: the base model's features are far from PEFT's.
+    let plain = base();
+    let base_img = tch::no_grad(|| plain.encode_image(&io["image"]));
+    assert!(rel(&base_img, &peft["image_features"]) > 1e-2);
+    // And PEFT's merge_and_unload agrees with our merge.
+    cnclip_lora::unload(&mut model, true).unwrap();
+    let merged = tch::no_grad(|| model.encode_text(&io["text"]));
+    assert!(rel(&merged, &peft["text_features_merged"]) <= TOLERANCE);
+}
