@@ -9,6 +9,13 @@
 //! finetune scripts use it with `--reset-data-offset --reset-optimizer`. When
 //! `{logs}/{name}/checkpoints/epoch_latest` exists the run continues from it instead, as cn_clip's
 //! `main.py` does, mid-epoch included.
+//!
+//! Data-parallel (cn_clip's DDP over libtorch's c10d): `--nproc-per-node N` spawns and supervises
+//! N local workers (add `--nnodes/--node-rank/--master-addr/--master-port` on every node for
+//! several machines), or launch under `torchrun --no-python --nproc_per_node=N` or Slurm's `srun`,
+//! whose environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`,
+//! `SLURM_*`) is read. `--gather-with-grad`, `--skip-aggregate` as in cn_clip; `--dist-backend`
+//! defaults to nccl on CUDA (a build with `--features nccl`) and gloo on CPUs.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -16,7 +23,7 @@ use cnclip::model::config::{TextConfig, VisionConfig};
 use cnclip::model::{Clip, ClipConfig, LoadOptions, WeightFormat};
 use cnclip::train::freeze::{Freeze, TowerFreeze};
 use cnclip::train::optim::{AdamWConfig, cn_clip_defaults};
-use cnclip::train::run::{RunConfig, train};
+use cnclip::train::run::{RunConfig, train, train_distributed};
 use cnclip::train::schedule::CosineSchedule;
 use cnclip::train::trainer::{TrainPrecision, TrainerConfig};
 use std::path::{Path, PathBuf};
@@ -94,8 +101,82 @@ struct Args {
     /// Prefix every query with `这是一张图片，里面存在商品：` (the seed's recipe).
     #[arg(long = "text-prompt")]
     text_prompt: bool,
+    /// Beyond cn_clip: LoRA adapters of this rank on `--lora-targets`; the base weights stay
+    /// frozen and checkpoints hold only the adapters (resuming needs `--resume` for the base).
+    #[arg(long = "lora-rank")]
+    lora_rank: Option<i64>,
+    /// LoRA alpha: the adapters' update is scaled by alpha / rank.
+    #[arg(long = "lora-alpha", default_value_t = 16.0, requires = "lora_rank")]
+    lora_alpha: f64,
+    /// Dropout on the adapters' input while training.
+    #[arg(long = "lora-dropout", default_value_t = 0.0, requires = "lora_rank")]
+    lora_dropout: f64,
+    /// Comma-separated patterns over cn_clip module names (PEFT's suffix rule, `*` within a
+    /// segment; `attn.in_proj.q|k|v` for the ViT's fused projection) or presets
+    /// `qv`, `attn`, `all`, `all+proj`.
+    #[arg(
+        long = "lora-targets",
+        default_value = "qv",
+        value_delimiter = ',',
+        requires = "lora_rank"
+    )]
+    lora_targets: Vec<String>,
+    /// Also train `logit_scale` in a LoRA run.
+    #[arg(long = "lora-train-logit-scale", requires = "lora_rank")]
+    lora_train_logit_scale: bool,
+    /// Also train the LayerNorms in a LoRA run.
+    #[arg(long = "lora-train-layer-norms", requires = "lora_rank")]
+    lora_train_layer_norms: bool,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Spawn and supervise this many local workers (one per GPU); one failing stops all.
+    #[arg(long = "nproc-per-node")]
+    nproc_per_node: Option<usize>,
+    /// With --nproc-per-node: machines in the run, and this one's index.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    #[arg(long = "node-rank", default_value_t = 0)]
+    node_rank: usize,
+    /// With --nproc-per-node: the rendezvous host (rank 0's machine) and port (default: a free
+    /// local port for single-node runs, 29500 for several nodes).
+    #[arg(long = "master-addr", default_value = "127.0.0.1")]
+    master_addr: String,
+    #[arg(long = "master-port")]
+    master_port: Option<u16>,
+    /// cn_clip's `--gather-with-grad`: the global features are differentiable on every rank.
+    #[arg(long = "gather-with-grad")]
+    gather_with_grad: bool,
+    /// cn_clip's `--skip-aggregate`: each rank's loss over its own batch only.
+    #[arg(long = "skip-aggregate")]
+    skip_aggregate: bool,
+    /// Process-group backend (default: nccl when training on CUDA, else gloo).
+    #[arg(long = "dist-backend", value_parser = ["gloo", "nccl"])]
+    dist_backend: Option<String>,
+    /// Seconds a rank waits for the others (rendezvous and each collective) before failing.
+    #[arg(long = "dist-timeout", default_value_t = 1800)]
+    dist_timeout: u64,
+}
+
+/// Our `--nproc-per-node` launcher: re-runs this command line as N workers with torchrun's
+/// environment (the workers see CNCLIP_LAUNCHED and train instead of launching again).
+fn launch_workers(args: &Args, nproc: usize) -> Result<()> {
+    use cnclip::train::ddp::launch::{LaunchConfig, free_port, launch};
+    let master_port = match (args.master_port, args.nnodes) {
+        (Some(port), _) => port,
+        (None, 1) => free_port().context("cannot find a free local port for the rendezvous")?,
+        (None, _) => cnclip::train::ddp::env::DEFAULT_MASTER_PORT,
+    };
+    let config = LaunchConfig {
+        program: std::env::current_exe().context("cannot find this program to launch workers")?,
+        args: std::env::args_os().skip(1).collect(),
+        nproc_per_node: nproc,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master_addr: args.master_addr.clone(),
+        master_port,
+    };
+    launch(&config)?;
+    Ok(())
 }
 
 fn tower<T>(
@@ -120,7 +201,54 @@ fn tower_freeze(all: bool, train_last: Option<usize>) -> TowerFreeze {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = cnclip::torch_ext::parse_device(&args.device)?;
+    let launched = std::env::var_os(cnclip::train::ddp::launch::LAUNCHED_VAR).is_some();
+    let dist = cnclip::train::ddp::DistEnv::from_env()?;
+    if let (Some(nproc), false) = (args.nproc_per_node, launched) {
+        anyhow::ensure!(
+            dist.is_none(),
+            "--nproc-per-node launches workers itself; it cannot run under torchrun or srun, \
+             which already set RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS)"
+        );
+        return launch_workers(&args, nproc);
+    }
+    let mut device = cnclip::torch_ext::parse_device(&args.device)?;
+    if let (Some(env), tch::Device::Cuda(_)) = (&dist, device) {
+        // One GPU per local rank, as torchrun's convention.
+        device = tch::Device::Cuda(env.local_rank);
+    }
+    let ddp = match &dist {
+        Some(env) => {
+            let backend = match args.dist_backend.as_deref() {
+                Some(name) => name.parse()?,
+                None if device.is_cuda() => cnclip::torch_ext::dist::Backend::Nccl,
+                None => cnclip::torch_ext::dist::Backend::Gloo,
+            };
+            let mode = cnclip::train::ddp::GatherMode::from_flags(
+                args.gather_with_grad,
+                args.skip_aggregate,
+            );
+            let timeout = std::time::Duration::from_secs(args.dist_timeout);
+            let ddp =
+                cnclip::train::ddp::Ddp::init(env, backend, timeout, mode).with_context(|| {
+                    format!(
+                        "rank {} of {} could not join the run at {}:{}",
+                        env.rank, env.world_size, env.master_addr, env.master_port
+                    )
+                })?;
+            if ddp.is_main() {
+                println!(
+                    "distributed: {} ranks over {}, gather mode {:?}, device {:?}",
+                    env.world_size,
+                    backend.name(),
+                    mode,
+                    device
+                );
+            }
+            Some(ddp)
+        }
+        None => None,
+    };
+    let main_rank = ddp.as_ref().is_none_or(|d| d.is_main());
     let config = ClipConfig {
         vision: tower(
             &args.vision_model,
@@ -192,9 +320,29 @@ fn main() -> Result<()> {
     };
     let latest = run.checkpoint_dir().join("epoch_latest.state.safetensors");
     let resume_run = latest.is_file().then_some("epoch_latest");
+    let lora = args.lora_rank.map(|rank| cnclip::lora::LoraConfig {
+        rank,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        targets: args.lora_targets.clone(),
+        train_logit_scale: args.lora_train_logit_scale,
+        train_layer_norms: args.lora_train_layer_norms,
+    });
+    let latest_model = run.checkpoint_dir().join("epoch_latest.safetensors");
+    if resume_run.is_some() && lora.is_none() && cnclip::lora::is_adapter_file(&latest_model)? {
+        anyhow::bail!(
+            "{} holds LoRA adapters: continue the run with its --lora-* flags and --resume naming \
+             its base weights",
+            latest_model.display()
+        );
+    }
     let model = match (&args.resume, resume_run) {
-        (_, Some(_)) => Clip::new(&config, device), // replaced by the checkpoint's weights
-        (Some(path), None) => {
+        // Replaced by the checkpoint's weights (a LoRA checkpoint holds only adapters).
+        (_, Some(_)) if lora.is_none() => Clip::new(&config, device),
+        (None, Some(_)) => {
+            anyhow::bail!("a LoRA run resumes onto its base weights: pass them with --resume")
+        }
+        (Some(path), _) => {
             let options = match WeightFormat::detect(path)? {
                 WeightFormat::Pt => LoadOptions {
                     config: Some(config),
@@ -206,10 +354,28 @@ fn main() -> Result<()> {
         }
         (None, None) => Clip::new(&config, device),
     };
-    if resume_run.is_some() {
+    let mut model = model;
+    if let Some(lora) = &lora {
+        let report = cnclip::lora::inject(&mut model, lora)?;
+        if main_rank {
+            println!(
+                "LoRA: {} adapters, {} trainable numbers ({} in adapters)",
+                report.adapters.len(),
+                report.adapter_parameters + report.base_parameters,
+                report.adapter_parameters
+            );
+        }
+    }
+    if resume_run.is_some() && main_rank {
         println!("resuming from {}", latest.display());
     }
-    let summary = train(model, &run, resume_run)?;
+    let summary = match &ddp {
+        Some(ddp) => train_distributed(model, &run, resume_run, ddp)?,
+        None => train(model, &run, resume_run)?,
+    };
+    if !main_rank {
+        return Ok(());
+    }
     if let Some(v) = summary.last_validation {
         println!(
             "last validation: loss {:.6}, Recall@1/5/10 {:.2}/{:.2}/{:.2}, mean recall {:.2}",

@@ -12,10 +12,12 @@
 //! Modules: the schedule ([`schedule`]), the optimizer with cn_clip's parameter groups
 //! ([`optim`]), the loss ([`loss`]), frozen towers/layers ([`freeze`]), the optimizer step with
 //! accumulation and precision ([`trainer`]), crash-safe checkpoints with exact resume
-//! ([`checkpoint`]), validation ([`validate`]), logging ([`metrics`]) and the whole run ([`run`]).
+//! ([`checkpoint`]), validation ([`validate`]), logging ([`metrics`]), the whole run ([`run`]) and
+//! data-parallel training with its launcher ([`ddp`]).
 
 pub mod amp;
 pub mod checkpoint;
+pub mod ddp;
 pub mod freeze;
 pub mod loss;
 pub mod metrics;

@@ -1,17 +1,32 @@
 //! cn_clip's symmetric contrastive loss (`train.py:get_loss`, spec §6.2) and the in-batch accuracy
 //! it reports.
 //!
-//! Distributed training changes only which rows enter the logits: with the default aggregation
-//! the local features come first and keep their gradient, the other ranks' features follow as
-//! constants. That choice sits behind [`FeatureGather`], so the loss is the same code for one
-//! process and for DDP.
+//! Distributed training changes only which rows enter the logits and how their gradient gets back
+//! to the features that made them; that choice sits behind [`FeatureGather`] (implementations for
+//! DDP in [`crate::ddp`]), so the loss is the same code for one process and for DDP.
 
 use tch::{Kind, Reduction, Tensor};
+use torch_ext::dist::DistError;
 
 /// How the local batch's features become the rows of the global logits.
 pub trait FeatureGather {
-    /// All rows the loss sees, given this rank's `[B, D]` features.
-    fn gather(&self, local: &Tensor) -> Tensor;
+    /// All rows the loss sees, given this rank's `[B, D]` features. Rows of `local` that should
+    /// receive gradient directly keep their graph; rows of other ranks are constants.
+    fn gather(&self, local: &Tensor) -> Result<Tensor, DistError>;
+
+    /// `true` for `--gather-with-grad`: every row's gradient belongs to the rank that made it.
+    /// The trainer then back-propagates the loss to the gathered rows (as leaves, from
+    /// `gather(local.detach())`) and asks [`FeatureGather::local_gradient`] for this rank's share.
+    fn differentiable(&self) -> bool {
+        false
+    }
+
+    /// Given `d loss / d rows` of this rank's loss, the gradient of this rank's `local` features
+    /// over all ranks' losses (`sum_j d loss_j / d local`): what torch's differentiable
+    /// `all_gather` back-propagates.
+    fn local_gradient(&self, rows_grad: &Tensor) -> Result<Tensor, DistError> {
+        Ok(rows_grad.shallow_clone())
+    }
 }
 
 /// One process (or `--skip-aggregate`): only the local batch.
@@ -19,8 +34,8 @@ pub trait FeatureGather {
 pub struct LocalOnly;
 
 impl FeatureGather for LocalOnly {
-    fn gather(&self, local: &Tensor) -> Tensor {
-        local.shallow_clone()
+    fn gather(&self, local: &Tensor) -> Result<Tensor, DistError> {
+        Ok(local.shallow_clone())
     }
 }
 
@@ -41,9 +56,9 @@ pub fn contrastive_loss(
     text: &Tensor,
     logit_scale: &Tensor,
     gather: &dyn FeatureGather,
-) -> ContrastiveOutput {
-    let all_image = gather.gather(image);
-    let all_text = gather.gather(text);
+) -> Result<ContrastiveOutput, DistError> {
+    let all_image = gather.gather(image)?;
+    let all_text = gather.gather(text)?;
     let scale = logit_scale.mean(Kind::Float).to_kind(all_image.kind());
     let logits_per_image = all_image.matmul(&all_text.tr()) * scale;
     let logits_per_text = logits_per_image.tr();
@@ -69,9 +84,9 @@ pub fn contrastive_loss(
                 .double_value(&[])
         })
     };
-    ContrastiveOutput {
+    Ok(ContrastiveOutput {
         image_to_text_accuracy: accuracy(&logits_per_image),
         text_to_image_accuracy: accuracy(&logits_per_text),
         loss,
-    }
+    })
 }

@@ -2,9 +2,13 @@
 //! the [`Trainer`], cn_clip's log line and our JSONL metrics, checkpoints with cn_clip's names
 //! (`epoch{E}`, `epoch_{E}_{step}`, `epoch_latest`) and mid-epoch resume, and the curves at the end.
 //!
-//! Single process (world size 1). Validation recall and DDP plug in on top of this loop.
+//! Single process ([`train`]) or one rank of a data-parallel run ([`train_distributed`]): then
+//! each rank reads its shard of the sampler, the trainer gathers features and all-reduces
+//! gradients through [`Ddp`], and only rank 0 validates, logs and writes checkpoints (the other
+//! ranks wait for it in their next collective, bounded by the process group's timeout).
 
 use crate::checkpoint::{self, CheckpointError, RunPosition};
+use crate::ddp::{Ddp, DdpError};
 use crate::metrics::{self, MetricsError, MetricsLog, Record};
 use crate::schedule::{CosineSchedule, run_length};
 use crate::trainer::{TrainError, Trainer, TrainerConfig};
@@ -65,6 +69,8 @@ pub enum RunError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Validation(#[from] crate::validate::ValidationError),
+    #[error(transparent)]
+    Distributed(#[from] DdpError),
 }
 
 /// What a finished run reports.
@@ -98,6 +104,27 @@ pub fn train(
     config: &RunConfig,
     resume: Option<&str>,
 ) -> Result<RunSummary, RunError> {
+    train_inner(model, config, resume, None)
+}
+
+/// [`train`] as one rank of the data-parallel run `ddp`. Every rank passes the same `config` and
+/// `resume` (the checkpoint directory must be shared, or identical, on all nodes: each rank reads
+/// the checkpoint itself; the ranks then check they agree on its step and take rank 0's weights).
+pub fn train_distributed(
+    model: Clip,
+    config: &RunConfig,
+    resume: Option<&str>,
+    ddp: &Ddp,
+) -> Result<RunSummary, RunError> {
+    train_inner(model, config, resume, Some(ddp))
+}
+
+fn train_inner(
+    model: Clip,
+    config: &RunConfig,
+    resume: Option<&str>,
+    ddp: Option<&Ddp>,
+) -> Result<RunSummary, RunError> {
     let split = Arc::new(LmdbSplit::open(&config.train_data)?);
     let size = u32::try_from(model.config().vision.image_resolution)
         .map_err(|_| RunError::Setup("image_resolution does not fit u32".into()))?;
@@ -108,10 +135,10 @@ pub fn train(
     }
     if config.use_augment {
         let transform = TrainTransform::new(size, 0).map_err(|e| RunError::Setup(e.to_string()))?;
-        train_with(model, config, resume, split, Arc::new(transform), text)
+        train_with(model, config, resume, split, Arc::new(transform), text, ddp)
     } else {
         let transform = Preprocessor::new(size).map_err(|e| RunError::Setup(e.to_string()))?;
-        train_with(model, config, resume, split, Arc::new(transform), text)
+        train_with(model, config, resume, split, Arc::new(transform), text, ddp)
     }
 }
 
@@ -122,13 +149,17 @@ fn train_with<T: ImageTransform + 'static>(
     split: Arc<LmdbSplit>,
     transform: Arc<T>,
     text: TextPipeline,
+    ddp: Option<&Ddp>,
 ) -> Result<RunSummary, RunError> {
+    let (world, rank) = ddp.map_or((1, 0), |d| (d.world_size() as u64, d.rank() as u64));
+    let main = rank == 0;
     let batch = config.batch_size.max(1) as u64;
-    let padded =
-        pad_dataset_len(split.num_samples(), batch).map_err(|e| RunError::Setup(e.to_string()))?;
-    let sampler = DistributedSampler::new(padded, 1, 0, config.seed)
+    // cn_clip pads the data set to whole global batches; each rank reads perm[rank::world].
+    let padded = pad_dataset_len(split.num_samples(), batch * world)
         .map_err(|e| RunError::Setup(e.to_string()))?;
-    let batches_per_epoch = padded / batch;
+    let sampler = DistributedSampler::new(padded, world, rank, config.seed)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let batches_per_epoch = padded / (batch * world);
     let accum = config.trainer.accum_freq.max(1) as u64;
     let (total_steps, max_epochs) = run_length(
         batches_per_epoch,
@@ -142,13 +173,36 @@ fn train_with<T: ImageTransform + 'static>(
             warmup: config.warmup,
             total_steps,
         },
+        // Different dropout masks on different ranks, as different torch generators would draw.
+        dropout_seed: config
+            .trainer
+            .dropout_seed
+            .map(|s| s.wrapping_add(rank.wrapping_mul(0x0100_0000_01B3))),
         ..config.trainer
     };
+    let make_trainer = |model: Clip| match ddp {
+        Some(d) => {
+            let mut t = Trainer::with_gather(model, trainer_config, d.gather());
+            t.set_gradient_sync(d.gradient_sync());
+            t
+        }
+        None => Trainer::new(model, trainer_config),
+    };
+    if let Some(d) = ddp {
+        let resuming = u64::from(resume.is_some());
+        if d.broadcast_u64(resuming)? != resuming {
+            return Err(RunError::Setup(format!(
+                "rank {rank} and rank 0 disagree on resuming (this rank: {resume:?}): every rank \
+                 must see the same checkpoint directory {}",
+                config.checkpoint_dir().display()
+            )));
+        }
+    }
     let checkpoints = config.checkpoint_dir();
     let (mut trainer, mut position) = match resume {
         Some(stem) => {
-            let loaded = checkpoint::load(&checkpoints, stem, model.device())?;
-            let mut trainer = Trainer::new(loaded.model, trainer_config);
+            let loaded = checkpoint::load_onto(&checkpoints, stem, model)?;
+            let mut trainer = make_trainer(loaded.model);
             checkpoint::restore(
                 &mut trainer,
                 &loaded.optimizer_state,
@@ -158,7 +212,7 @@ fn train_with<T: ImageTransform + 'static>(
             (trainer, loaded.position)
         }
         None => (
-            Trainer::new(model, trainer_config),
+            make_trainer(model),
             RunPosition {
                 epoch: 0,
                 step: 0,
@@ -167,8 +221,22 @@ fn train_with<T: ImageTransform + 'static>(
             },
         ),
     };
+    if let Some(d) = ddp {
+        // DDP's constructor: every rank starts from rank 0's weights; resumed ranks must agree.
+        d.broadcast_model(trainer.model())?;
+        d.agree("the step of the resumed checkpoint", position.step)?;
+        d.agree(
+            "the data offset of the resumed checkpoint",
+            position.batches_into_epoch,
+        )?;
+    }
     let metrics_path = config.run_dir().join("metrics.jsonl");
-    let mut log = MetricsLog::open(&metrics_path)?;
+    // Only rank 0 writes files.
+    let mut log = if main {
+        Some(MetricsLog::open(&metrics_path)?)
+    } else {
+        None
+    };
     let device = trainer.model().device();
     let mut last_loss = f64::NAN;
     let validation = match &config.val_data {
@@ -184,9 +252,9 @@ fn train_with<T: ImageTransform + 'static>(
     let mut last_validation = None;
     let mut validate_now = |trainer: &Trainer,
                             position: &RunPosition,
-                            log: &mut MetricsLog|
+                            log: &mut Option<MetricsLog>|
      -> Result<(), RunError> {
-        let Some((split, transform)) = &validation else {
+        let (Some((split, transform)), Some(log)) = (&validation, log) else {
             return Ok(());
         };
         let v = crate::validate::validate(
@@ -251,18 +319,26 @@ fn train_with<T: ImageTransform + 'static>(
             };
             position.step = report.step;
             last_loss = report.loss;
-            log.write(&Record::train(&report, position.epoch))?;
-            println!(
-                "{}",
-                metrics::cn_clip_train_line(&report, total_steps, position.epoch, batch * accum)
-            );
+            if let Some(log) = &mut log {
+                log.write(&Record::train(&report, position.epoch))?;
+                println!(
+                    "{}",
+                    metrics::cn_clip_train_line(
+                        &report,
+                        total_steps,
+                        position.epoch,
+                        batch * accum * world
+                    )
+                );
+            }
             if config
                 .valid_step_interval
                 .is_some_and(|n| n > 0 && report.step.is_multiple_of(n))
             {
                 validate_now(&trainer, &position, &mut log)?;
             }
-            if config.save_step_frequency > 0
+            if main
+                && config.save_step_frequency > 0
                 && report.step.is_multiple_of(config.save_step_frequency)
             {
                 let stem = format!("epoch_{}_{}", position.epoch + 1, report.step);
@@ -279,19 +355,27 @@ fn train_with<T: ImageTransform + 'static>(
         {
             validate_now(&trainer, &position, &mut log)?;
         }
-        end_of_epoch(config, &trainer, &position, max_epochs, &checkpoints)?;
+        if main {
+            end_of_epoch(config, &trainer, &position, max_epochs, &checkpoints)?;
+        }
         if finished {
             break 'epochs;
         }
         position.epoch += 1;
         position.batches_into_epoch = 0;
     }
-    // The latest checkpoint records where the next run starts.
-    checkpoint::save(&checkpoints, "epoch_latest", &trainer, &position)?;
-    let records = metrics::read_records(&metrics_path)?;
     let curves = config.run_dir().join("curves.png");
-    if !records.is_empty() {
-        metrics::plot_curves(&records, &curves)?;
+    if main {
+        // The latest checkpoint records where the next run starts.
+        checkpoint::save(&checkpoints, "epoch_latest", &trainer, &position)?;
+        let records = metrics::read_records(&metrics_path)?;
+        if !records.is_empty() {
+            metrics::plot_curves(&records, &curves)?;
+        }
+    }
+    if let Some(d) = ddp {
+        // No rank returns (and tears its group down) before rank 0's files are complete.
+        d.barrier()?;
     }
     Ok(RunSummary {
         steps: trainer.step(),

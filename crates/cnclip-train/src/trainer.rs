@@ -3,7 +3,9 @@
 //! `logit_scale` clamp — with `--accum-freq` handled as cn_clip does (features of every micro-batch
 //! cached without gradient, then each micro-batch re-run with gradient against the cached others).
 //!
-//! Precision here is fp32; data loading, checkpoints and DDP feed into this from outside.
+//! Data loading and checkpoints feed into this from outside; DDP plugs in through two hooks: the
+//! [`FeatureGather`] that assembles the loss's rows, and a [`GradientSync`] run between backward
+//! and the optimizer.
 
 use crate::amp::GradScaler;
 use crate::freeze::Freeze;
@@ -83,6 +85,16 @@ pub enum TrainError {
     Autocast(#[from] torch_ext::AutocastError),
     #[error(transparent)]
     Optimizer(#[from] crate::optim::OptimError),
+    /// A collective failed: a peer died, or it did not answer within the process group's timeout.
+    #[error(transparent)]
+    Dist(#[from] torch_ext::dist::DistError),
+}
+
+/// What happens to the gradients between the backward pass and the optimizer: DDP's all-reduce
+/// ([`crate::ddp::Ddp`]). Called once per optimizer step with the optimizer's parameter gradients
+/// (undefined for frozen parameters), before AMP unscales them.
+pub trait GradientSync {
+    fn sync(&self, grads: &[Tensor]) -> Result<(), torch_ext::dist::DistError>;
 }
 
 pub struct Trainer {
@@ -91,6 +103,7 @@ pub struct Trainer {
     config: TrainerConfig,
     step: u64,
     gather: Box<dyn FeatureGather>,
+    sync: Option<Box<dyn GradientSync>>,
     scaler: Option<GradScaler>,
     /// Micro-batches of the current accumulation group: inputs and their gradient-free features.
     pending: Vec<(Tensor, Tensor, Tensor, Tensor)>,
@@ -124,12 +137,18 @@ impl Trainer {
             config,
             step: 0,
             gather,
+            sync: None,
             pending: Vec::new(),
         }
     }
 
     pub fn model(&self) -> &Clip {
         &self.model
+    }
+
+    /// Installs the gradient synchronisation every optimizer step runs after backward.
+    pub fn set_gradient_sync(&mut self, sync: Box<dyn GradientSync>) {
+        self.sync = Some(sync);
     }
 
     pub fn into_model(self) -> Clip {
@@ -191,6 +210,9 @@ impl Trainer {
             }
             self.accumulated_backward()?
         };
+        if let Some(sync) = &self.sync {
+            sync.sync(&self.optimizer.grads())?;
+        }
         let skipped = match &self.scaler {
             Some(scaler) => scaler.unscale(&self.optimizer.grads()),
             None => false,
@@ -271,19 +293,53 @@ impl Trainer {
             if self.config.grad_checkpointing {
                 let fwd = self.model.forward_checkpointed(images, texts, true);
                 let (img, txt) = rows(&fwd.image_features, &fwd.text_features);
-                let out = contrastive_loss(&img, &txt, &fwd.logit_scale, self.gather.as_ref());
+                let (out, seed) = self.loss_and_seed(&img, &txt, &fwd.logit_scale, &scaled)?;
                 check(&out)?;
-                fwd.backward(&self.model, &scaled(&out.loss));
+                fwd.backward(&self.model, &seed);
                 Ok(out)
             } else {
                 let (img, txt, scale) = self.model.forward_t(images, texts, true);
                 let (img, txt) = rows(&img, &txt);
-                let out = contrastive_loss(&img, &txt, &scale, self.gather.as_ref());
+                let (out, seed) = self.loss_and_seed(&img, &txt, &scale, &scaled)?;
                 check(&out)?;
-                scaled(&out.loss).backward();
+                seed.backward();
                 Ok(out)
             }
         })?
+    }
+
+    /// The loss over the gathered rows, and the scalar whose backward pass fills the parameter
+    /// gradients. Usually that is the (scaled) loss itself. With a differentiable gather
+    /// (`--gather-with-grad`) backward is staged, since tch has no custom autograd functions: the
+    /// loss is first differentiated w.r.t. leaf copies of the gathered rows and of the scale,
+    /// the rows' gradient is summed over ranks ([`FeatureGather::local_gradient`]), and the seed
+    /// `sum(local · g) + sum(scale · g_scale)` carries exactly those gradients into the model.
+    fn loss_and_seed(
+        &self,
+        image: &Tensor,
+        text: &Tensor,
+        scale: &Tensor,
+        scaled: &dyn Fn(&Tensor) -> Tensor,
+    ) -> Result<(ContrastiveOutput, Tensor), TrainError> {
+        let gather = self.gather.as_ref();
+        if !gather.differentiable() {
+            let out = contrastive_loss(image, text, scale, gather)?;
+            let seed = scaled(&out.loss);
+            return Ok((out, seed));
+        }
+        let leaf = |t: &Tensor| t.detach().set_requires_grad(true);
+        let (rows_image, rows_text) = (
+            leaf(&gather.gather(&image.detach())?),
+            leaf(&gather.gather(&text.detach())?),
+        );
+        let scale_leaf = leaf(scale);
+        let out = contrastive_loss(&rows_image, &rows_text, &scale_leaf, &LocalOnly)?;
+        scaled(&out.loss).backward();
+        let grad_image = gather.local_gradient(&rows_image.grad())?;
+        let grad_text = gather.local_gradient(&rows_text.grad())?;
+        let dot = |x: &Tensor, g: &Tensor| (x * g.to_kind(x.kind())).sum(tch::Kind::Float);
+        let seed = dot(image, &grad_image) + dot(text, &grad_text) + dot(scale, &scale_leaf.grad());
+        Ok((out, seed))
     }
 
     /// Runs `f` under the autocast of the configured precision.

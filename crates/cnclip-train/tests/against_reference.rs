@@ -103,7 +103,8 @@ fn loss_and_accuracy_equal_cn_clip() {
         &t["loss.text"],
         &t["loss.scale"],
         &LocalOnly,
-    );
+    )
+    .unwrap();
     let expected = t["loss.total"].double_value(&[]);
     let ours = out.loss.double_value(&[]);
     assert!(

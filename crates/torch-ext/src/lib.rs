@@ -1,10 +1,10 @@
 //! The one place for glue to libtorch that tch does not provide.
 //!
 //! Today: loading the CUDA half of libtorch ([`init_cuda`]), the `auto|cpu|cuda|cuda:N` device
-//! syntax every command line of the project shares ([`DeviceSpec`]), and autocast regions for any
-//! device and dtype ([`autocast`], a small C++ shim compiled against libtorch's headers). Process
-//! groups over libtorch's c10d (Gloo, NCCL) and CUDA streams land here as their issues need them,
-//! so that C++ and `unsafe` stay out of the model, data and training crates.
+//! syntax every command line of the project shares ([`DeviceSpec`]), autocast regions for any
+//! device and dtype ([`autocast`], a small C++ shim compiled against libtorch's headers), and
+//! libtorch's own c10d — TCPStore rendezvous, Gloo and NCCL process groups ([`dist`]). C++ and
+//! `unsafe` stay here, out of the model, data and training crates.
 //!
 //! Depends on tch only; every crate that touches a device may depend on it.
 
@@ -12,6 +12,7 @@ mod adamw;
 mod autocast;
 mod cuda;
 mod device;
+pub mod dist;
 mod view;
 
 pub use adamw::{AdamWStep, ForeachError, adamw_foreach};

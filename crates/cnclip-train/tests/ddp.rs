@@ -1,0 +1,677 @@
+//! DDP over Gloo with two ranks as two processes on 127.0.0.1 (this test binary re-executes itself
+//! as the workers: `ddp worker ROLE ...`), against the single-process equivalents of cn_clip's
+//! three gather modes, plus the failure paths: a rendezvous nobody joins, a rank killed mid-run,
+//! a worker dying under our launcher, and a whole run whose files only rank 0 writes.
+//!
+//! `harness = false`: the workers need a `main` that is not a test runner. Every wait is bounded.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use anyhow::{Context, Result, bail, ensure};
+use cnclip_model::Clip;
+use cnclip_train::ddp::launch::{LaunchConfig, LaunchError, free_port, launch};
+use cnclip_train::ddp::{Ddp, DistEnv, GatherMode};
+use cnclip_train::freeze::Freeze;
+use cnclip_train::loss::{LocalOnly, contrastive_loss};
+use cnclip_train::optim::{AdamW, AdamWConfig, clamp_logit_scale};
+use cnclip_train::run::{RunConfig, train_distributed};
+use cnclip_train::schedule::CosineSchedule;
+use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+use torch_ext::dist::Backend;
+
+const WORLD: usize = 2;
+const BATCH: i64 = 3; // per rank
+const STEPS: u64 = 3;
+/// Collective/rendezvous timeout of the workers.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest any spawned worker may live.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Adam with a large epsilon behaves like momentum SGD, so a gradient off by a factor (say a
+/// missing 1/W) moves the weights visibly instead of being normalised away.
+fn trainer_config() -> TrainerConfig {
+    TrainerConfig {
+        schedule: CosineSchedule {
+            base_lr: 0.5,
+            warmup: 0,
+            total_steps: 100,
+        },
+        adamw: AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1.0,
+            weight_decay: 0.1,
+        },
+        accum_freq: 1,
+        freeze: Freeze::NONE,
+        dropout_seed: None,
+        grad_checkpointing: false,
+        precision: TrainPrecision::Fp32,
+    }
+}
+
+fn model(seed: i64) -> Clip {
+    tch::manual_seed(seed);
+    Clip::new(&common::tiny_config(0.0), Device::Cpu)
+}
+
+/// The global batch of `step`: `[W·B, 3, 32, 32]` images and `[W·B, 12]` token ids.
+fn global_batch(step: u64) -> (Tensor, Tensor) {
+    tch::manual_seed(1000 + step as i64);
+    let n = BATCH * WORLD as i64;
+    let images = Tensor::randn([n, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let texts = Tensor::randint_low(1, 300, [n, 12], (Kind::Int64, Device::Cpu));
+    let _ = texts.narrow(1, 9, 3).fill_(0); // padding
+    (images, texts)
+}
+
+fn mode_name(mode: GatherMode) -> &'static str {
+    match mode {
+        GatherMode::Aggregate => "aggregate",
+        GatherMode::WithGrad => "with-grad",
+        GatherMode::Skip => "skip",
+    }
+}
+
+fn parse_mode(s: &str) -> Result<GatherMode> {
+    Ok(match s {
+        "aggregate" => GatherMode::Aggregate,
+        "with-grad" => GatherMode::WithGrad,
+        "skip" => GatherMode::Skip,
+        other => bail!("unknown mode {other}"),
+    })
+}
+
+fn env_for(rank: usize, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", rank.to_string()),
+        ("WORLD_SIZE", WORLD.to_string()),
+        ("LOCAL_RANK", rank.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("MASTER_PORT", port.to_string()),
+    ]
+}
+
+fn spawn_worker(rank: usize, port: u16, args: &[&str]) -> Result<Child> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("worker").args(args);
+    for (k, v) in env_for(rank, port) {
+        cmd.env(k, v);
+    }
+    Ok(cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+/// Waits for `child` at most until `deadline`, killing it past that. Returns (success, stdout,
+/// stderr, how long it took).
+fn finish(mut child: Child, deadline: Instant) -> Result<(bool, String, String, Duration)> {
+    let start = Instant::now();
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let o = out.join().unwrap_or_default();
+            let e = err.join().unwrap_or_default();
+            return Ok((status.success(), o, e, start.elapsed()));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("a worker outlived its deadline and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workers
+
+fn worker(args: &[String]) -> Result<()> {
+    let env = DistEnv::from_env()?.context("worker started without RANK/WORLD_SIZE")?;
+    match args.first().map(String::as_str) {
+        // worker steps MODE OUT [DIE_AFTER]: STEPS optimizer steps of the tiny model on this
+        // rank's half of each global batch; rank 0 writes the weights to OUT.
+        Some("steps") => {
+            // MODE may end in "+ckpt": gradient checkpointing (its staged backward) on.
+            let spec = args.get(1).context("mode")?;
+            let (name, checkpointing) = match spec.strip_suffix("+ckpt") {
+                Some(name) => (name, true),
+                None => (spec.as_str(), false),
+            };
+            let mode = parse_mode(name)?;
+            let out = PathBuf::from(args.get(2).context("out")?);
+            let die_after: Option<u64> = args.get(3).map(|s| s.parse()).transpose()?;
+            let steps: u64 = if die_after.is_some() { 1000 } else { STEPS };
+            let timeout = match std::env::var("CNCLIP_TEST_TIMEOUT_MS") {
+                Ok(ms) => Duration::from_millis(ms.parse()?),
+                Err(_) => TIMEOUT,
+            };
+            let ddp = Ddp::init(&env, Backend::Gloo, timeout, mode)?.with_bucket_bytes(4096);
+            // Different initial weights per rank: the broadcast from rank 0 must fix them.
+            let model = model(7 + env.rank as i64);
+            ddp.broadcast_model(&model)?;
+            let config = TrainerConfig {
+                grad_checkpointing: checkpointing,
+                ..trainer_config()
+            };
+            let mut trainer = Trainer::with_gather(model, config, ddp.gather());
+            trainer.set_gradient_sync(ddp.gradient_sync());
+            let mut losses = Vec::new();
+            for step in 0..steps {
+                if die_after == Some(step) && env.rank == 1 {
+                    std::process::exit(3);
+                }
+                let (images, texts) = global_batch(step % 5);
+                let rows = |t: &Tensor| t.narrow(0, env.rank as i64 * BATCH, BATCH);
+                let report = trainer
+                    .train_batch(&rows(&images), &rows(&texts))?
+                    .context("no accumulation")?;
+                losses.push(report.loss);
+                println!("step {}", report.step);
+            }
+            if env.rank == 0 {
+                Tensor::write_safetensors(
+                    &trainer
+                        .model()
+                        .named_tensors()
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                    &out,
+                )?;
+                std::fs::write(out.with_extension("json"), serde_json::to_string(&losses)?)?;
+            }
+            Ok(())
+        }
+        // worker run DATA LOGS MAX_STEPS [resume]: a whole run over an LMDB.
+        Some("run") => {
+            let data = PathBuf::from(args.get(1).context("data")?);
+            let logs = PathBuf::from(args.get(2).context("logs")?);
+            let max_steps: u64 = args.get(3).context("steps")?.parse()?;
+            let resume =
+                (args.get(4).map(String::as_str) == Some("resume")).then_some("epoch_latest");
+            let ddp = Ddp::init(&env, Backend::Gloo, TIMEOUT, GatherMode::Aggregate)?;
+            let config = run_config(data, logs, max_steps);
+            let summary = train_distributed(fixture_model()?, &config, resume, &ddp)?;
+            println!("steps {}", summary.steps);
+            Ok(())
+        }
+        other => bail!("unknown worker role {other:?}"),
+    }
+}
+
+/// The tiny model of the loop fixture (its vocabulary covers the fixture's texts).
+fn fixture_model() -> Result<Clip> {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cnclip-model/tests/fixtures/model");
+    let config = cnclip_model::ClipConfig::from_json_files(
+        &fx.join("configs/tiny-vit.json"),
+        &fx.join("configs/tiny-bert.json"),
+    )?;
+    let options = cnclip_model::LoadOptions {
+        config: Some(config),
+        ..Default::default()
+    };
+    Ok(Clip::load(fx.join("tiny_vit.pt"), &options, Device::Cpu)?)
+}
+
+fn run_config(train_data: PathBuf, logs: PathBuf, max_steps: u64) -> RunConfig {
+    RunConfig {
+        train_data,
+        val_data: None,
+        valid_epoch_interval: 1,
+        valid_step_interval: None,
+        batch_size: 2,
+        workers: 1,
+        seed: 123,
+        context_length: 52,
+        use_augment: false,
+        text_prompt: false,
+        max_epochs: 99,
+        max_steps: Some(max_steps),
+        base_lr: 1e-3,
+        warmup: 1,
+        logs,
+        name: "ddp".into(),
+        save_step_frequency: 2,
+        save_epoch_frequency: 1,
+        trainer: TrainerConfig {
+            dropout_seed: Some(5),
+            ..trainer_config()
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The single-process equivalents (see cnclip_train::ddp's module doc)
+
+fn reference(mode: GatherMode) -> Result<(Clip, Vec<f64>)> {
+    let model = model(7);
+    let config = trainer_config();
+    let mut optimizer = AdamW::for_model(&model, config.adamw);
+    let logit_scale = model.named_tensors()["logit_scale"].shallow_clone();
+    let mut losses = Vec::new();
+    for step in 0..STEPS {
+        let (images, texts) = global_batch(step);
+        optimizer.zero_grad();
+        let loss_of = |img: &Tensor, txt: &Tensor| -> Result<Tensor> {
+            let (i, t, s) = model.forward_t(img, txt, true);
+            Ok(contrastive_loss(&i, &t, &s, &LocalOnly)?.loss)
+        };
+        let logged = match mode {
+            // One loss over the concatenated batch; DDP's average gives the towers 1/W of it.
+            GatherMode::Aggregate | GatherMode::WithGrad => {
+                let loss = loss_of(&images, &texts)?;
+                loss.backward();
+                if mode == GatherMode::Aggregate {
+                    let scale_grad = logit_scale.grad();
+                    for g in optimizer.grads() {
+                        if g.defined() && g.data_ptr() != scale_grad.data_ptr() {
+                            let mut g = g;
+                            let _ = g.g_div_scalar_(WORLD as f64);
+                        }
+                    }
+                }
+                loss.double_value(&[])
+            }
+            // The mean of the per-rank losses; rank 0 logs its own.
+            GatherMode::Skip => {
+                let mut first = f64::NAN;
+                for r in 0..WORLD as i64 {
+                    let loss = loss_of(
+                        &images.narrow(0, r * BATCH, BATCH),
+                        &texts.narrow(0, r * BATCH, BATCH),
+                    )?;
+                    (&loss / WORLD as f64).backward();
+                    if r == 0 {
+                        first = loss.double_value(&[]);
+                    }
+                }
+                first
+            }
+        };
+        optimizer.step(config.schedule.lr(step))?;
+        clamp_logit_scale(&model);
+        losses.push(logged);
+    }
+    Ok((model, losses))
+}
+
+fn max_diff(a: &Clip, b: &[(String, Tensor)]) -> Result<f64> {
+    let ours = a.named_tensors();
+    let mut worst: f64 = 0.0;
+    for (name, t) in b {
+        let mine = ours.get(name).with_context(|| format!("no {name}"))?;
+        let d = (mine - t).abs().max().double_value(&[]);
+        worst = worst.max(d);
+    }
+    Ok(worst)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+fn temp(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("cnclip-ddp-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Two ranks per mode, compared with the single-process equivalent of that mode (and shown to
+/// differ from the other modes' equivalents, so the comparison can tell them apart).
+fn two_ranks_equal_one_process() -> Result<()> {
+    let dir = temp("equal")?;
+    let refs: Vec<(GatherMode, Clip, Vec<f64>)> = [
+        GatherMode::Aggregate,
+        GatherMode::WithGrad,
+        GatherMode::Skip,
+    ]
+    .into_iter()
+    .map(|m| reference(m).map(|(c, l)| (m, c, l)))
+    .collect::<Result<_>>()?;
+    // The last run repeats --gather-with-grad with gradient checkpointing: its staged backward
+    // carries the gathered rows' gradient through the checkpointed blocks.
+    let runs = [
+        (&refs[0], "aggregate"),
+        (&refs[1], "with-grad"),
+        (&refs[2], "skip"),
+        (&refs[1], "with-grad+ckpt"),
+    ];
+    for ((mode, want, want_losses), spec) in runs {
+        let out = dir.join(format!("{spec}.safetensors"));
+        let port = free_port()?;
+        let deadline = Instant::now() + DEADLINE;
+        let out_s = out.to_string_lossy().to_string();
+        let children: Vec<Child> = (0..WORLD)
+            .map(|r| spawn_worker(r, port, &["steps", spec, &out_s]))
+            .collect::<Result<_>>()?;
+        for (r, child) in children.into_iter().enumerate() {
+            let (ok, _, err, _) = finish(child, deadline)?;
+            ensure!(ok, "{} rank {r} failed:\n{err}", mode_name(*mode));
+        }
+        let got = Tensor::read_safetensors(&out)?;
+        let got_losses: Vec<f64> =
+            serde_json::from_str(&std::fs::read_to_string(out.with_extension("json"))?)?;
+        let diff = max_diff(want, &got)?;
+        println!("{spec}: max |DDP − single process| = {diff:e}");
+        ensure!(
+            diff <= 2e-6,
+            "{}: weights differ by {diff:e} from the single-process equivalent",
+            mode_name(*mode)
+        );
+        for (step, (a, b)) in got_losses.iter().zip(want_losses).enumerate() {
+            ensure!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{} step {step}: loss {a} vs {b}",
+                mode_name(*mode)
+            );
+        }
+        for (other, model, _) in &refs {
+            if other != mode {
+                let d = max_diff(model, &got)?;
+                ensure!(
+                    d > 1e-4,
+                    "{} is indistinguishable from {} ({d:e})",
+                    mode_name(*mode),
+                    mode_name(*other)
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn rendezvous_timeout_is_an_error() -> Result<()> {
+    let port = free_port()?;
+    let env = DistEnv::from_vars(|k| {
+        env_for(0, port)
+            .into_iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v)
+    })?
+    .context("env")?;
+    let start = Instant::now();
+    let err = Ddp::init(
+        &env,
+        Backend::Gloo,
+        Duration::from_secs(2),
+        GatherMode::Aggregate,
+    )
+    .err()
+    .context("rank 0 alone formed a world of two")?;
+    let took = start.elapsed();
+    println!("rendezvous timeout after {took:?}: {err}");
+    ensure!(took < Duration::from_secs(30), "took {took:?}");
+    Ok(())
+}
+
+/// Rank 1 gets `signal` after its second step (workers' collective timeout: `timeout`); returns
+/// how long rank 0 took to stop after that, and its stderr. Rank 0 must fail, naming the
+/// collective.
+fn lose_rank_1(signal: &str, timeout: Duration) -> Result<(Duration, String)> {
+    let dir = temp(&format!("lose-{signal}"))?;
+    let out = dir.join("w.safetensors").to_string_lossy().to_string();
+    let port = free_port()?;
+    let deadline = Instant::now() + DEADLINE;
+    let args = ["steps", "aggregate", &out, "100000"];
+    let spawn = |rank| -> Result<Child> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("worker").args(args);
+        for (k, v) in env_for(rank, port) {
+            cmd.env(k, v);
+        }
+        Ok(cmd
+            .env("CNCLIP_TEST_TIMEOUT_MS", timeout.as_millis().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    };
+    let rank0 = spawn(0)?;
+    let mut rank1 = spawn(1)?;
+    let stdout = rank1.stdout.take().context("stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        if line? == "step 2" {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "rank 1 made no progress");
+    }
+    let sent = Command::new("kill")
+        .args([format!("-{signal}"), rank1.id().to_string()])
+        .status()?;
+    ensure!(sent.success(), "kill -{signal} failed");
+    let lost_at = Instant::now();
+    let finished = finish(rank0, deadline);
+    let took = lost_at.elapsed();
+    let _ = rank1.kill();
+    let _ = rank1.wait();
+    let (ok, _, err, _) = finished?;
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("Error"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    println!("rank 0 stopped {took:?} after SIG{signal} to rank 1: {last}");
+    ensure!(!ok, "rank 0 succeeded although rank 1 got SIG{signal}");
+    ensure!(
+        err.contains("failed") && (err.contains("all_gather") || err.contains("all_reduce")),
+        "rank 0's error does not say which collective failed:\n{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((took, last))
+}
+
+/// A rank that dies: the other notices the closed connection at once.
+fn killed_rank_stops_the_others() -> Result<()> {
+    let (took, _) = lose_rank_1("KILL", TIMEOUT)?;
+    ensure!(took < TIMEOUT + Duration::from_secs(10), "took {took:?}");
+    Ok(())
+}
+
+/// A rank that stalls (SIGSTOP: its sockets stay open): the other gives up after the collective
+/// timeout, with an error.
+fn stalled_rank_times_out() -> Result<()> {
+    let timeout = Duration::from_secs(3);
+    let (took, _) = lose_rank_1("STOP", timeout)?;
+    ensure!(
+        took < timeout + Duration::from_secs(10),
+        "rank 0 took {took:?} with a {timeout:?} timeout"
+    );
+    Ok(())
+}
+
+/// Under our launcher, a worker that exits with an error stops the whole job with its error.
+fn launcher_stops_all_when_one_dies() -> Result<()> {
+    let dir = temp("launch")?;
+    let out = dir.join("w.safetensors").to_string_lossy().to_string();
+    let config = LaunchConfig {
+        program: std::env::current_exe()?,
+        args: ["worker", "steps", "aggregate", &out, "2"]
+            .iter()
+            .map(Into::into)
+            .collect(),
+        nproc_per_node: WORLD,
+        nnodes: 1,
+        node_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port()?,
+    };
+    let start = Instant::now();
+    let result = launch(&config);
+    println!("launcher returned after {:?}: {result:?}", start.elapsed());
+    match result {
+        Err(LaunchError::WorkerFailed {
+            rank: 1, status, ..
+        }) => {
+            ensure!(status.code() == Some(3), "rank 1 exited with {status}");
+        }
+        Err(LaunchError::WorkerFailed { rank: 0, tail, .. }) => {
+            // Both went down within one poll; rank 0's error must then name the lost peer.
+            ensure!(tail.contains("failed"), "{tail}");
+        }
+        other => bail!("expected a worker failure, got {other:?}"),
+    }
+    ensure!(
+        start.elapsed() < DEADLINE,
+        "launcher took {:?}",
+        start.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn lmdb(dir: &Path) -> Result<PathBuf> {
+    let raw = dir.join("raw");
+    std::fs::create_dir_all(&raw)?;
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loop");
+    std::fs::copy(fx.join("train_imgs.tsv"), raw.join("train_imgs.tsv"))?;
+    std::fs::copy(fx.join("train_texts.jsonl"), raw.join("train_texts.jsonl"))?;
+    let out = dir.join("lmdb");
+    muge_data::build_split(
+        &raw,
+        "train",
+        &out,
+        muge_data::files::BadRecordPolicy::Fail,
+        &mut |_| {},
+    )?;
+    Ok(out.join("train"))
+}
+
+/// A whole 2-rank run: rank 0 alone writes the checkpoints and the metrics (once per step), and a
+/// resumed 2-rank run continues from them.
+fn checkpoints_written_once_and_resumed() -> Result<()> {
+    let dir = temp("run")?;
+    let data = lmdb(&dir)?.to_string_lossy().to_string();
+    let logs = dir.join("logs");
+    let logs_s = logs.to_string_lossy().to_string();
+    let run = |steps: &str, resume: bool| -> Result<Vec<u32>> {
+        let port = free_port()?;
+        let deadline = Instant::now() + DEADLINE;
+        let mut args = vec!["run", &data, &logs_s, steps];
+        if resume {
+            args.push("resume");
+        }
+        let children: Vec<Child> = (0..WORLD)
+            .map(|r| spawn_worker(r, port, &args))
+            .collect::<Result<_>>()?;
+        let pids: Vec<u32> = children.iter().map(Child::id).collect();
+        for (r, child) in children.into_iter().enumerate() {
+            let (ok, _, err, _) = finish(child, deadline)?;
+            ensure!(ok, "rank {r} failed:\n{err}");
+        }
+        Ok(pids)
+    };
+    let pids = run("3", false)?;
+    let checkpoints = logs.join("ddp/checkpoints");
+    for stem in ["epoch_1_2", "epoch_latest"] {
+        let meta = cnclip_model::weights::read_safetensors_metadata(
+            checkpoints.join(format!("{stem}.safetensors")),
+        )?;
+        let id = meta.get("cnclip.checkpoint_id").context("checkpoint id")?;
+        let writer: u32 = id.rsplit('-').next().context("pid")?.parse()?;
+        ensure!(
+            writer == pids[0],
+            "{stem} was written by pid {writer}, not rank 0 ({})",
+            pids[0]
+        );
+    }
+    let records = cnclip_train::metrics::read_records(&logs.join("ddp/metrics.jsonl"))?;
+    ensure!(
+        records.len() == 3,
+        "{} metrics records for 3 steps",
+        records.len()
+    );
+    run("4", true)?;
+    let records = cnclip_train::metrics::read_records(&logs.join("ddp/metrics.jsonl"))?;
+    ensure!(
+        records.len() == 4,
+        "{} metrics records after resuming to 4 steps",
+        records.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+type TestFn = fn() -> Result<()>;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("worker") {
+        if let Err(e) = worker(&args[1..]) {
+            eprintln!("Error: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    // `cargo test` passes harness flags (e.g. --nocapture); a name filter runs matching tests only.
+    let filter = args.iter().find(|a| !a.starts_with('-')).cloned();
+    let tests: [(&str, TestFn); 6] = [
+        ("two_ranks_equal_one_process", two_ranks_equal_one_process),
+        (
+            "rendezvous_timeout_is_an_error",
+            rendezvous_timeout_is_an_error,
+        ),
+        ("killed_rank_stops_the_others", killed_rank_stops_the_others),
+        ("stalled_rank_times_out", stalled_rank_times_out),
+        (
+            "launcher_stops_all_when_one_dies",
+            launcher_stops_all_when_one_dies,
+        ),
+        (
+            "checkpoints_written_once_and_resumed",
+            checkpoints_written_once_and_resumed,
+        ),
+    ];
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, test) in tests {
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let start = Instant::now();
+        match test() {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:?})", start.elapsed());
+            }
+            Err(e) => {
+                println!("test {name} ... FAILED ({:?}): {e:#}", start.elapsed());
+                failed.push(name);
+            }
+        }
+    }
+    println!(
+        "test result: {}. {passed} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        failed.len()
+    );
+    ensure!(failed.is_empty(), "failed: {failed:?}");
+    Ok(())
+}
