@@ -1,0 +1,323 @@
+//! Scoring a checkpoint on the validation split, as a contestant does with cn_clip's scripts:
+//! image features of every image in the split's LMDB, text features of its queries (with the
+//! product prompt when asked), top-10 images per query through `retrieval`, and Recall@1/5/10 with
+//! their mean through `eval` — `extract_features.py`, `make_topk_predictions.py` and
+//! `evaluation.py` in one pass, without the files in between.
+//!
+//! Queries and ground truth come from `{split}_texts.jsonl` when one is given (the official
+//! evaluation), else from the LMDB's `pairs/` (every text id once, relevant images = the images it
+//! is paired with, cn_clip's `--val-data` alone).
+
+use crate::error::{SoupError, io_err};
+use cnclip_model::Clip;
+use cnclip_model::preprocess::Preprocessor;
+use eval::{GroundTruth, Score};
+use muge_data::files::BadRecordPolicy;
+use muge_data::lmdb::LmdbPairs;
+use muge_data::{LmdbImages, TextPipeline};
+use retrieval::{FeatureKind, FeatureView, Features, SearchOptions};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// What a scoring pass reports as it goes.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// A new phase with `total` items (`what`: "images", "texts", "tensors", …).
+    Start {
+        what: String,
+        total: u64,
+    },
+    /// `n` more items of the current phase done.
+    Advance(u64),
+    Finish,
+}
+
+/// How the validation split is read.
+#[derive(Debug, Clone)]
+pub struct ValOptions {
+    /// `{split}_texts.jsonl`; `None`: queries from the LMDB's `pairs/`.
+    pub texts: Option<PathBuf>,
+    /// Prefix [`muge_data::PRODUCT_PROMPT`] to every query (the seed's recipe; use the setting
+    /// the checkpoints were trained with).
+    pub text_prompt: bool,
+    pub context_length: usize,
+}
+
+/// The validation split, loaded once: image ids, tokenised queries, ground truth.
+pub struct ValSet {
+    dir: PathBuf,
+    images: LmdbImages,
+    image_ids: Vec<i64>,
+    text_ids: Vec<i64>,
+    /// `[queries, context_length]` i64, CPU.
+    tokens: Tensor,
+    ground_truth: GroundTruth,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for ValSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValSet")
+            .field("dir", &self.dir)
+            .field("images", &self.image_ids.len())
+            .field("queries", &self.text_ids.len())
+            .finish()
+    }
+}
+
+/// `path`'s identity for cache keys: canonical path, size and modification time.
+pub fn file_identity(path: &Path) -> Result<String, SoupError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    let canonical = std::fs::canonicalize(path).map_err(io_err(path))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!("{}|{}|{mtime}", canonical.display(), meta.len()))
+}
+
+impl ValSet {
+    /// Opens `dir` (an LMDB split with `imgs/`, and `pairs/` unless `options.texts` is given).
+    pub fn open(dir: impl AsRef<Path>, options: &ValOptions) -> Result<Self, SoupError> {
+        let dir = dir.as_ref().to_path_buf();
+        let images = LmdbImages::open(dir.join("imgs"))?;
+        let image_ids = images.ids_in_key_order()?;
+        if image_ids.is_empty() {
+            return Err(SoupError::Data(format!(
+                "{} holds no images",
+                images.path().display()
+            )));
+        }
+        let mut pipeline = TextPipeline::new(options.context_length)?;
+        if options.text_prompt {
+            pipeline = pipeline.with_product_prompt();
+        }
+        let mut fingerprint = format!(
+            "imgs={}|prompt={}|context={}",
+            file_identity(&dir.join("imgs").join("data.mdb"))?,
+            options.text_prompt,
+            options.context_length
+        );
+        let mut texts: Vec<String> = Vec::new();
+        let mut text_ids: Vec<i64> = Vec::new();
+        let mut truth: Vec<(i64, Vec<i64>)> = Vec::new();
+        match &options.texts {
+            Some(path) => {
+                fingerprint.push_str(&format!("|texts={}", file_identity(path)?));
+                let (records, _) = muge_data::files::read_texts_jsonl(path, BadRecordPolicy::Fail)?;
+                for r in records {
+                    let Some(relevant) = r.image_ids else {
+                        return Err(SoupError::Data(format!(
+                            "{} line {}: text {} has no image_ids, so it cannot be scored",
+                            path.display(),
+                            r.line,
+                            r.text_id
+                        )));
+                    };
+                    text_ids.push(r.text_id);
+                    texts.push(r.text);
+                    truth.push((r.text_id, relevant));
+                }
+            }
+            None => {
+                fingerprint.push_str(&format!(
+                    "|pairs={}",
+                    file_identity(&dir.join("pairs").join("data.mdb"))?
+                ));
+                let pairs = LmdbPairs::open(dir.join("pairs"))?;
+                let reader = pairs.reader()?;
+                let mut row: HashMap<i64, usize> = HashMap::new();
+                for index in 0..pairs.num_samples() {
+                    let pair = reader.pair(index)?;
+                    let i = *row.entry(pair.text_id).or_insert_with(|| {
+                        text_ids.push(pair.text_id);
+                        texts.push(pair.text.clone());
+                        truth.push((pair.text_id, Vec::new()));
+                        truth.len() - 1
+                    });
+                    if !truth[i].1.contains(&pair.image_id) {
+                        truth[i].1.push(pair.image_id);
+                    }
+                }
+            }
+        }
+        if text_ids.is_empty() {
+            return Err(SoupError::Data(format!(
+                "{}: no queries to score",
+                dir.display()
+            )));
+        }
+        let tokens = pipeline.encode_batch(&texts)?;
+        Ok(ValSet {
+            dir,
+            images,
+            image_ids,
+            text_ids,
+            tokens,
+            ground_truth: GroundTruth::from_pairs(truth),
+            fingerprint,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.image_ids.len()
+    }
+
+    pub fn num_queries(&self) -> usize {
+        self.text_ids.len()
+    }
+
+    pub fn ground_truth(&self) -> &GroundTruth {
+        &self.ground_truth
+    }
+
+    /// Identifies the data and the text settings (files by path, size and mtime) for cache keys.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+/// How a model is run.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreOptions {
+    pub img_batch_size: usize,
+    pub text_batch_size: usize,
+    pub precision: cnclip_model::Precision,
+    pub device: Device,
+}
+
+/// A scored checkpoint: its features (L2-normalised, f32) and its score.
+pub struct Scored {
+    pub image: Features,
+    pub text: Features,
+    pub score: Score,
+}
+
+fn push_rows(features: &mut Features, ids: &[i64], rows: &Tensor) -> Result<(), SoupError> {
+    let torch = |source| SoupError::Torch {
+        key: "features".into(),
+        source,
+    };
+    let rows = rows
+        .f_to_kind(Kind::Float)
+        .and_then(|r| r.f_to_device(Device::Cpu))
+        .and_then(|r| r.f_contiguous())
+        .map_err(torch)?;
+    let data = Vec::<f32>::try_from(rows.flatten(0, -1)).map_err(torch)?;
+    let dim = features.view().dim();
+    for (id, row) in ids.iter().zip(data.chunks_exact(dim)) {
+        features.push(*id, row)?;
+    }
+    Ok(())
+}
+
+/// Runs `model` over the split and scores it. The model is put in `options.precision`.
+pub fn score_model(
+    model: &mut Clip,
+    val: &ValSet,
+    options: &ScoreOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Scored, SoupError> {
+    model.set_precision(options.precision);
+    let _guard = tch::no_grad_guard();
+    let dim = model.config().vision.embed_dim as usize;
+
+    let n = val.text_ids.len();
+    let mut text = Features::new(FeatureKind::Text, dim);
+    progress(Progress::Start {
+        what: "texts".into(),
+        total: n as u64,
+    });
+    let tb = options.text_batch_size.max(1);
+    for start in (0..n).step_by(tb) {
+        let len = tb.min(n - start);
+        let ids = val.tokens.narrow(0, start as i64, len as i64);
+        let feats = model.text_features(&ids.to_device(options.device));
+        push_rows(&mut text, &val.text_ids[start..start + len], &feats)?;
+        progress(Progress::Advance(len as u64));
+    }
+    progress(Progress::Finish);
+
+    let resolution = u32::try_from(model.config().vision.image_resolution)
+        .map_err(|_| SoupError::Invalid("image resolution out of range".into()))?;
+    let preprocessor = Preprocessor::new(resolution)?;
+    let mut image = Features::new(FeatureKind::Image, dim);
+    progress(Progress::Start {
+        what: "images".into(),
+        total: val.image_ids.len() as u64,
+    });
+    let batch = options.img_batch_size.max(1);
+    std::thread::scope(|scope| -> Result<(), SoupError> {
+        // Decoding runs one batch ahead of the model.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<i64>, Tensor), SoupError>>(1);
+        let (images, preprocessor, ids) = (&val.images, &preprocessor, &val.image_ids);
+        scope.spawn(move || {
+            for chunk in ids.chunks(batch) {
+                let item = (|| -> Result<(Vec<i64>, Tensor), SoupError> {
+                    let reader = images.reader()?;
+                    let mut items = Vec::with_capacity(chunk.len());
+                    for id in chunk {
+                        let bytes = reader.image_bytes(*id, &format!("image {id}"))?;
+                        items.push((format!("image {id} in {}", images.path().display()), bytes));
+                    }
+                    Ok((chunk.to_vec(), preprocessor.preprocess_batch(&items)?))
+                })();
+                let failed = item.is_err();
+                if tx.send(item).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for received in rx {
+            let (chunk, pixels) = received?;
+            let feats = model.image_features(&pixels.to_device(options.device));
+            push_rows(&mut image, &chunk, &feats)?;
+            progress(Progress::Advance(chunk.len() as u64));
+        }
+        Ok(())
+    })?;
+    progress(Progress::Finish);
+    if image.view().len() != val.image_ids.len() {
+        return Err(SoupError::Data(format!(
+            "only {} of {} images were encoded",
+            image.view().len(),
+            val.image_ids.len()
+        )));
+    }
+    let score = score_features(
+        &image.view(),
+        &text.view(),
+        &val.ground_truth,
+        options.device,
+    )?;
+    Ok(Scored { image, text, score })
+}
+
+/// Top-10 images of every query (exact, `retrieval::search`) and MUGE recall (`eval`).
+pub fn score_features(
+    image: &FeatureView<'_>,
+    text: &FeatureView<'_>,
+    ground_truth: &GroundTruth,
+    device: Device,
+) -> Result<Score, SoupError> {
+    let options = SearchOptions {
+        k: 10,
+        device,
+        ..SearchOptions::default()
+    };
+    let hits = retrieval::search(text, image, &options)?;
+    let rankings: HashMap<i64, Vec<i64>> = text
+        .ids()
+        .iter()
+        .zip(&hits)
+        .map(|(&q, hits)| (q, hits.iter().map(|h| image.ids()[h.index]).collect()))
+        .collect();
+    Ok(eval::muge_score(&rankings, ground_truth)?)
+}
