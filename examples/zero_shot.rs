@@ -8,8 +8,9 @@
 //! # A flat folder of images: each image's most likely labels
 //! cargo run --release --example zero_shot -- --datapath photos/ --label-file labels.txt --resume model.safetensors
 //! ```
-//! The templates default to a small built-in Chinese set; `--templates FILE` (one per line, `{}`
-//! for the label) takes any other, e.g. cn_clip's `openai_templates` for identical class vectors.
+//! The templates default to cn_clip's `openai_templates` (what the script uses for ImageNet and any
+//! data set without its own list); `--templates FILE` (one per line, `{}` for the label) takes any
+//! other set.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -31,7 +32,7 @@ struct Args {
     /// One Chinese class name per line.
     #[arg(long = "label-file")]
     label_file: PathBuf,
-    /// Prompt templates, one per line with `{}` for the label (default: a built-in set).
+    /// Prompt templates, one per line with `{}` for the label (default: cn_clip's 183 openai_templates).
     #[arg(long)]
     templates: Option<PathBuf>,
     /// Official `.pt`, Hugging Face directory or native `.safetensors`.

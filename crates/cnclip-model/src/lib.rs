@@ -18,6 +18,7 @@ pub mod preprocess;
 pub mod tokenizer;
 pub mod weights;
 pub mod zeroshot;
+mod zeroshot_templates;
 
 pub use config::ClipConfig;
 pub use load::{LoadError, LoadOptions, WeightFormat};

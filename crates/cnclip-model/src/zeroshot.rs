@@ -9,19 +9,7 @@ use crate::Clip;
 use crate::tokenizer::{Tokenizer, TokenizerError, preprocess_dataset_text};
 use tch::{Kind, Tensor};
 
-/// A few generic Chinese templates of our own; `{}` is the label. cn_clip's script uses its
-/// `openai_templates` list (183 templates) for ImageNet-style data: pass those as a file to
-/// [`Templates::from_lines`] for identical class vectors.
-pub const DEFAULT_TEMPLATES: &[&str] = &[
-    "{}",
-    "{}的照片",
-    "一张{}的照片",
-    "一张{}的图片",
-    "这是一张{}的图片",
-    "一张好看的{}的照片",
-    "一张清晰的{}的照片",
-    "商品图：{}",
-];
+pub use crate::zeroshot_templates::OPENAI_TEMPLATES;
 
 /// The fixed logit scale of cn_clip's zero-shot script.
 pub const ZERO_SHOT_SCALE: f64 = 100.0;
@@ -51,8 +39,10 @@ pub enum ZeroShotError {
 pub struct Templates(Vec<String>);
 
 impl Default for Templates {
+    /// cn_clip's `openai_templates` (183), what `zeroshot_evaluation.py` uses for ImageNet and any
+    /// data set without its own list, so class vectors equal the script's.
     fn default() -> Self {
-        Self(DEFAULT_TEMPLATES.iter().map(|t| t.to_string()).collect())
+        Self(OPENAI_TEMPLATES.iter().map(|t| t.to_string()).collect())
     }
 }
 
@@ -139,6 +129,13 @@ pub fn probabilities(image_features: &Tensor, classifier: &Tensor) -> Tensor {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn default_templates_are_cn_clips() {
+        let t = Templates::default();
+        assert_eq!(t.len(), 183);
+        assert_eq!(t.prompts("猫")[0], "猫的照片");
+    }
 
     #[test]
     fn templates_need_a_slot_and_name_the_line() {
