@@ -12,6 +12,7 @@
 //! | [`eval`] | MUGE recall exactly as cn_clip's scripts |
 //! | [`soup`] | weight-space soups |
 //! | [`train`] (`cnclip-train`) | the fine-tuning loop, single process and DDP |
+//! | [`serve`] (`cnclip-serve`) | the HTTP search service: text→image, image→image, zero-shot classify |
 //! | [`torch_ext`] | libtorch glue tch lacks: CUDA init, devices, c10d |
 //!
 //! Encoding images and texts with a released checkpoint (the README's example, compiled here):
@@ -34,6 +35,7 @@
 
 pub use cnclip_lora as lora;
 pub use cnclip_model as model;
+pub use cnclip_serve as serve;
 pub use cnclip_train as train;
 pub use eval;
 pub use muge_data as data;

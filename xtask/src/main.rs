@@ -1,8 +1,13 @@
 //! `cargo xtask …`: the project's automation. It must never depend on tch, so that it builds (and can
 //! provision libtorch) on a machine that has no libtorch yet.
 
+mod demo;
+mod examples;
 mod libtorch;
 mod setup;
+mod soup;
+mod soup_runs;
+mod sweep;
 mod test;
 
 use anyhow::Result;
@@ -22,6 +27,20 @@ enum Command {
     Setup(setup::SetupArgs),
     /// setup + cargo fmt --check + cargo clippy -D warnings + cargo test, as CI runs it.
     Test,
+    /// The seed's whole MUGE recipe on CPU in minutes: mini-MUGE, LMDB, fine-tunes (one LoRA),
+    /// validation recall, pairwise soup, test submission.
+    Demo(demo::DemoArgs),
+    /// A grid of fine-tuning runs from a TOML file, a table of their validation recall, and the
+    /// soup of their checkpoints.
+    Sweep(sweep::SweepArgs),
+    /// Merge checkpoints into a model soup scored on the validation split (runs the release
+    /// `cnclip-soup` binary; `cargo xtask soup --help` lists its options).
+    #[command(disable_help_flag = true)]
+    Soup {
+        /// Everything is passed to cnclip-soup.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -30,6 +49,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Setup(args) => setup::run(&root, &args),
         Command::Test => test::run(&root),
+        Command::Demo(args) => demo::run(&root, &args),
+        Command::Sweep(args) => sweep::run(&root, &args),
+        Command::Soup { args } => soup::run(&root, &args),
     }
 }
 
