@@ -120,8 +120,14 @@ fn the_pipeline_examples_write_what_cn_clip_would() {
             "32",
         ],
     );
-    assert!(out.contains("24 images × 2 copies = 48 new images"), "{out}");
-    assert!(out.contains("Finished serializing 72 train split pairs"), "{out}");
+    assert!(
+        out.contains("24 images × 2 copies = 48 new images"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Finished serializing 72 train split pairs"),
+        "{out}"
+    );
 
     let logs = dir.join("logs");
     let out = run(

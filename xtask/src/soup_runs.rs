@@ -171,6 +171,23 @@ pub fn predict_and_score(
             s(&predictions),
         ],
     )?;
+    if !has_ground_truth(&texts)? {
+        // MUGE's real test split has no labels: check the submission's shape instead.
+        let queries = count_lines(&texts)?;
+        let written = check_submission(&predictions)?;
+        if written != queries {
+            bail!(
+                "{}: {written} predictions for {queries} queries in {}",
+                predictions.display(),
+                texts.display()
+            );
+        }
+        return Ok(format!(
+            "no ground truth in {}; {written} queries × 10 ids written to {}",
+            texts.display(),
+            predictions.display()
+        ));
+    }
     examples::run_example(root, "evaluate", &[s(&texts), s(&predictions), s(&score)])?;
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&score)
@@ -192,4 +209,92 @@ pub fn predict_and_score(
         r["mean_recall"].as_f64().unwrap_or(f64::NAN),
         predictions.display()
     ))
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+fn count_lines(path: &Path) -> Result<usize> {
+    Ok(read_lines(path)?.len())
+}
+
+/// Whether every query line carries a non-empty `image_ids` (or Tianchi `item_ids`) list.
+fn has_ground_truth(texts: &Path) -> Result<bool> {
+    for (i, line) in read_lines(texts)?.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", texts.display(), i + 1))?;
+        let ids = v.get("image_ids").or_else(|| v.get("item_ids"));
+        if ids
+            .and_then(|ids| ids.as_array())
+            .is_none_or(|a| a.is_empty())
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Every line has a `text_id` and exactly 10 distinct integer `image_ids`; returns the line count.
+fn check_submission(predictions: &Path) -> Result<usize> {
+    let lines = read_lines(predictions)?;
+    for (i, line) in lines.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", predictions.display(), i + 1))?;
+        let ids: Vec<i64> = v["image_ids"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+            .unwrap_or_default();
+        let distinct: std::collections::HashSet<i64> = ids.iter().copied().collect();
+        if !v["text_id"].is_i64() || ids.len() != 10 || distinct.len() != 10 {
+            bail!(
+                "{} line {}: expected a text_id and 10 distinct integer image_ids",
+                predictions.display(),
+                i + 1
+            );
+        }
+    }
+    Ok(lines.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submissions_without_ground_truth_are_checked_for_shape() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("xtask-submission-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let texts = dir.join("test_texts.jsonl");
+        std::fs::write(
+            &texts,
+            "{\"text_id\": 1, \"text\": \"a\", \"image_ids\": []}\n",
+        )?;
+        assert!(!has_ground_truth(&texts)?);
+        std::fs::write(
+            &texts,
+            "{\"query_id\": 1, \"query_text\": \"a\", \"item_ids\": [3]}\n",
+        )?;
+        assert!(has_ground_truth(&texts)?);
+        let good = dir.join("good.jsonl");
+        std::fs::write(
+            &good,
+            "{\"text_id\": 1, \"image_ids\": [1,2,3,4,5,6,7,8,9,10]}\n",
+        )?;
+        assert_eq!(check_submission(&good)?, 1);
+        let bad = dir.join("bad.jsonl");
+        std::fs::write(
+            &bad,
+            "{\"text_id\": 1, \"image_ids\": [1,1,3,4,5,6,7,8,9,10]}\n",
+        )?;
+        let err = check_submission(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl line 1"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

@@ -63,8 +63,8 @@ fn quick_demo_runs_the_whole_recipe() -> Result<(), Box<dyn std::error::Error>> 
         out.join("test").join("test_score.json"),
     )?)?;
     assert_eq!(score["success"], true);
-    let runs: [PathBuf; 4] =
-        ["base", "full-lr1e-4", "full-lr3e-4", "lora-r8"].map(|name| out.join("runs").join(name));
+    let runs: [PathBuf; 4] = ["base", "full-aug-lr2e-4", "full-lr2e-4", "lora-r8"]
+        .map(|name| out.join("runs").join(name));
     for run in &runs {
         let png = std::fs::read(run.join("curves.png"))?;
         assert!(png.starts_with(b"\x89PNG"), "{}", run.display());

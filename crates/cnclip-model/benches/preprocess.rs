@@ -34,7 +34,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .flat_map(|i| {
             let (x, y) = (i % w, i / w);
             let t = ((x * 7 + y * 13) % 64) as u8;
-            [(x * 255 / w) as u8 ^ t, (y * 255 / h) as u8, ((x + y) % 256) as u8]
+            [
+                (x * 255 / w) as u8 ^ t,
+                (y * 255 / h) as u8,
+                ((x + y) % 256) as u8,
+            ]
         })
         .collect();
     let mut jpeg = Vec::new();
