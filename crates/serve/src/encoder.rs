@@ -2,9 +2,8 @@
 //! transform, and the text path with and without the product prompt. Everything here is blocking
 //! libtorch work; the service calls it only from its model thread (and once at start-up).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use cnclip_model::config::{TextConfig, VisionConfig};
 use cnclip_model::preprocess::Preprocessor;
 use cnclip_model::{Clip, ClipConfig, LoadOptions, Precision, WeightFormat};
 use muge_data::TextPipeline;
@@ -56,11 +55,11 @@ impl Encoder {
     ) -> Result<Self, ServeError> {
         let format = WeightFormat::detect(&spec.checkpoint)?;
         let config = match (format, &spec.vision_model, &spec.text_model) {
-            (WeightFormat::Pt, v, t) => Some(tower_config(
+            (WeightFormat::Pt, v, t) => Some(ClipConfig::from_tower_args(
                 v.as_deref().unwrap_or("ViT-B-16"),
                 t.as_deref().unwrap_or("RoBERTa-wwm-ext-base-chinese"),
             )?),
-            (_, Some(v), Some(t)) => Some(tower_config(v, t)?),
+            (_, Some(v), Some(t)) => Some(ClipConfig::from_tower_args(v, t)?),
             (_, None, None) => None,
             _ => {
                 return Err(ServeError::Invalid(
@@ -170,21 +169,6 @@ fn rows(features: &Tensor) -> Result<Vec<f32>, ServeError> {
         .f_to_device(Device::Cpu)?
         .f_contiguous()?;
     Ok(Vec::<f32>::try_from(cpu.f_flatten(0, -1)?)?)
-}
-
-/// A shipped config name or a path to a JSON file in cn_clip's schema, per tower.
-fn tower_config(vision: &str, text: &str) -> Result<ClipConfig, ServeError> {
-    let vision = if Path::new(vision).is_file() {
-        VisionConfig::from_json_file(Path::new(vision))?
-    } else {
-        VisionConfig::from_name(vision)?
-    };
-    let text = if Path::new(text).is_file() {
-        TextConfig::from_json_file(Path::new(text))?
-    } else {
-        TextConfig::from_name(text)?
-    };
-    Ok(ClipConfig { vision, text })
 }
 
 #[cfg(test)]

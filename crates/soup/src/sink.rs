@@ -8,30 +8,15 @@ use cnclip_model::weights::{
     NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
     StateDict,
 };
-use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+use safetensors::tensor::{Metadata, TensorInfo};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        _ => return None,
-    })
-}
-
 pub(crate) fn to_tensor(t: &PlannedTensor, bytes: &[u8]) -> Result<Tensor, SoupError> {
-    let kind = kind_of(t.dtype).ok_or_else(|| SoupError::Invalid(format!("{:?}", t.dtype)))?;
+    let kind = cnclip_model::weights::kind_of(t.dtype)
+        .ok_or_else(|| SoupError::Invalid(format!("{:?}", t.dtype)))?;
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     Tensor::f_from_data_size(bytes, &shape, kind).map_err(|source| SoupError::Torch {
         key: t.key.clone(),

@@ -24,7 +24,8 @@ pub use error::WeightsError;
 pub use hf::{hf_config_to_clip, hf_module_name, import_hf};
 pub use native::{
     NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
-    load_native, read_safetensors, read_safetensors_metadata, save_native, save_safetensors,
+    dtype_of, kind_of, load_native, read_safetensors, read_safetensors_metadata, save_native,
+    save_safetensors,
 };
 pub use pt::{
     PtCheckpoint, PtHeader, normalize_cn_clip_keys, read_pt, write_pt, write_pt_state_dict,

@@ -26,7 +26,8 @@ pub const NATIVE_CONFIG_KEY: &str = "cnclip.config";
 /// Largest header we accept (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
-fn dtype_of(kind: Kind) -> Option<Dtype> {
+/// The safetensors dtype of a tch kind (the ones a checkpoint may hold).
+pub fn dtype_of(kind: Kind) -> Option<Dtype> {
     Some(match kind {
         Kind::Float => Dtype::F32,
         Kind::Half => Dtype::F16,
@@ -42,7 +43,8 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
     })
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+/// The tch kind of a safetensors dtype (the ones a checkpoint may hold).
+pub fn kind_of(dtype: Dtype) -> Option<Kind> {
     Some(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,

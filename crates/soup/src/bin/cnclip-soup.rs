@@ -10,13 +10,12 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cnclip_model::config::{TextConfig, VisionConfig};
 use cnclip_model::{ClipConfig, Precision};
 use indicatif::{ProgressBar, ProgressStyle};
 use soup::run::{Event, SoupConfig, default_cache_dir, run};
 use soup::score::{Progress, ScoreOptions, ValOptions};
 use soup::strategy::{Accept, PairwiseOptions, Strategy};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -86,26 +85,12 @@ struct Args {
     max_rounds: usize,
 }
 
-fn tower_config(vision: &str, text: &str) -> Result<ClipConfig> {
-    let vision = if Path::new(vision).is_file() {
-        VisionConfig::from_json_file(Path::new(vision))?
-    } else {
-        VisionConfig::from_name(vision)?
-    };
-    let text = if Path::new(text).is_file() {
-        TextConfig::from_json_file(Path::new(text))?
-    } else {
-        TextConfig::from_name(text)?
-    };
-    Ok(ClipConfig { vision, text })
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
     // First: loading libtorch's CUDA half must precede other torch calls.
     let device = torch_ext_device(&args.device)?;
     let pt_config = match (&args.vision_model, &args.text_model) {
-        (Some(v), Some(t)) => Some(tower_config(v, t)?),
+        (Some(v), Some(t)) => Some(ClipConfig::from_tower_args(v, t)?),
         (None, None) => None,
         _ => anyhow::bail!("--vision-model and --text-model go together"),
     };
