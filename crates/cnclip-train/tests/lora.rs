@@ -3,16 +3,18 @@
 //! onto the base model ends exactly where the uninterrupted run ends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use cnclip_lora::LoraConfig;
-use cnclip_model::{Clip, ClipConfig, LoadOptions};
+use cnclip_model::Clip;
 use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::run::{RunConfig, train};
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
-use muge_data::files::BadRecordPolicy;
+use common::{lmdb, temp, tiny_model};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 /// Torch's global generator is shared by the test threads; tests that seed it run one at a time.
@@ -20,35 +22,6 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cnclip-lora-run-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn tiny_model() -> Clip {
-    let fx = repo().join("crates/cnclip-model/tests/fixtures/model");
-    let config = ClipConfig::from_json_files(
-        &fx.join("configs/tiny-vit.json"),
-        &fx.join("configs/tiny-bert.json"),
-    )
-    .unwrap();
-    Clip::load(
-        fx.join("tiny_vit.pt"),
-        &LoadOptions {
-            config: Some(config),
-            ..Default::default()
-        },
-        Device::Cpu,
-    )
-    .unwrap()
 }
 
 fn lora() -> LoraConfig {
@@ -171,20 +144,10 @@ fn run_config(train_data: PathBuf, logs: PathBuf, max_steps: u64) -> RunConfig {
     }
 }
 
-fn lmdb() -> PathBuf {
-    let raw = temp("raw");
-    let fx = repo().join("crates/cnclip-train/tests/fixtures/loop");
-    std::fs::copy(fx.join("train_imgs.tsv"), raw.join("train_imgs.tsv")).unwrap();
-    std::fs::copy(fx.join("train_texts.jsonl"), raw.join("train_texts.jsonl")).unwrap();
-    let out = temp("lmdb");
-    muge_data::build_split(&raw, "train", &out, BadRecordPolicy::Fail, &mut |_| {}).unwrap();
-    out.join("train")
-}
-
 #[test]
 fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
     let _serial = serial();
-    let data = lmdb();
+    let data = lmdb("lora");
     let logs = temp("logs");
     let summary = train(lora_model(3), &run_config(data.clone(), logs, 5), None).unwrap();
     assert_eq!(summary.steps, 5);

@@ -4,55 +4,17 @@
 //! with the same weights as the uninterrupted run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cnclip_model::{Clip, ClipConfig, LoadOptions};
+mod common;
+
+use cnclip_model::{Clip, LoadOptions};
 use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::run::{RunConfig, train};
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, TrainerConfig};
-use muge_data::files::BadRecordPolicy;
-use std::path::{Path, PathBuf};
+use common::{lmdb, repo, temp, tiny_model};
+use std::path::PathBuf;
 use tch::Device;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cnclip-run-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn tiny_model() -> Clip {
-    let fx = repo().join("crates/cnclip-model/tests/fixtures/model");
-    let config = ClipConfig::from_json_files(
-        &fx.join("configs/tiny-vit.json"),
-        &fx.join("configs/tiny-bert.json"),
-    )
-    .unwrap();
-    Clip::load(
-        fx.join("tiny_vit.pt"),
-        &LoadOptions {
-            config: Some(config),
-            ..Default::default()
-        },
-        Device::Cpu,
-    )
-    .unwrap()
-}
-
-/// The loop fixture's raw files as a `train` split, built into an LMDB by muge-data.
-fn lmdb(tag: &str) -> PathBuf {
-    let raw = temp(&format!("raw-{tag}"));
-    let fx = repo().join("crates/cnclip-train/tests/fixtures/loop");
-    std::fs::copy(fx.join("train_imgs.tsv"), raw.join("train_imgs.tsv")).unwrap();
-    std::fs::copy(fx.join("train_texts.jsonl"), raw.join("train_texts.jsonl")).unwrap();
-    let out = temp(&format!("lmdb-{tag}"));
-    muge_data::build_split(&raw, "train", &out, BadRecordPolicy::Fail, &mut |_| {}).unwrap();
-    out.join("train")
-}
 
 fn config(train_data: PathBuf, logs: PathBuf) -> RunConfig {
     RunConfig {
