@@ -336,6 +336,8 @@ fn main() -> Result<()> {
             latest_model.display()
         );
     }
+    // Random initial weights (no --resume) follow --seed, so a run from scratch is reproducible.
+    tch::manual_seed(args.seed as i64);
     let model = match (&args.resume, resume_run) {
         // Replaced by the checkpoint's weights (a LoRA checkpoint holds only adapters).
         (_, Some(_)) if lora.is_none() => Clip::new(&config, device),

@@ -1,0 +1,178 @@
+//! kill -9 during training: the `finetune` binary is killed at several points of a run (some while
+//! it writes a checkpoint), restarted with the same command — which resumes from `epoch_latest`
+//! mid-epoch — and must end with exactly the weights of the run that was never interrupted. A torn
+//! or partial checkpoint must never be taken for a complete one: the restart either resumes from the
+//! last complete checkpoint or starts over, and the result is the same either way.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use cnclip::data::files::BadRecordPolicy;
+use cnclip::data::synth::{MiniMugeConfig, write_mini_muge};
+use cnclip::model::{Clip, LoadOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn finetune_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("finetune");
+    assert!(
+        bin.exists(),
+        "{} is missing: run through `cargo test` (it builds the examples)",
+        bin.display()
+    );
+    bin
+}
+
+const VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":2,"vision_width":32,
+    "vision_head_width":16,"vision_patch_size":8}"#;
+const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.1,"text_hidden_act":"gelu",
+    "text_hidden_dropout_prob":0.1,"text_hidden_size":16,"text_initializer_range":0.02,
+    "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
+    "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
+
+fn command(dir: &Path, logs: &Path) -> Command {
+    let mut cmd = Command::new(finetune_bin());
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    cmd.args([
+        "--train-data",
+        &s(dir.join("lmdb").join("train")),
+        "--vision-model",
+        &s(dir.join("vision.json")),
+        "--text-model",
+        &s(dir.join("text.json")),
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--warmup",
+        "2",
+        "--max-epochs",
+        "4",
+        "--context-length",
+        "24",
+        "--precision",
+        "fp32",
+        "--num-workers",
+        "1",
+        "--device",
+        "cpu",
+        "--use-augment",
+        "--text-prompt",
+        "--save-step-frequency",
+        "1",
+        "--seed",
+        "7",
+        "--logs",
+        &s(logs.to_path_buf()),
+        "--name",
+        "run",
+    ])
+    // One intra-op thread and MKL's reproducible code path: bit-identical arithmetic across processes.
+    .env("OMP_NUM_THREADS", "1")
+    .env("MKL_NUM_THREADS", "1")
+    .env("MKL_CBWR", "COMPATIBLE")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+fn run_to_end(dir: &Path, logs: &Path) {
+    let out = command(dir, logs).output().unwrap();
+    assert!(
+        out.status.success(),
+        "finetune failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn final_weights(logs: &Path) -> Clip {
+    let path = logs
+        .join("run")
+        .join("checkpoints")
+        .join("epoch_latest.safetensors");
+    Clip::load(&path, &LoadOptions::default(), tch::Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
+    let dir = std::env::temp_dir().join(format!("cnclip-crash-training-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    write_mini_muge(
+        &data,
+        &MiniMugeConfig {
+            train_queries: 8,
+            valid_queries: 1,
+            test_queries: 1,
+            train_images_per_query: 2,
+            eval_images_per_query: 1,
+            image_size: 32,
+            ..MiniMugeConfig::default()
+        },
+    )
+    .unwrap();
+    cnclip::data::build_split(
+        &data,
+        "train",
+        &dir.join("lmdb"),
+        BadRecordPolicy::Fail,
+        &mut |_| {},
+    )
+    .unwrap();
+    std::fs::write(dir.join("vision.json"), VISION).unwrap();
+    std::fs::write(dir.join("text.json"), TEXT).unwrap();
+
+    // The uninterrupted run (16 pairs, batch 8, 4 epochs: 8 steps, a checkpoint after each).
+    let reference_logs = dir.join("reference");
+    let started = Instant::now();
+    run_to_end(&dir, &reference_logs);
+    let whole = started.elapsed();
+    let reference = final_weights(&reference_logs).named_tensors();
+
+    // Kill points spread over the run (start-up included), deterministic so a failure reproduces.
+    let mut resumed_mid_run = 0;
+    for (i, fraction) in [0.15, 0.4, 0.55, 0.7, 0.9].into_iter().enumerate() {
+        let logs = dir.join(format!("killed-{i}"));
+        let mut child = command(&dir, &logs).spawn().unwrap();
+        std::thread::sleep(whole.mul_f64(fraction));
+        let finished_first = child.try_wait().unwrap().is_some();
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let latest = logs
+            .join("run")
+            .join("checkpoints")
+            .join("epoch_latest.state.safetensors");
+        if !finished_first && latest.is_file() {
+            resumed_mid_run += 1;
+        }
+        // Restart with the same command until it completes (it resumes from epoch_latest).
+        let deadline = Instant::now() + Duration::from_secs(300);
+        run_to_end(&dir, &logs);
+        assert!(Instant::now() < deadline);
+        let resumed = final_weights(&logs).named_tensors();
+        for (key, tensor) in &reference {
+            assert!(
+                tensor.equal(&resumed[key]),
+                "kill at {fraction} of the run (finished before the kill: {finished_first}): {key} differs from the uninterrupted run"
+            );
+        }
+    }
+    eprintln!("{resumed_mid_run} of 5 kills resumed mid-run; an uninterrupted run took {whole:?}");
+    assert!(
+        resumed_mid_run >= 2,
+        "only {resumed_mid_run} of 5 kills landed mid-run after a checkpoint (run took {whole:?})"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
