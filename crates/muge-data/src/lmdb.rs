@@ -64,6 +64,15 @@ pub enum LmdbError {
     File(#[from] FileError),
     #[error("{} does not exist or is not a directory (expected {what})", path.display())]
     MissingDir { path: PathBuf, what: &'static str },
+    #[error(
+        "LMDB {}: data.mdb is truncated: its meta page records {needed} bytes of pages, the file has {found} (an interrupted copy?)",
+        path.display()
+    )]
+    Truncated {
+        path: PathBuf,
+        needed: u64,
+        found: u64,
+    },
     #[error("invalid split name {name:?}: {reason}")]
     SplitName { name: String, reason: &'static str },
     #[error("LMDB {} has no key {key:?}; it was not written by cn_clip's build_lmdb_dataset.py or by build_split", path.display())]
@@ -96,10 +105,12 @@ pub enum LmdbError {
     },
     #[error("LMDB {}: key {key:?} is not an integer image id (cn_clip's EvalImgDataset calls int(key))", path.display())]
     BadImageKey { path: PathBuf, key: String },
-    #[error("LMDB {}, image {image_id}: the base64 value does not decode: {source}", path.display())]
+    #[error("LMDB {}, image {image_id}{context}: the base64 value does not decode: {source}", path.display())]
     Base64 {
         path: PathBuf,
         image_id: i64,
+        /// Where the image was wanted (e.g. ` (pair 3, text 7)`), or empty.
+        context: String,
         #[source]
         source: Base64Error,
     },
@@ -289,6 +300,36 @@ impl<'e> CadencedWriter<'e> {
     }
 }
 
+/// Removes `.{split}.building-PID` and `.{split}.old-PID` directories left by a build that was
+/// killed (kill -9, power loss): they are never read, but a MUGE-sized one holds gigabytes. Only
+/// directories whose process is gone are removed, so a concurrent build of the same split keeps
+/// its own; where liveness cannot be checked (no `/proc`), nothing is removed.
+fn remove_stale_build_dirs(lmdb_dir: &Path, split: &str) -> Result<(), LmdbError> {
+    if !Path::new("/proc/self").exists() {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(lmdb_dir) else {
+        return Ok(());
+    };
+    let prefixes = [format!(".{split}.building-"), format!(".{split}.old-")];
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(pid) = prefixes
+            .iter()
+            .find_map(|p| name.strip_prefix(p.as_str()))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
+}
+
 /// Builds `{lmdb_dir}/{split}/imgs` and `.../pairs` from `{data_dir}/{split}_imgs.tsv` and
 /// `{data_dir}/{split}_texts.jsonl`, as `build_lmdb_dataset.py` does for one split.
 ///
@@ -319,6 +360,7 @@ pub fn build_split(
     std::fs::create_dir_all(lmdb_dir).map_err(io_err(lmdb_dir))?;
     let final_dir = lmdb_dir.join(split);
     let tmp_dir = lmdb_dir.join(format!(".{split}.building-{}", std::process::id()));
+    remove_stale_build_dirs(lmdb_dir, split)?;
     if tmp_dir.exists() {
         std::fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
     }
@@ -530,6 +572,19 @@ fn open_read(path: &Path, what: &'static str) -> Result<Arc<ReadEnv>, LmdbError>
         options.open(&canonical)
     }
     .map_err(lmdb_err(path))?;
+    // LMDB maps the file and trusts its meta page: a page past the end of a cut file would be a
+    // SIGBUS on first touch, not an error. Both meta pages were read by `open`, so this is safe.
+    let found = std::fs::metadata(canonical.join("data.mdb"))
+        .map_err(io_err(path))?
+        .len();
+    let needed = (env.info().last_page_number as u64 + 1) * u64::from(env.stat().page_size);
+    if found < needed {
+        return Err(LmdbError::Truncated {
+            path: path.to_path_buf(),
+            needed,
+            found,
+        });
+    }
     let txn = env.read_txn().map_err(lmdb_err(path))?;
     let db = env
         .open_database::<Bytes, Bytes>(&txn, None)
@@ -656,6 +711,7 @@ impl ImagesReader<'_> {
         decode_cn_clip(self.base64(image_id, context)?).map_err(|source| LmdbError::Base64 {
             path: self.images.env.path.clone(),
             image_id,
+            context: context.to_owned(),
             source,
         })
     }

@@ -424,12 +424,33 @@ pub fn write_native(
     while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
+    // Written beside `path` and renamed over it when complete: a crash or a full disk leaves the
+    // previous file (or none), never a truncated one under the final name.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name = name.ok_or_else(|| io_err(path, std::io::ErrorKind::InvalidInput.into()))?;
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let written = write_native_body(&tmp, path, &header, view);
+    let renamed = written.and_then(|()| std::fs::rename(&tmp, path).map_err(|e| io_err(path, e)));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    renamed
+}
+
+/// Writes the file at `path`; `shown` is the name the caller knows it by (for row errors).
+fn write_native_body(
+    path: &Path,
+    shown: &Path,
+    header: &[u8],
+    view: &FeatureView<'_>,
+) -> Result<()> {
+    let (n, d) = (view.len(), view.dim());
     let file = File::create(path).map_err(|e| io_err(path, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let io = |e| io_err(path, e);
     w.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
-    w.write_all(&header).map_err(io)?;
+    w.write_all(header).map_err(io)?;
     for id in view.ids() {
         w.write_all(&id.to_le_bytes()).map_err(io)?;
     }
@@ -439,18 +460,20 @@ pub fn write_native(
         let id = view.ids()[i];
         if let Some(position) = row.iter().position(|v| !v.is_finite()) {
             return Err(RetrievalError::NonFinite {
-                what: path.display().to_string(),
+                what: shown.display().to_string(),
                 id,
                 position,
             });
         }
         normalize_row(&mut row).ok_or_else(|| RetrievalError::ZeroNorm {
-            what: path.display().to_string(),
+            what: shown.display().to_string(),
             id,
         })?;
         w.write_all(bytemuck::cast_slice(&row)).map_err(io)?;
     }
-    w.flush().map_err(io)
+    w.flush().map_err(io)?;
+    let file = w.into_inner().map_err(|e| io_err(path, e.into_error()))?;
+    file.sync_all().map_err(io)
 }
 
 enum Values {

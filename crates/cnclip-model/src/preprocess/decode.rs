@@ -74,14 +74,37 @@ pub fn decode_named(bytes: &[u8], id: &str) -> Result<DecodedImage, PreprocessEr
             magic: magic_hex(bytes),
         });
     };
-    let img = match format {
-        Format::Jpeg => decode_jpeg(bytes, id)?,
-        Format::Png => decode_png(bytes, id)?,
-        Format::Gif => decode_gif(bytes, id)?,
-        Format::WebP => decode_webp(bytes, id)?,
-        Format::Bmp => decode_bmp(bytes, id)?,
-    };
-    Ok(img)
+    // The decoders are third-party code fed untrusted bytes; a panic in one of them (found by
+    // fuzzing: png 0.18 indexes past a PLTE chunk whose length is not a multiple of 3) must be
+    // this image's error, not the end of a loader worker and of the run.
+    let decoded = catch_unwind(AssertUnwindSafe(|| match format {
+        Format::Jpeg => decode_jpeg(bytes, id),
+        Format::Png => decode_png(bytes, id),
+        Format::Gif => decode_gif(bytes, id),
+        Format::WebP => decode_webp(bytes, id),
+        Format::Bmp => decode_bmp(bytes, id),
+    }));
+    match decoded {
+        Ok(result) => result,
+        Err(payload) => Err(PreprocessError::Decode {
+            id: id.to_owned(),
+            format: format.name(),
+            reason: format!(
+                "the decoder failed on malformed data ({})",
+                panic_message(&*payload)
+            ),
+        }),
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else {
+        "panic".to_owned()
+    }
 }
 
 fn check_size(id: &str, format: Format, w: u64, h: u64) -> Result<(), PreprocessError> {
@@ -234,12 +257,9 @@ fn decode_jpeg(bytes: &[u8], id: &str) -> Result<DecodedImage, PreprocessError> 
         Err(payload) => {
             // libjpeg's fatal errors unwind out of the C code (mozjpeg's error manager uses
             // `resume_unwind`, so no panic hook runs).
-            let msg = if let Some(s) = payload.downcast_ref::<String>() {
-                s.clone()
-            } else if let Some(s) = payload.downcast_ref::<&str>() {
-                (*s).to_owned()
-            } else {
-                "libjpeg fatal error".to_owned()
+            let msg = match panic_message(&*payload) {
+                m if m == "panic" => "libjpeg fatal error".to_owned(),
+                m => m,
             };
             if truncated {
                 Err(PreprocessError::Truncated {
@@ -296,6 +316,12 @@ fn load_with_image(
         Format::Gif => image::ImageFormat::Gif,
         Format::Jpeg => image::ImageFormat::Jpeg,
     };
+    // The header's size first: a bomb is refused by Pillow's limit (naming its size) before the
+    // decoder allocates, instead of surfacing as the `image` crate's generic memory-limit error.
+    let (w, h) = image::ImageReader::with_format(io::Cursor::new(bytes), fmt)
+        .into_dimensions()
+        .map_err(|e| image_error(id, format, e))?;
+    check_size(id, format, u64::from(w), u64::from(h))?;
     let img =
         image::load_from_memory_with_format(bytes, fmt).map_err(|e| image_error(id, format, e))?;
     check_size(id, format, u64::from(img.width()), u64::from(img.height()))?;
