@@ -19,7 +19,7 @@ use anyhow::Context;
 use clap::Parser;
 use cnclip::data::augment::{OfflinePolicy, multiply_rare_images_in_files};
 use cnclip::data::files::BadRecordPolicy;
-use cnclip::data::lmdb::{BuildProgress, Stage, build_split, parse_splits};
+use cnclip::data::lmdb::{BuildOptions, BuildProgress, Stage, build_split_with, parse_splits};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -49,6 +49,11 @@ struct Args {
     offline_size: u32,
     #[arg(long = "offline-seed", default_value_t = 0)]
     offline_seed: u64,
+    /// Decode every image while building: one that does not decode stops the build naming its
+    /// line and id (--on-error fail) or is left out with its pairs and counted (--on-error skip),
+    /// instead of ending a training run when the loader reaches it.
+    #[arg(long = "check-images")]
+    check_images: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -118,7 +123,11 @@ fn main() -> anyhow::Result<()> {
             );
             source = out;
         }
-        let summary = build_split(&source, split, &lmdb_dir, args.on_error, &mut on_progress)
+        let options = BuildOptions {
+            policy: args.on_error,
+            check_images: args.check_images,
+        };
+        let summary = build_split_with(&source, split, &lmdb_dir, &options, &mut on_progress)
             .with_context(|| format!("building the {split} split"))?;
         if summary.replaced_existing {
             println!("Replaced the existing LMDB files {}", summary.dir.display());

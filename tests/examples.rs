@@ -118,6 +118,7 @@ fn the_pipeline_examples_write_what_cn_clip_would() {
             "2",
             "--offline-size",
             "32",
+            "--check-images",
         ],
     );
     assert!(

@@ -29,7 +29,7 @@ pub mod synth;
 pub mod text;
 
 pub use files::{BadRecordPolicy, FileError, ImageTsvReader, ReadReport, TextJsonlReader};
-pub use lmdb::{LmdbError, LmdbImages, LmdbSplit, build_split};
+pub use lmdb::{BuildOptions, LmdbError, LmdbImages, LmdbSplit, build_split, build_split_with};
 pub use loader::{Batch, ImageTransform, Loader, LoaderConfig, LoaderError, SampleKey};
 pub use sampler::{DistributedSampler, EpochPlan};
 pub use text::{PRODUCT_PROMPT, TextPipeline};

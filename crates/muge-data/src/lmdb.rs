@@ -344,6 +344,33 @@ pub fn build_split(
     policy: BadRecordPolicy,
     progress: &mut dyn FnMut(BuildProgress<'_>),
 ) -> Result<SplitSummary, LmdbError> {
+    let options = BuildOptions {
+        policy,
+        check_images: false,
+    };
+    build_split_with(data_dir, split, lmdb_dir, &options, progress)
+}
+
+/// How [`build_split_with`] treats its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildOptions {
+    pub policy: BadRecordPolicy,
+    /// Decode every image while building ([`ImageTsvReader::with_image_check`]): a picture that
+    /// does not decode is then a bad record of the TSV (an error naming line and id, or skipped
+    /// with its pairs under [`BadRecordPolicy::Skip`]) instead of a loader error mid-training.
+    /// cn_clip's script stores images unchecked, which is also our default.
+    pub check_images: bool,
+}
+
+/// [`build_split`] with [`BuildOptions`].
+pub fn build_split_with(
+    data_dir: &Path,
+    split: &str,
+    lmdb_dir: &Path,
+    options: &BuildOptions,
+    progress: &mut dyn FnMut(BuildProgress<'_>),
+) -> Result<SplitSummary, LmdbError> {
+    let policy = options.policy;
     check_split_name(split)?;
     if !data_dir.is_dir() {
         return Err(LmdbError::MissingDir {
@@ -354,7 +381,7 @@ pub fn build_split(
     let tsv_path = data_dir.join(format!("{split}_imgs.tsv"));
     let jsonl_path = data_dir.join(format!("{split}_texts.jsonl"));
     // Open both inputs before creating anything, so a missing file leaves no trace.
-    let images = ImageTsvReader::open(&tsv_path, policy)?;
+    let images = ImageTsvReader::open(&tsv_path, policy)?.with_image_check(options.check_images);
     let texts = TextJsonlReader::open(&jsonl_path, policy)?;
 
     std::fs::create_dir_all(lmdb_dir).map_err(io_err(lmdb_dir))?;

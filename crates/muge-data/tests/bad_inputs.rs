@@ -16,7 +16,9 @@ use cnclip_model::preprocess::Preprocessor;
 use common::{TempDir, tiny_data};
 use muge_data::base64::encode;
 use muge_data::files::{BadRecordPolicy, ProblemKind};
-use muge_data::lmdb::{LmdbError, LmdbImages, LmdbPairs, LmdbSplit, build_split};
+use muge_data::lmdb::{
+    BuildOptions, LmdbError, LmdbImages, LmdbPairs, LmdbSplit, build_split, build_split_with,
+};
 use muge_data::loader::{Loader, LoaderConfig};
 use muge_data::sampler::EpochPlan;
 use muge_data::text::TextPipeline;
@@ -344,4 +346,64 @@ fn lmdb_directories_of_the_wrong_layout_are_named() {
     let e = LmdbImages::open(&cut).unwrap_err();
     assert!(matches!(e, LmdbError::Truncated { .. }), "{e}");
     assert!(e.to_string().contains(&cut.display().to_string()), "{e}");
+}
+
+/// `--check-images`: the same bad pictures caught while building instead of by the loader — an
+/// error naming the TSV line and id under Fail; under Skip the image and its pairs are left out and
+/// counted, and the split that remains loads completely.
+#[test]
+fn checked_builds_catch_undecodable_images_before_training() {
+    let jpeg = real_jpeg();
+    for (name, b64) in [
+        ("truncated jpeg", encode(&jpeg[..jpeg.len() / 2])),
+        ("non-image bytes", encode(b"<html>not an image</html>")),
+        ("zero-byte image", "====".to_owned()),
+        ("bad base64", "Zm9vY".to_owned()),
+    ] {
+        let d = TempDir::new("checked");
+        let tsv = format!("1\t{}\n7\t{b64}\n", encode(&jpeg));
+        let jsonl = "{\"text_id\": 10, \"text\": \"a\", \"image_ids\": [1]}\n\
+                     {\"text_id\": 11, \"text\": \"b\", \"image_ids\": [7, 1]}\n";
+        let data = write_split(d.path(), "train", tsv.as_bytes(), jsonl.as_bytes());
+        let lmdb = d.path().join("lmdb");
+        let fail = BuildOptions {
+            policy: BadRecordPolicy::Fail,
+            check_images: true,
+        };
+        let e = build_split_with(&data, "train", &lmdb, &fail, &mut |_| {})
+            .err()
+            .unwrap_or_else(|| panic!("{name}: a checked build accepted the image"))
+            .to_string();
+        assert!(
+            e.contains("train_imgs.tsv, line 2: image 7 does not decode"),
+            "{name}: {e}"
+        );
+        assert!(
+            !lmdb.join("train").exists(),
+            "{name}: nothing is left behind"
+        );
+
+        let skip = BuildOptions {
+            policy: BadRecordPolicy::Skip,
+            check_images: true,
+        };
+        let summary = build_split_with(&data, "train", &lmdb, &skip, &mut |_| {}).unwrap();
+        assert_eq!(summary.images, 1, "{name}");
+        assert_eq!(
+            summary.images_report.skipped[&ProblemKind::UndecodableImage],
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            summary.texts_report.skipped[&ProblemKind::MissingImage],
+            1,
+            "{name}"
+        );
+        assert_eq!(summary.pairs, 2, "{name}: (10, 1) and (11, 1) remain");
+        let results = load_all(LmdbSplit::open(&summary.dir).unwrap());
+        assert!(
+            results.iter().all(Result::is_ok),
+            "{name}: the checked split loads"
+        );
+    }
 }
