@@ -88,27 +88,9 @@ fn command(dir: &Path, logs: &Path) -> Command {
     cmd
 }
 
-fn run_to_end(dir: &Path, logs: &Path) {
-    let out = command(dir, logs).output().unwrap();
-    assert!(
-        out.status.success(),
-        "finetune failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn final_weights(logs: &Path) -> Clip {
-    let path = logs
-        .join("run")
-        .join("checkpoints")
-        .join("epoch_latest.safetensors");
-    Clip::load(&path, &LoadOptions::default(), tch::Device::Cpu).unwrap()
-}
-
-#[test]
-fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
-    let dir = std::env::temp_dir().join(format!("cnclip-crash-training-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// The training data and configs both tests use.
+fn prepare(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
     let data = dir.join("data");
     write_mini_muge(
         &data,
@@ -133,6 +115,29 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
     .unwrap();
     std::fs::write(dir.join("vision.json"), VISION).unwrap();
     std::fs::write(dir.join("text.json"), TEXT).unwrap();
+}
+
+fn run_to_end(dir: &Path, logs: &Path) {
+    let out = command(dir, logs).output().unwrap();
+    assert!(
+        out.status.success(),
+        "finetune failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn final_weights(logs: &Path) -> Clip {
+    let path = logs
+        .join("run")
+        .join("checkpoints")
+        .join("epoch_latest.safetensors");
+    Clip::load(&path, &LoadOptions::default(), tch::Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
+    let dir = std::env::temp_dir().join(format!("cnclip-crash-training-{}", std::process::id()));
+    prepare(&dir);
 
     // The uninterrupted run (16 pairs, batch 8, 4 epochs: 8 steps, a checkpoint after each).
     let reference_logs = dir.join("reference");
@@ -174,5 +179,64 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
         resumed_mid_run >= 2,
         "only {resumed_mid_run} of 5 kills landed mid-run after a checkpoint (run took {whole:?})"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A disk that fills during a checkpoint write (simulated with a file-size limit, `ulimit -f`,
+/// SIGXFSZ ignored so the write fails with EFBIG as on a full disk): the run stops with an error
+/// naming the file, leaves no temporary file and no `epoch_latest` pair behind, and the same
+/// command succeeds once there is room.
+#[test]
+fn a_full_disk_during_a_checkpoint_write_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("cnclip-disk-full-{}", std::process::id()));
+    prepare(&dir);
+    // About 1.5 MB per model file and twice that for the optimizer state: 1000 KiB stops the
+    // model file, 2000 KiB lets it through and stops the state file.
+    for limit_kib in [1000, 2000] {
+        let logs = dir.join(format!("limit-{limit_kib}"));
+        let cmd = command(&dir, &logs);
+        let mut shell = Command::new("sh");
+        shell
+            .arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; ulimit -f {limit_kib}; exec \"$0\" \"$@\""
+            ))
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .envs(cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))));
+        let out = shell.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "limit {limit_kib} KiB: the run must fail"
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "limit {limit_kib} KiB: {stderr}"
+        );
+        assert!(
+            stderr.contains(".safetensors: File too large"),
+            "limit {limit_kib} KiB: the error names the file: {stderr}"
+        );
+        let checkpoints = logs.join("run").join("checkpoints");
+        let names: Vec<String> = std::fs::read_dir(&checkpoints)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.ends_with(".safetensors") && !n.starts_with('.')),
+            "limit {limit_kib} KiB: temporary files left: {names:?}"
+        );
+        assert!(
+            !names.iter().any(|n| n.starts_with("epoch_latest")),
+            "limit {limit_kib} KiB: no resumable checkpoint may come out of a failed write: {names:?}"
+        );
+        run_to_end(&dir, &logs);
+        final_weights(&logs);
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
