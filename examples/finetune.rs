@@ -318,8 +318,18 @@ fn main() -> Result<()> {
             },
         },
     };
-    let latest = run.checkpoint_dir().join("epoch_latest.state.safetensors");
-    let resume_run = latest.is_file().then_some("epoch_latest");
+    // The newest complete checkpoint: a pair torn by a crash mid-write is passed over.
+    let resume_from = cnclip::train::checkpoint::latest_complete(&run.checkpoint_dir())?;
+    if let Some((stem, position)) = &resume_from
+        && stem != "epoch_latest"
+    {
+        eprintln!(
+            "note: epoch_latest is missing or was torn by a crash; continuing from the newest \
+             complete checkpoint, {stem} (step {})",
+            position.step
+        );
+    }
+    let resume_run = resume_from.as_ref().map(|(stem, _)| stem.as_str());
     let lora = args.lora_rank.map(|rank| cnclip::lora::LoraConfig {
         rank,
         alpha: args.lora_alpha,
@@ -328,7 +338,10 @@ fn main() -> Result<()> {
         train_logit_scale: args.lora_train_logit_scale,
         train_layer_norms: args.lora_train_layer_norms,
     });
-    let latest_model = run.checkpoint_dir().join("epoch_latest.safetensors");
+    let latest_model = run.checkpoint_dir().join(format!(
+        "{}.safetensors",
+        resume_run.unwrap_or("epoch_latest")
+    ));
     if resume_run.is_some() && lora.is_none() && cnclip::lora::is_adapter_file(&latest_model)? {
         anyhow::bail!(
             "{} holds LoRA adapters: continue the run with its --lora-* flags and --resume naming \
@@ -368,8 +381,11 @@ fn main() -> Result<()> {
             );
         }
     }
-    if resume_run.is_some() && main_rank {
-        println!("resuming from {}", latest.display());
+    if let (Some(stem), true) = (resume_run, main_rank) {
+        println!(
+            "resuming from {}",
+            run.checkpoint_dir().join(stem).display()
+        );
     }
     let summary = match &ddp {
         Some(ddp) => train_distributed(model, &run, resume_run, ddp)?,

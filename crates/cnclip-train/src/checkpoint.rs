@@ -126,6 +126,70 @@ pub fn save(
     Ok(())
 }
 
+/// The newest checkpoint in `dir` whose two files are both complete and belong together: its
+/// stem and position. A pair torn by a crash between its two renames (ids differ) or a file cut
+/// short is passed over, so a run killed while writing `epoch_latest` resumes from the newest
+/// step or epoch checkpoint before it instead of stopping (the steps after it are trained again,
+/// with the same result). Ties prefer `epoch_latest`. `None` when there is no complete checkpoint.
+pub fn latest_complete(dir: &Path) -> Result<Option<(String, RunPosition)>, CheckpointError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(CheckpointError::Invalid {
+                path: dir.to_path_buf(),
+                what: format!("cannot list the checkpoint directory: {e}"),
+            });
+        }
+    };
+    let mut best: Option<(String, RunPosition)> = None;
+    for entry in entries {
+        let entry = entry.map_err(|e| CheckpointError::Invalid {
+            path: dir.to_path_buf(),
+            what: format!("cannot list the checkpoint directory: {e}"),
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".state.safetensors") else {
+            continue;
+        };
+        let (model_path, state_path) = paths(dir, stem);
+        let (Ok(model_meta), Ok(state_meta)) = (
+            weights::read_safetensors_metadata(&model_path),
+            weights::read_safetensors_metadata(&state_path),
+        ) else {
+            continue;
+        };
+        let (Some(model_id), Some(state_id)) = (
+            model_meta.get(CHECKPOINT_ID_KEY),
+            state_meta.get(CHECKPOINT_ID_KEY),
+        ) else {
+            continue;
+        };
+        let Some(position) = state_meta
+            .get(TRAINING_STATE_KEY)
+            .and_then(|json| serde_json::from_str::<RunPosition>(json).ok())
+        else {
+            continue;
+        };
+        if model_id != state_id {
+            continue;
+        }
+        let better = match &best {
+            None => true,
+            Some((best_stem, p)) => {
+                position.step > p.step
+                    || (position.step == p.step
+                        && stem == "epoch_latest"
+                        && best_stem != "epoch_latest")
+            }
+        };
+        if better {
+            best = Some((stem.to_string(), position));
+        }
+    }
+    Ok(best)
+}
+
 /// A checkpoint read back: the model (fp32, on `device`), the optimizer state and the position.
 pub struct Loaded {
     pub model: Clip,
@@ -238,4 +302,63 @@ pub fn restore(
     }
     trainer.set_step(position.step);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn write(dir: &Path, stem: &str, model_id: &str, state_id: &str, step: u64) {
+        let (model_path, state_path) = paths(dir, stem);
+        let mut sd = StateDict::new();
+        sd.insert("w", Tensor::zeros([2], (tch::Kind::Float, Device::Cpu)));
+        let position = RunPosition {
+            epoch: 0,
+            step,
+            batches_into_epoch: step,
+            name: "t".into(),
+        };
+        weights::save_safetensors(
+            &model_path,
+            &sd,
+            HashMap::from([(CHECKPOINT_ID_KEY.to_string(), model_id.to_string())]),
+        )
+        .unwrap();
+        weights::save_safetensors(
+            &state_path,
+            &sd,
+            HashMap::from([
+                (CHECKPOINT_ID_KEY.to_string(), state_id.to_string()),
+                (
+                    TRAINING_STATE_KEY.to_string(),
+                    serde_json::to_string(&position).unwrap(),
+                ),
+            ]),
+        )
+        .unwrap();
+    }
+
+    /// A crash between the two renames of `epoch_latest` leaves a torn pair; the run goes on from
+    /// the newest complete checkpoint instead. A truncated file is passed over the same way.
+    #[test]
+    fn the_newest_complete_pair_wins_over_a_torn_latest() {
+        let dir = std::env::temp_dir().join(format!("ckpt-choice-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(latest_complete(&dir).unwrap().is_none());
+        write(&dir, "epoch_1_2", "a", "a", 2);
+        write(&dir, "epoch_1_3", "b", "b", 3);
+        write(&dir, "epoch_latest", "c", "b", 4); // model renamed, state still the old one
+        let (stem, position) = latest_complete(&dir).unwrap().unwrap();
+        assert_eq!((stem.as_str(), position.step), ("epoch_1_3", 3));
+        write(&dir, "epoch_latest", "b", "b", 3);
+        assert_eq!(latest_complete(&dir).unwrap().unwrap().0, "epoch_latest");
+        let (model, _) = paths(&dir, "epoch_latest");
+        let bytes = std::fs::read(&model).unwrap();
+        std::fs::write(&model, &bytes[..bytes.len() / 3]).unwrap();
+        write(&dir, "epoch_1_3", "x", "y", 3);
+        assert_eq!(latest_complete(&dir).unwrap().unwrap().0, "epoch_1_2");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
