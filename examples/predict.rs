@@ -81,7 +81,19 @@ fn main() -> Result<()> {
         device,
     };
     let t1 = Instant::now();
-    let hits = search(&queries, &gallery, &opts)?;
+    // The search names a bad row by its id; say which files the queries and gallery came from.
+    let (query_file, gallery_file) = if args.image_to_text {
+        (&args.image_feats, &args.text_feats)
+    } else {
+        (&args.text_feats, &args.image_feats)
+    };
+    let hits = search(&queries, &gallery, &opts).with_context(|| {
+        format!(
+            "searching queries of {} against the gallery of {}",
+            query_file.display(),
+            gallery_file.display()
+        )
+    })?;
     let searched = t1.elapsed();
     write_predictions(&args.output, direction, &queries, &gallery, &hits)?;
     eprintln!(
