@@ -106,6 +106,22 @@ impl Runner<'_> {
         Ok(p)
     }
 
+    /// The recipe's members as native files (made on first use) and opened for streaming.
+    fn open_members(
+        &mut self,
+        recipe: &Recipe,
+    ) -> Result<(Vec<PathBuf>, Vec<NativeCheckpoint>), SoupError> {
+        let paths = recipe
+            .members()
+            .map(|i| self.native(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let opened = paths
+            .iter()
+            .map(NativeCheckpoint::open)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((paths, opened))
+    }
+
     fn describe(&self, recipe: &Recipe) -> String {
         let names: Vec<String> = self.candidates.iter().map(|c| c.name.clone()).collect();
         recipe.describe(&names)
@@ -149,19 +165,8 @@ impl Runner<'_> {
             });
         }
         events(Event::Stage(format!("scoring {}", self.describe(recipe))));
-        let paths = recipe
-            .members()
-            .map(|i| self.native(i))
-            .collect::<Result<Vec<_>, _>>()?;
-        let opened = paths
-            .iter()
-            .map(NativeCheckpoint::open)
-            .collect::<Result<Vec<_>, _>>()?;
-        let members: Vec<(&NativeCheckpoint, f64)> = opened
-            .iter()
-            .zip(recipe.weights())
-            .map(|(c, &(_, w))| (c, w))
-            .collect();
+        let (paths, opened) = self.open_members(recipe)?;
+        let members = weighted(&opened, recipe);
         let plan = plan(&members)?;
         let mut sink = ModelSink::new(&plan, self.config.score.device, &paths[0]);
         let total: usize = plan.tensors.iter().map(|t| t.nbytes()).sum();
@@ -205,19 +210,8 @@ impl Runner<'_> {
         events: &mut dyn FnMut(Event),
     ) -> Result<(), SoupError> {
         let recipe = &outcome.result;
-        let paths = recipe
-            .members()
-            .map(|i| self.native(i))
-            .collect::<Result<Vec<_>, _>>()?;
-        let opened = paths
-            .iter()
-            .map(NativeCheckpoint::open)
-            .collect::<Result<Vec<_>, _>>()?;
-        let members: Vec<(&NativeCheckpoint, f64)> = opened
-            .iter()
-            .zip(recipe.weights())
-            .map(|(c, &(_, w))| (c, w))
-            .collect();
+        let (_, opened) = self.open_members(recipe)?;
+        let members = weighted(&opened, recipe);
         let plan = plan(&members)?;
         let record = serde_json::json!({
             "strategy": outcome.strategy.as_str(),
@@ -332,4 +326,16 @@ pub fn soup_path(out: &Path) -> PathBuf {
 /// The default cache of a run in `out`.
 pub fn default_cache_dir(out: &Path) -> PathBuf {
     out.join("cache")
+}
+
+/// Each opened member with its weight in `recipe` (same order as [`Recipe::members`]).
+fn weighted<'a>(
+    opened: &'a [NativeCheckpoint],
+    recipe: &Recipe,
+) -> Vec<(&'a NativeCheckpoint, f64)> {
+    opened
+        .iter()
+        .zip(recipe.weights())
+        .map(|(c, &(_, w))| (c, w))
+        .collect()
 }
