@@ -366,29 +366,6 @@ impl ImageTsvReader {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The file's size in bytes, for progress bars.
-    pub fn file_len(&self) -> u64 {
-        self.file_len
-    }
-
-    /// Bytes read so far.
-    pub fn bytes_read(&self) -> u64 {
-        self.lines.bytes_read()
-    }
-
-    /// Counts so far; complete once the iterator returned `None`.
-    pub fn report(&self) -> &ReadReport {
-        &self.report
-    }
-
-    pub fn into_report(self) -> ReadReport {
-        self.report
-    }
-
     /// The image ids read so far (all of them once the iterator is exhausted).
     pub fn image_ids(&self) -> impl Iterator<Item = i64> + '_ {
         self.seen.keys().copied()
@@ -458,10 +435,36 @@ fn truncate(s: &str, max_chars: usize) -> String {
     }
 }
 
-/// The record loop both readers share: next line, parse, then stop at the first error or, under
-/// [`BadRecordPolicy::Skip`], count it in the report and go on. Only `parse` differs.
+/// What both readers share: their accessors and the record loop — next line, parse, then stop at
+/// the first error or, under [`BadRecordPolicy::Skip`], count it in the report and go on. Only
+/// `parse` differs.
 macro_rules! record_iterator {
     ($reader:ty, $record:ty) => {
+        impl $reader {
+            pub fn path(&self) -> &Path {
+                &self.path
+            }
+
+            /// The file's size in bytes, for progress bars.
+            pub fn file_len(&self) -> u64 {
+                self.file_len
+            }
+
+            /// Bytes read so far.
+            pub fn bytes_read(&self) -> u64 {
+                self.lines.bytes_read()
+            }
+
+            /// Counts so far; complete once the iterator returned `None`.
+            pub fn report(&self) -> &ReadReport {
+                &self.report
+            }
+
+            pub fn into_report(self) -> ReadReport {
+                self.report
+            }
+        }
+
         impl Iterator for $reader {
             type Item = Result<$record, FileError>;
 
@@ -576,29 +579,9 @@ impl TextJsonlReader {
         self
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn file_len(&self) -> u64 {
-        self.file_len
-    }
-
-    pub fn bytes_read(&self) -> u64 {
-        self.lines.bytes_read()
-    }
-
     /// The form fixed by the first record (`None` before it).
     pub fn form(&self) -> Option<TextForm> {
         self.form
-    }
-
-    pub fn report(&self) -> &ReadReport {
-        &self.report
-    }
-
-    pub fn into_report(self) -> ReadReport {
-        self.report
     }
 
     fn parse(&mut self, line: u64, bytes: Vec<u8>) -> Result<TextRecord, FileError> {
