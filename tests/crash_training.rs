@@ -5,29 +5,15 @@
 //! last complete checkpoint or starts over, and the result is the same either way.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use cnclip::data::files::BadRecordPolicy;
 use cnclip::data::synth::{MiniMugeConfig, write_mini_muge};
 use cnclip::model::{Clip, LoadOptions};
+use common::example_bin;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn finetune_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("finetune");
-    assert!(
-        bin.exists(),
-        "{} is missing: run through `cargo test` (it builds the examples)",
-        bin.display()
-    );
-    bin
-}
 
 const VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":2,"vision_width":32,
     "vision_head_width":16,"vision_patch_size":8}"#;
@@ -37,7 +23,7 @@ const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.
     "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
 
 fn command(dir: &Path, logs: &Path) -> Command {
-    let mut cmd = Command::new(finetune_bin());
+    let mut cmd = Command::new(example_bin("finetune"));
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
     cmd.args([
         "--train-data",

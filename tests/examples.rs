@@ -5,22 +5,14 @@
 //! `cargo test` builds the examples (debug) before running tests; this test runs those binaries.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::example_bin;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `target/debug/examples`, next to this test's own `deps/` directory.
-fn examples_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("examples")
-}
-
 fn run(name: &str, args: &[&str]) -> String {
-    let bin = examples_dir().join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: run the tests through `cargo test` (it builds the examples)",
-        bin.display()
-    );
+    let bin = example_bin(name);
     let out = Command::new(&bin).args(args).output().unwrap();
     let text = format!(
         "{}{}",
@@ -32,10 +24,7 @@ fn run(name: &str, args: &[&str]) -> String {
 }
 
 fn fails(name: &str, args: &[&str]) -> String {
-    let out = Command::new(examples_dir().join(name))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new(example_bin(name)).args(args).output().unwrap();
     assert!(!out.status.success(), "{name} {args:?} should have failed");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
