@@ -146,6 +146,9 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
         ],
         true,
     )?;
+    if args.prebuilt.is_none() {
+        println!("{}", crate::jpeg::decoder_report(root, "release"));
+    }
     let build_time = started.elapsed().as_secs_f64();
 
     // 1–2. Data and LMDB.

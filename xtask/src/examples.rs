@@ -52,11 +52,15 @@ pub fn path(root: &Path, name: &str) -> PathBuf {
     if let Some(dir) = prebuilt() {
         return dir.join("examples").join(name);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    target_dir(root).join("release").join("examples").join(name)
+}
+
+/// `CARGO_TARGET_DIR` or the workspace's `target/`.
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|t| if t.is_absolute() { t } else { root.join(t) })
-        .unwrap_or_else(|| root.join("target"));
-    target.join("release").join("examples").join(name)
+        .unwrap_or_else(|| root.join("target"))
 }
 
 /// A command for the built example `name`.

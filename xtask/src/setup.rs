@@ -5,6 +5,8 @@
 //! libtorch is 1.13. The CPU variant installs the smallest wheel set that still loads (torch's `+cu130`
 //! wheel needs `libcudart.so.13` and CUPTI even for CPU work); `--cuda` installs torch with all its
 //! dependencies plus the two header-only NCCL build wheels torch does not pull in.
+//!
+//! It also provides `nasm`, which the JPEG decoder's SIMD build needs (see `jpeg.rs`).
 
 use crate::libtorch::{self, TORCH_VERSION};
 use anyhow::{Context, Result, bail};
@@ -56,6 +58,7 @@ impl Variant {
 }
 
 pub fn run(root: &Path, args: &SetupArgs) -> Result<()> {
+    crate::jpeg::ensure_simd_build(root)?;
     let variant = if args.cuda { &CUDA } else { &CPU };
     let link = root.join(".libtorch");
 

@@ -16,6 +16,7 @@
 //! Exactness per format and mode is documented in `docs/PREPROCESSING.md`.
 
 mod decode;
+mod jpeg_simd;
 mod resample;
 
 use std::path::Path;
@@ -24,6 +25,7 @@ use rayon::prelude::*;
 use tch::Tensor;
 
 pub use decode::{Format, MAX_PIXELS, decode_named};
+pub use jpeg_simd::jpeg_simd_enabled;
 pub use resample::{pillow_horizontal_first, resize_bicubic, resize_bicubic_u16, resize_nearest};
 
 /// CLIP's per-channel mean (RGB), as cn_clip passes it to `Normalize` (written as cn_clip

@@ -65,3 +65,182 @@ pub fn tiny_config(dropout: f64) -> ClipConfig {
     config.text.text_attention_probs_dropout_prob = dropout;
     config
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rounding bounds for comparing two f32 computations of the same quantity.
+//
+// Two training paths that are equal in exact arithmetic (one batch vs accumulated micro-batches,
+// checkpointed vs recorded backward, one process vs ranks) still round differently: libtorch
+// picks GEMM blockings by shape and CPU (MKL on Intel vs AMD, OpenBLAS or KleidiAI on aarch64),
+// so they sum the same products in other orders. The bounds below follow from that alone and hold
+// on any IEEE-754 CPU; none was measured on one machine.
+
+/// f32's unit roundoff, 2⁻²⁴.
+pub const F32_UNIT_ROUNDOFF: f64 = 1.0 / 16_777_216.0;
+
+/// The longest reduction in the tiny models' forward or backward pass: the MLP's 4 × 32 = 128
+/// hidden units feeding `c_proj`, which is longer than any batch × token sum (6 rows × 17 tokens).
+pub const TINY_LONGEST_SUM: f64 = 128.0;
+
+/// Reductions stacked on the longest path through the tiny models, forward and backward: per
+/// transformer block LayerNorm, q/k/v, scores, softmax-weighted values, out-projection,
+/// LayerNorm, two MLP GEMMs (8), times 2 blocks, plus stem, final LayerNorm and projection, once
+/// forward and once backward: 2 × (2 × 8 + 3) = 38, rounded up to 40.
+pub const TINY_STACKED_SUMS: f64 = 40.0;
+
+/// The relative error with which two orderings of the tiny models' computation can disagree.
+/// Rounding a sum of n products in any order errs by at most γₙ = n·u times the sum of their
+/// magnitudes (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1), but that worst
+/// case needs every rounding to go the same way; treating roundings as independent and mean-zero,
+/// the error exceeds λ·√n·u of that magnitude with probability at most 2·exp(−λ²/2) (Higham &
+/// Mary, SIAM J. Sci. Comput. 41(5), 2019, Thm. 2.8). Stacked sums add independent errors, so
+/// k of them give λ·√(k·n)·u. With k = 40, n = 128 and λ = 8 (a chance below 3e-14 per value of
+/// being exceeded): 8 × √5120 × 2⁻²⁴ ≈ 3.4e-5 of the magnitude of its terms. Real bugs of the
+/// kinds these tests target (a micro-batch counted twice, a missing 1/W, a wrong `logit_scale`
+/// factor, a rate off by 0.1 %) change gradients or steps by far more.
+pub fn tiny_rounding_bound() -> f64 {
+    const LAMBDA: f64 = 8.0;
+    LAMBDA * (TINY_STACKED_SUMS * TINY_LONGEST_SUM).sqrt() * F32_UNIT_ROUNDOFF
+}
+
+/// Attention key biases get an analytically zero gradient: adding one constant to every key score
+/// of a query leaves its softmax unchanged. What any implementation computes there is rounding
+/// noise, so they are checked to be noise (below the bound relative to the largest gradient of
+/// the model), not compared element by element. In a ViT they are the middle third of
+/// `attn.in_proj_bias`; in BERT, `attention.self.key.bias`.
+pub fn analytically_zero_part(key: &str, gradient: &tch::Tensor) -> Option<tch::Tensor> {
+    if key.ends_with("attention.self.key.bias") {
+        Some(gradient.shallow_clone())
+    } else if key.ends_with("attn.in_proj_bias") {
+        let width = gradient.size()[0] / 3;
+        Some(gradient.narrow(0, width, width))
+    } else {
+        None
+    }
+}
+
+/// The comparable rest of a gradient: everything but its analytically zero part.
+fn comparable_part(key: &str, gradient: &tch::Tensor) -> tch::Tensor {
+    if key.ends_with("attention.self.key.bias") {
+        gradient.narrow(0, 0, 0)
+    } else if key.ends_with("attn.in_proj_bias") {
+        let width = gradient.size()[0] / 3;
+        tch::Tensor::cat(
+            &[
+                gradient.narrow(0, 0, width),
+                gradient.narrow(0, 2 * width, width),
+            ],
+            0,
+        )
+    } else {
+        gradient.shallow_clone()
+    }
+}
+
+fn max_abs(t: &tch::Tensor) -> f64 {
+    if t.numel() == 0 {
+        0.0
+    } else {
+        t.abs().max().double_value(&[])
+    }
+}
+
+/// Asserts that the gradients left on `a`'s and `b`'s parameters are the same gradient computed
+/// in two orders: defined on the same parameters, each element within `bound` × the tensor's
+/// largest gradient (the magnitude of the terms its elements sum), analytically zero parts below
+/// `bound` × the model's largest gradient on both sides. `expected_a` maps a's gradient to what
+/// b should hold (e.g. a known factor on `logit_scale`). Returns how many tensors were compared.
+pub fn assert_same_gradients(
+    a: &Clip,
+    b: &Clip,
+    bound: f64,
+    expected_a: impl Fn(&str, tch::Tensor) -> tch::Tensor,
+    context: &str,
+) -> usize {
+    let (a, b) = (a.named_tensors(), b.named_tensors());
+    let largest = a
+        .values()
+        .map(|t| t.grad())
+        .filter(|g| g.defined())
+        .map(|g| max_abs(&g))
+        .fold(0.0, f64::max);
+    assert!(largest > 0.0, "{context}: no gradient at all");
+    let mut compared = 0;
+    for (key, tensor) in &a {
+        let (ga, gb) = (tensor.grad(), b[key].grad());
+        assert_eq!(
+            ga.defined(),
+            gb.defined(),
+            "{context} {key}: gradient on one side only"
+        );
+        if !ga.defined() {
+            continue;
+        }
+        let ga = expected_a(key, ga);
+        if let (Some(za), Some(zb)) = (
+            analytically_zero_part(key, &ga),
+            analytically_zero_part(key, &gb),
+        ) {
+            for (side, z) in [("a", za), ("b", zb)] {
+                let noise = max_abs(&z);
+                assert!(
+                    noise <= bound * largest,
+                    "{context} {key} ({side}): analytically zero part is {noise:e}, not noise \
+                     (largest gradient {largest:e})"
+                );
+            }
+        }
+        let (ca, cb) = (comparable_part(key, &ga), comparable_part(key, &gb));
+        let scale = max_abs(&ca);
+        let diff = max_abs(&(&ca - &cb));
+        assert!(
+            diff <= bound * scale,
+            "{context} {key}: gradients differ by {diff:e} (scale {scale:e}, bound {:e})",
+            bound * scale
+        );
+        compared += 1;
+    }
+    compared
+}
+
+/// Asserts that one AdamW step from the same weights `w0` moved `a` and `b` as their own gradients
+/// (still on the parameters) imply. On the first step Adam's bias-corrected moments are m̂ = g and
+/// v̂ = g², so each element moves by lr·g/(|g| + ε) besides the weight decay both share. Where |g|
+/// is near the rounding noise that is ±lr either way, so the two runs' weights are compared with
+/// the difference their gradients predict: |w_a − w_b| ≤ lr·|f(g_a) − f(g_b)| + 8u(|w0| + lr),
+/// f(g) = g/(|g| + ε), the last term covering the few rounded operations of the update itself.
+pub fn assert_first_adam_step_matches(
+    w0: &std::collections::BTreeMap<String, tch::Tensor>,
+    a: &Clip,
+    b: &Clip,
+    lr: f64,
+    eps: f64,
+    context: &str,
+) {
+    let (a, b) = (a.named_tensors(), b.named_tensors());
+    let direction = |g: &tch::Tensor| {
+        let g = g.to_kind(tch::Kind::Double);
+        &g / (g.abs() + eps)
+    };
+    for (key, wa) in &a {
+        if !wa.is_floating_point() {
+            continue;
+        }
+        let (wb, start) = (&b[key], w0[key].to_kind(tch::Kind::Double));
+        let diff = (wa.to_kind(tch::Kind::Double) - wb.to_kind(tch::Kind::Double)).abs();
+        let (ga, gb) = (wa.grad(), wb.grad());
+        let predicted = if ga.defined() && gb.defined() {
+            (direction(&ga) - direction(&gb)).abs() * lr
+        } else {
+            tch::Tensor::zeros_like(&diff)
+        };
+        let allowed = predicted + (start.abs() + lr) * (8.0 * F32_UNIT_ROUNDOFF);
+        let excess = (&diff - &allowed).max().double_value(&[]);
+        assert!(
+            excess <= 0.0,
+            "{context} {key}: weights differ by up to {:e}, {excess:e} more than their gradients \
+             explain",
+            diff.max().double_value(&[])
+        );
+    }
+}
