@@ -88,10 +88,30 @@ fn adamw_equals_torch_over_five_steps() {
         }
         optimizer.step(lr.as_f64().unwrap()).unwrap();
     }
+    // Element-wise arithmetic only, no sums: both sides run torch's AdamW kernels on the same
+    // given gradients, so on the fixture's CPU they agree bit for bit. Another CPU's vector units
+    // may fuse a multiply-add the fixture's rounded twice, so allow each of the update's ≤ 8
+    // rounded operations per step one rounding: 8u per step of the weight's magnitude plus its
+    // step's (lr·|m̂|/√v̂, and |m̂|/√v̂ ≤ (1−β1)/√((1−β2)(1−β1²/β2)) ≈ 1.7 for β = (0.9, 0.98);
+    // 10·lr is used). A wrong formula is off by O(lr).
+    let steps = meta["lrs"].as_array().unwrap().len() as f64;
+    let lr_max = meta["lrs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let u = 1.0 / 16_777_216.0;
     for (name, p) in &params {
         let expected = &t[&format!("adamw.final.{name}")];
-        let diff = (p.detach() - expected).abs().max().double_value(&[]);
-        assert_eq!(diff, 0.0, "{name}: max |ours − torch| = {diff:e}");
+        let diff = (p.detach() - expected).abs();
+        let allowed = (expected.abs() + 10.0 * lr_max) * (steps * 8.0 * u);
+        let excess = (&diff - &allowed).max().double_value(&[]);
+        assert!(
+            excess <= 0.0,
+            "{name}: max |ours − torch| = {:e}, beyond rounding",
+            diff.max().double_value(&[])
+        );
     }
 }
 

@@ -3,6 +3,8 @@
 //! rate and `logit_scale`, and the final weights. Fixture: `tests/fixtures/make_loop_fixtures.py`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use cnclip_model::{Clip, ClipConfig, LoadOptions};
 use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
@@ -15,6 +17,10 @@ use tch::{Device, Tensor};
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
+
+/// How far above the rounding noise level a gradient element must stay for its Adam steps to be
+/// compared (see the final-weights check).
+const NOISE_MARGIN: f64 = 4.0;
 
 #[test]
 fn five_steps_equal_cn_clip_main_py() {
@@ -69,6 +75,10 @@ fn five_steps_equal_cn_clip_main_py() {
             .unwrap()
             .into_iter()
             .collect();
+    // Elements whose gradient was ever within 100× rounding noise of zero (see below).
+    let mut noise_driven: HashMap<String, Tensor> = HashMap::new();
+    // The fixture models' longest sum: 4 rows × 52 tokens in the text tower's weight gradients.
+    let rho = common::rounding_bound(208.0);
     for (i, reference) in expected["replay"].as_array().unwrap().iter().enumerate() {
         let report = trainer
             .train_batch(
@@ -94,6 +104,34 @@ fn five_steps_equal_cn_clip_main_py() {
             (report.logit_scale - want("logit_scale_after")).abs()
                 <= 1e-5 * want("logit_scale_after")
         );
+        let named = trainer.model().named_tensors();
+        let largest = named
+            .values()
+            .filter(|t| t.grad().defined())
+            .map(|t| t.grad().abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        for (key, t) in &named {
+            let g = t.grad();
+            if !g.defined() {
+                continue;
+            }
+            // Noise scale per element: ρ × the tensor's largest gradient, or × the model's largest
+            // in an analytically zero part (whose own values are noise). Exact zeros (embedding
+            // rows of tokens not in the batch) are exact on both sides.
+            let mut noise = g.abs().max().ones_like() * (rho * g.abs().max().double_value(&[]));
+            noise = noise.expand_as(&g).copy();
+            if let Some(mut zero_part) = common::analytically_zero_part(key, &noise) {
+                let _ = zero_part.fill_(rho * largest);
+            }
+            let weak = g
+                .abs()
+                .le_tensor(&(noise * NOISE_MARGIN))
+                .logical_and(&g.ne(0.0));
+            let entry = noise_driven
+                .entry(key.clone())
+                .or_insert_with(|| weak.zeros_like());
+            *entry = entry.logical_or(&weak);
+        }
     }
 
     let final_weights: HashMap<String, Tensor> =
@@ -103,37 +141,49 @@ fn five_steps_equal_cn_clip_main_py() {
             .collect();
     let ours = trainer.model().named_tensors();
     assert_eq!(final_weights.len(), ours.len());
-    // Attention key biases have an analytically zero gradient (adding a constant to every key score
-    // of a query leaves its softmax unchanged), so both implementations feed Adam pure rounding
-    // noise there, which Adam scales up to steps of size ~lr in arbitrary directions. They are
-    // compared separately, against their common initial value, rather than to each other.
-    let width = |key: &str| ours[key].size()[0] / 3;
-    let comparable = |key: &str, t: &Tensor| -> Tensor {
-        if key.ends_with("attn.in_proj_bias") {
-            let w = width(key);
-            Tensor::cat(&[t.narrow(0, 0, w), t.narrow(0, 2 * w, w)], 0)
-        } else {
-            t.shallow_clone()
-        }
-    };
+    // Adam's step is lr·m̂/(√v̂ + ε). Where an element's gradient is at the level of rounding noise
+    // (ρ times its tensor's largest gradient, `common::rounding_bound`) — attention key biases,
+    // whose gradient is analytically zero, and any element that happens to sit near zero — the
+    // two implementations (on two CPUs: the fixture's and this one) feed Adam different noise,
+    // which it scales to steps of ±lr in arbitrary directions. Those elements are left out:
+    // every element whose gradient was ever within NOISE_MARGIN × that noise level of zero, so the
+    // sign and size of every compared element's steps are fixed by its gradient, not by rounding.
+    // The losses above need no such care: they are flat, to first order, along those elements.
     let mut worst = (0.0f64, String::new());
+    let (mut left_out, mut total) = (0i64, 0i64);
     for (key, theirs) in &final_weights {
-        if key.ends_with("attention.self.key.bias") {
+        let keep = noise_driven
+            .get(key)
+            .map(|m| m.logical_not())
+            .unwrap_or_else(|| theirs.ones_like().to_kind(tch::Kind::Bool));
+        total += theirs.numel() as i64;
+
+        left_out += theirs.numel() as i64 - keep.sum(tch::Kind::Int64).int64_value(&[]);
+        let (mine, theirs) = (ours[key].masked_select(&keep), theirs.masked_select(&keep));
+        if theirs.numel() == 0 {
             continue;
         }
-        let (mine, theirs) = (comparable(key, &ours[key]), comparable(key, theirs));
         let err =
             (&mine - &theirs).norm().double_value(&[]) / theirs.norm().double_value(&[]).max(1e-12);
         if err > worst.0 {
             worst = (err, key.clone());
         }
     }
+    eprintln!("{left_out} of {total} weights left out as noise-driven");
+    assert!(
+        (left_out as f64) < 0.02 * total as f64,
+        "{left_out} of {total} weights are noise-driven: the comparison would cover too little"
+    );
+    // For the compared elements rounding moves each step by about lr·ρ relative to the step's
+    // size, so after 5 steps of lr ≤ 1e-3 on weights of the init's scale (0.02) the tensors
+    // differ by about 5 × 1e-3 × ρ / 0.02 ≈ 1.1e-5 of their norm (ρ = 4.4e-5 here): the bound.
+    let bound = 5.0 * 1e-3 * rho / 0.02;
     eprintln!(
         "worst relative weight error after 5 steps: {:.2e} ({})",
         worst.0, worst.1
     );
     assert!(
-        worst.0 <= 1e-5,
+        worst.0 <= bound,
         "{} differs from cn_clip by {:.3e}",
         worst.1,
         worst.0

@@ -72,7 +72,10 @@ fn run_equals_cn_clip_and_resumes_exactly() {
     let summary = train(tiny_model(), &config(data.clone(), logs.clone()), None).unwrap();
     assert_eq!(summary.steps, 5);
 
-    // Every step's loss equals cn_clip's (replayed at full precision from its run).
+    // Every step's loss equals cn_clip's (replayed at full precision from its run). Losses after
+    // optimizer steps are safe to compare across CPUs: the elements Adam's ε-amplification moves
+    // arbitrarily are those whose gradient is rounding noise, along which the loss is flat to
+    // first order (tests/cn_clip_loop.rs compares the weights themselves with that in mind).
     let records = cnclip_train::metrics::read_records(&summary.metrics).unwrap();
     assert_eq!(records.len(), 5);
     for (record, reference) in records.iter().zip(expected["replay"].as_array().unwrap()) {

@@ -99,8 +99,13 @@ pub const TINY_STACKED_SUMS: f64 = 40.0;
 /// kinds these tests target (a micro-batch counted twice, a missing 1/W, a wrong `logit_scale`
 /// factor, a rate off by 0.1 %) change gradients or steps by far more.
 pub fn tiny_rounding_bound() -> f64 {
+    rounding_bound(TINY_LONGEST_SUM)
+}
+
+/// The same bound for a tiny model whose longest sum has `longest_sum` terms (40 stacked sums).
+pub fn rounding_bound(longest_sum: f64) -> f64 {
     const LAMBDA: f64 = 8.0;
-    LAMBDA * (TINY_STACKED_SUMS * TINY_LONGEST_SUM).sqrt() * F32_UNIT_ROUNDOFF
+    LAMBDA * (TINY_STACKED_SUMS * longest_sum).sqrt() * F32_UNIT_ROUNDOFF
 }
 
 /// Attention key biases get an analytically zero gradient: adding one constant to every key score
