@@ -64,6 +64,16 @@ pub enum CheckpointError {
     },
     #[error(transparent)]
     Lora(#[from] cnclip_lora::LoraError),
+    #[error(
+        "not writing checkpoint {stem} of step {step}: weight {key} is not finite (the run \
+         diverged; lower --lr or resume from an earlier checkpoint — every checkpoint on disk was \
+         written with finite weights)"
+    )]
+    NonFiniteWeights {
+        stem: String,
+        step: u64,
+        key: String,
+    },
 }
 
 /// The two files of checkpoint `stem` in `dir`.
@@ -96,6 +106,15 @@ pub fn save(
     let (model_path, state_path) = paths(dir, stem);
     let id = checkpoint_id(position.step);
     let model = trainer.model();
+    // A diverged step can leave NaN/inf weights with a finite loss logged for it; such weights
+    // must never replace a good checkpoint, or every resume would start from them.
+    if let Some(key) = first_non_finite(model) {
+        return Err(CheckpointError::NonFiniteWeights {
+            stem: stem.to_string(),
+            step: position.step,
+            key,
+        });
+    }
     let model_meta = HashMap::from([
         (NATIVE_FORMAT_KEY.to_string(), NATIVE_FORMAT.to_string()),
         (NATIVE_VERSION_KEY.to_string(), NATIVE_VERSION.to_string()),
@@ -124,6 +143,14 @@ pub fn save(
     ]);
     weights::save_safetensors(&state_path, &state, state_meta)?;
     Ok(())
+}
+
+/// The first floating-point weight (in key order) holding a NaN or an infinity.
+fn first_non_finite(model: &Clip) -> Option<String> {
+    model.named_tensors().into_iter().find_map(|(key, t)| {
+        let bad = t.is_floating_point() && t.isfinite().all().int64_value(&[]) == 0;
+        bad.then_some(key)
+    })
 }
 
 /// The newest checkpoint in `dir` whose two files are both complete and belong together: its

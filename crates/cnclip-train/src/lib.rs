@@ -23,6 +23,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod run;
+pub mod run_lock;
 pub mod schedule;
 pub mod trainer;
 pub mod validate;

@@ -158,3 +158,51 @@ fn torn_and_missing_checkpoints_are_refused() {
         .to_string();
     assert!(err.contains("epoch_latest.state.safetensors"), "{err}");
 }
+
+/// A step that diverged (weights NaN or infinite, loss possibly still finite) must not become a
+/// checkpoint: the good checkpoint on disk stays what resuming finds.
+#[test]
+fn diverged_weights_are_never_written_over_a_good_checkpoint() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let data = batches();
+    let mut trainer = Trainer::new(fresh_model(), trainer_config());
+    trainer
+        .train_batch(&data[0].0, &data[0].1)
+        .unwrap()
+        .unwrap();
+    let position = RunPosition {
+        epoch: 0,
+        step: 1,
+        batches_into_epoch: 1,
+        name: "nan".into(),
+    };
+    let dir = temp_dir("nan");
+    checkpoint::save(&dir, "epoch_latest", &trainer, &position).unwrap();
+    let (model_file, _) = checkpoint::paths(&dir, "epoch_latest");
+    let good = std::fs::read(&model_file).unwrap();
+    // A diverged step: one weight of the text projection overflows.
+    let named = trainer.model().named_tensors();
+    let _ = tch::no_grad(|| named["text_projection"].get(0).get(0).fill_(f64::INFINITY));
+    let err = checkpoint::save(
+        &dir,
+        "epoch_latest",
+        &trainer,
+        &RunPosition {
+            step: 2,
+            ..position
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, CheckpointError::NonFiniteWeights { key, step: 2, .. } if key == "text_projection"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("lower --lr"), "{err}");
+    assert_eq!(
+        std::fs::read(&model_file).unwrap(),
+        good,
+        "the good checkpoint was replaced"
+    );
+    let (stem, found) = checkpoint::latest_complete(&dir).unwrap().unwrap();
+    assert_eq!((stem.as_str(), found.step), ("epoch_latest", 1));
+}
