@@ -21,8 +21,15 @@ pub mod ddp;
 pub mod freeze;
 pub mod loss;
 pub mod metrics;
+pub mod observe;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+pub mod session;
 pub mod trainer;
 pub mod validate;
+
+pub use cnclip_train_config as config;
+pub use cnclip_train_config::RunConfig;
+pub use observe::{Control, Observer};
+pub use session::Session;

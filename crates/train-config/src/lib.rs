@@ -65,6 +65,50 @@ impl Default for LoraSettings {
     }
 }
 
+/// The `--lora-*` flags of `finetune` (beyond cn_clip): LoRA adapters on top of the `--resume`
+/// weights, which stay frozen; checkpoints hold only the adapters.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct LoraArgs {
+    /// LoRA adapters of this rank on --lora-targets [default: none, full fine-tuning].
+    #[arg(long = "lora-rank")]
+    pub lora_rank: Option<i64>,
+    /// LoRA alpha: the adapters' update is scaled by alpha / rank.
+    #[arg(long = "lora-alpha", default_value_t = 16.0, requires = "lora_rank")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input while training.
+    #[arg(long = "lora-dropout", default_value_t = 0.0, requires = "lora_rank")]
+    pub lora_dropout: f64,
+    /// Comma-separated patterns over cn_clip module names (PEFT's suffix rule, `*` within a
+    /// segment) or presets `qv`, `attn`, `all`, `all+proj`.
+    #[arg(
+        long = "lora-targets",
+        default_value = "qv",
+        value_delimiter = ',',
+        requires = "lora_rank"
+    )]
+    pub lora_targets: Vec<String>,
+    /// Also train `logit_scale` in a LoRA run [default: off].
+    #[arg(long = "lora-train-logit-scale", requires = "lora_rank")]
+    pub lora_train_logit_scale: bool,
+    /// Also train the LayerNorms in a LoRA run [default: off].
+    #[arg(long = "lora-train-layer-norms", requires = "lora_rank")]
+    pub lora_train_layer_norms: bool,
+}
+
+impl LoraArgs {
+    /// The settings, when `--lora-rank` is given.
+    pub fn settings(&self) -> Option<LoraSettings> {
+        self.lora_rank.map(|rank| LoraSettings {
+            rank,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            targets: self.lora_targets.clone(),
+            train_logit_scale: self.lora_train_logit_scale,
+            train_layer_norms: self.lora_train_layer_norms,
+        })
+    }
+}
+
 /// One fine-tuning run. Field names are cn_clip's flags (`--batch-size` is `batch_size`, and
 /// `batch-size` in TOML/JSON). `Default` is cn_clip's defaults (`params.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -239,6 +283,12 @@ pub struct RunConfig {
     /// bit-identical to an uninterrupted one [default: --seed].
     #[arg(long = "dropout-seed")]
     pub dropout_seed: Option<u64>,
+    /// Process-group backend of a data-parallel run, gloo or nccl [default: nccl on CUDA, else gloo].
+    #[arg(long = "dist-backend", value_parser = ["gloo", "nccl"])]
+    pub dist_backend: Option<String>,
+    /// Seconds a process waits for the others (rendezvous and each collective) before failing.
+    #[arg(long = "dist-timeout", default_value_t = 1800)]
+    pub dist_timeout: u64,
 }
 
 impl Default for RunConfig {
@@ -297,6 +347,8 @@ impl Default for RunConfig {
             lora: None,
             device: "auto".into(),
             dropout_seed: None,
+            dist_backend: None,
+            dist_timeout: 1800,
         }
     }
 }
@@ -571,6 +623,28 @@ pub fn normalize_none<I: IntoIterator<Item = OsString>>(args: I) -> Vec<OsString
         i += 1;
     }
     out
+}
+
+/// `file` with the [`RunConfig`] flags given on the command line (`matches`) put over it.
+pub fn override_with_flags(
+    file: &RunConfig,
+    cli: &RunConfig,
+    matches: &clap::ArgMatches,
+) -> Result<RunConfig, String> {
+    let mut merged = serde_json::to_value(file).map_err(|e| e.to_string())?;
+    let given = serde_json::to_value(cli).map_err(|e| e.to_string())?;
+    for id in matches.ids() {
+        if matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine) {
+            let key = match id.as_str() {
+                "kd_loss_weight" => "kd_loss_weight".to_string(),
+                other => other.replace('_', "-"),
+            };
+            if let Some(value) = given.get(&key) {
+                merged[key] = value.clone();
+            }
+        }
+    }
+    serde_json::from_value(merged).map_err(|e| e.to_string())
 }
 
 /// Reads a run's config from a TOML or JSON file (by extension; errors name the file).
