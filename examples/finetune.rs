@@ -22,7 +22,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(about = "Fine-tune Chinese-CLIP like cn_clip's training/main.py")]
+#[command(
+    about = "Fine-tune Chinese-CLIP like cn_clip's training/main.py",
+    args_override_self = true
+)]
 struct Args {
     #[command(flatten)]
     run: RunConfig,

@@ -224,6 +224,40 @@ pub fn check_model(config: &RunConfig, model: &Clip) -> Result<(), RunError> {
     Ok(())
 }
 
+/// The pairs of the training split, refusing an empty split and a global batch larger than it
+/// (cn_clip would repeat pairs to fill the batch, which for a mistyped size means memory for a
+/// batch of that size).
+pub fn check_data(config: &RunConfig, world: u64) -> Result<u64, RunError> {
+    let split = LmdbSplit::open(&config.train_data)?;
+    data_size(config, &split, world)
+}
+
+fn data_size(config: &RunConfig, split: &LmdbSplit, world: u64) -> Result<u64, RunError> {
+    let batch = config.batch_size as u64;
+    let pairs = split.num_samples();
+    if pairs == 0 {
+        return Err(setting(
+            "train-data",
+            format!(
+                "{} holds 0 pairs: nothing to train on",
+                config.train_data.display()
+            ),
+        ));
+    }
+    if batch * world > pairs {
+        return Err(setting(
+            "batch-size",
+            format!(
+                "{batch} per process × {world} process(es) = {} rows per batch, more than the {pairs} \
+                 pairs of {} (cn_clip would repeat pairs to fill it)",
+                batch * world,
+                config.train_data.display()
+            ),
+        ));
+    }
+    Ok(pairs)
+}
+
 /// The optimizer step's settings for a run of `total_steps` on process `rank`.
 pub fn trainer_config(
     config: &RunConfig,
@@ -301,27 +335,7 @@ fn train_with<T: ImageTransform + 'static>(
     let (world, rank) = ddp.map_or((1, 0), |d| (d.world_size() as u64, d.rank() as u64));
     let main = rank == 0;
     let batch = config.batch_size as u64;
-    let pairs = split.num_samples();
-    if pairs == 0 {
-        return Err(setting(
-            "train-data",
-            format!(
-                "{} holds 0 pairs: nothing to train on",
-                config.train_data.display()
-            ),
-        ));
-    }
-    if batch * world > pairs {
-        return Err(setting(
-            "batch-size",
-            format!(
-                "{batch} per process × {world} process(es) = {} rows per batch, more than the {pairs} \
-                 pairs of {} (cn_clip would repeat pairs to fill it)",
-                batch * world,
-                config.train_data.display()
-            ),
-        ));
-    }
+    let pairs = data_size(config, &split, world)?;
     // cn_clip pads the data set to whole global batches; each rank reads perm[rank::world].
     let padded =
         pad_dataset_len(pairs, batch * world).map_err(|e| RunError::Setup(e.to_string()))?;

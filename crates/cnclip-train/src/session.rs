@@ -103,6 +103,7 @@ impl Session {
                 ),
             }));
         }
+        crate::run::check_data(&config, dist.map_or(1, |d| d.world_size as u64))?;
         let ddp = match dist {
             Some(env) => {
                 let backend = match config.dist_backend.as_deref() {

@@ -150,8 +150,16 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
     let logs = temp("logs");
     let summary = train(lora_model(3), &run_config(data.clone(), logs, 5), None).unwrap();
     assert_eq!(summary.steps, 5);
-    let latest = summary.checkpoint_dir.clone().unwrap().join("epoch_latest.safetensors");
-    let step2 = summary.checkpoint_dir.clone().unwrap().join("epoch_1_2.safetensors");
+    let latest = summary
+        .checkpoint_dir
+        .clone()
+        .unwrap()
+        .join("epoch_latest.safetensors");
+    let step2 = summary
+        .checkpoint_dir
+        .clone()
+        .unwrap()
+        .join("epoch_1_2.safetensors");
     for path in [&latest, &step2] {
         let file = cnclip_lora::read_adapter(path).unwrap();
         assert_eq!(file.config, lora());
@@ -170,10 +178,14 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
         assert!(std::fs::metadata(path).unwrap().len() < model.state_dict().num_elements() as u64);
     }
     // A full checkpoint reader refuses it with a pointer to load_onto.
-    let err = cnclip_train::checkpoint::load(&summary.checkpoint_dir.clone().unwrap(), "epoch_1_2", Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = cnclip_train::checkpoint::load(
+        &summary.checkpoint_dir.clone().unwrap(),
+        "epoch_1_2",
+        Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("load_onto"), "{err}");
 
     // Resume the step-2 checkpoint in a copy of the run, onto a fresh base with fresh adapters.
@@ -181,7 +193,11 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
     let dir2 = logs2.join("lora").join("checkpoints");
     std::fs::create_dir_all(&dir2).unwrap();
     for file in ["epoch_1_2.safetensors", "epoch_1_2.state.safetensors"] {
-        std::fs::copy(summary.checkpoint_dir.clone().unwrap().join(file), dir2.join(file)).unwrap();
+        std::fs::copy(
+            summary.checkpoint_dir.clone().unwrap().join(file),
+            dir2.join(file),
+        )
+        .unwrap();
     }
     let resumed = train(
         lora_model(99),
@@ -191,8 +207,14 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
     .unwrap();
     assert_eq!(resumed.steps, 5);
     let a = cnclip_lora::read_adapter(&latest).unwrap();
-    let b =
-        cnclip_lora::read_adapter(resumed.checkpoint_dir.clone().unwrap().join("epoch_latest.safetensors")).unwrap();
+    let b = cnclip_lora::read_adapter(
+        resumed
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .join("epoch_latest.safetensors"),
+    )
+    .unwrap();
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (key, tensor) in &a.tensors {
         let other = b.tensors.get(key).unwrap();

@@ -51,7 +51,14 @@ fn run_equals_cn_clip_and_resumes_exactly() {
     assert_eq!(summary.steps, 5);
 
     // Every step's loss equals cn_clip's (replayed at full precision from its run).
-    let records = cnclip_train::metrics::read_records(&summary.checkpoint_dir.clone().unwrap().with_file_name("metrics.jsonl")).unwrap();
+    let records = cnclip_train::metrics::read_records(
+        &summary
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .with_file_name("metrics.jsonl"),
+    )
+    .unwrap();
     assert_eq!(records.len(), 5);
     for (record, reference) in records.iter().zip(expected["replay"].as_array().unwrap()) {
         let cnclip_train::metrics::Record::Train { step, loss, lr, .. } = record else {
@@ -84,18 +91,30 @@ fn run_equals_cn_clip_and_resumes_exactly() {
     let dir2 = logs2.join("loop").join("checkpoints");
     std::fs::create_dir_all(&dir2).unwrap();
     for file in ["epoch_1_2.safetensors", "epoch_1_2.state.safetensors"] {
-        std::fs::copy(summary.checkpoint_dir.clone().unwrap().join(file), dir2.join(file)).unwrap();
+        std::fs::copy(
+            summary.checkpoint_dir.clone().unwrap().join(file),
+            dir2.join(file),
+        )
+        .unwrap();
     }
     let resumed = train(tiny_model(), &config(data, logs2), Some("epoch_1_2")).unwrap();
     assert_eq!(resumed.steps, 5);
     let a = Clip::load(
-        summary.checkpoint_dir.clone().unwrap().join("epoch_latest.safetensors"),
+        summary
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .join("epoch_latest.safetensors"),
         &LoadOptions::default(),
         Device::Cpu,
     )
     .unwrap();
     let b = Clip::load(
-        resumed.checkpoint_dir.clone().unwrap().join("epoch_latest.safetensors"),
+        resumed
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .join("epoch_latest.safetensors"),
         &LoadOptions::default(),
         Device::Cpu,
     )
@@ -130,7 +149,14 @@ fn validation_reports_loss_accuracy_and_recall() {
     );
     // 11 images: a text's relevant image is always within the top 10 unless ranked last.
     assert!(v.score.r10 >= 80.0, "{v:?}");
-    let records = cnclip_train::metrics::read_records(&summary.checkpoint_dir.clone().unwrap().with_file_name("metrics.jsonl")).unwrap();
+    let records = cnclip_train::metrics::read_records(
+        &summary
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .with_file_name("metrics.jsonl"),
+    )
+    .unwrap();
     let valid: Vec<_> = records
         .iter()
         .filter_map(|r| match r {

@@ -115,7 +115,7 @@ impl LoraArgs {
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RunConfig {
     /// Training LMDB split (a directory with `pairs/` and `imgs/`). Required.
-    #[arg(long = "train-data", default_value = "")]
+    #[arg(long = "train-data", default_value = "", hide_default_value = true)]
     pub train_data: PathBuf,
     /// Validation LMDB split: loss, accuracy and MUGE Recall@1/5/10 [default: none, no validation].
     #[arg(long = "val-data")]
@@ -210,7 +210,8 @@ pub struct RunConfig {
     /// supported yet.
     #[arg(long, value_enum, default_value_t = Precision::Amp)]
     pub precision: Precision,
-    /// cn_clip vision model name, or a path to a vision config JSON.
+    /// cn_clip vision model name, or a path to a vision config JSON (a file named like a cn_clip
+    /// model, e.g. `my/ViT-B-16.json`, gets that model's optimizer defaults).
     #[arg(long = "vision-model", default_value = "ViT-B-16")]
     pub vision_model: String,
     /// FLIP patch dropping ratio; only 0 is supported yet.
@@ -419,7 +420,13 @@ impl RunConfig {
     /// `lr`, betas and eps given or cn_clip's per-model defaults; an error names the missing flag
     /// (custom configs have no defaults).
     pub fn optimizer(&self) -> Result<OptimizerSettings, SettingError> {
-        let defaults = cn_clip_defaults(&self.vision_model);
+        // cn_clip looks a model up as `model_configs/{name}.json`: a config file named like one
+        // of its models gets that model's defaults.
+        let stem = Path::new(&self.vision_model)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        let defaults = cn_clip_defaults(&self.vision_model).or_else(|| cn_clip_defaults(stem));
         let pick = |flag: &'static str, given: Option<f64>, default: Option<f64>| {
             given.or(default).ok_or_else(|| {
                 bad(
