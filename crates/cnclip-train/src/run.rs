@@ -307,6 +307,15 @@ pub fn trainer_config(
 
 /// cn_clip's `params_{time}.txt` (sorted `name: value` lines) and a JSON copy, in the run directory.
 fn write_params(config: &RunConfig, dir: &Path) -> Result<(), RunError> {
+    // As cn_clip, the optimizer numbers are written resolved (per-model defaults filled in).
+    let opt = config.optimizer()?;
+    let config = &RunConfig {
+        lr: Some(opt.lr),
+        beta1: Some(opt.beta1),
+        beta2: Some(opt.beta2),
+        eps: Some(opt.eps),
+        ..config.clone()
+    };
     let time = crate::observe::utc_now("file");
     let io = |path: PathBuf| {
         move |e: std::io::Error| RunError::Setup(format!("cannot write {}: {e}", path.display()))
