@@ -115,7 +115,7 @@ impl LoraArgs {
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RunConfig {
     /// Training LMDB split (a directory with `pairs/` and `imgs/`). Required.
-    #[arg(long = "train-data", default_value = "", hide_default_value = true)]
+    #[arg(long = "train-data", default_value = "", hide_default_value = true, value_parser = any_path)]
     pub train_data: PathBuf,
     /// Validation LMDB split: loss, accuracy and MUGE Recall@1/5/10 [default: none, no validation].
     #[arg(long = "val-data")]
@@ -692,6 +692,14 @@ mod tests {
     }
 
     #[test]
+    fn a_config_file_alone_parses() {
+        // `finetune --config FILE` gives no --train-data on the command line.
+        let c = parse(&[]);
+        assert_eq!(c, RunConfig::default());
+        assert_eq!(c.check().map_err(|e| e.flag), Err("train-data"));
+    }
+
+    #[test]
     fn cn_clip_spellings_parse() {
         let c = parse(&[
             "--train-data=t",
@@ -816,5 +824,21 @@ mod tests {
         );
         assert!(text.contains("val_data: None\n") && text.contains("use_augment: False\n"));
         assert!(text.contains("kd_loss_weight: 0.5\n"));
+    }
+}
+
+#[cfg(test)]
+mod toml_numbers {
+    use super::*;
+
+    #[test]
+    fn integers_for_floats_and_lora_tables_round_trip() {
+        let c: RunConfig =
+            toml::from_str("train-data = \"t\"\nwd = 0\nlr = 1\n[lora]\nrank = 4\nalpha = 16\n")
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.wd, c.lr), (0.0, Some(1.0)));
+        assert_eq!(c.lora.as_ref().map(|l| (l.rank, l.alpha)), Some((4, 16.0)));
+        let text = toml::to_string(&c).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(toml::from_str::<RunConfig>(&text).ok(), Some(c));
     }
 }
