@@ -113,7 +113,7 @@ fn main() -> Result<()> {
             ));
         }
         let (interval, acc) = (config.log_interval, config.report_training_batch_acc);
-        if std::io::stderr().is_terminal() {
+        if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             observers.push(ProgressBars::new(interval, acc));
         } else {
             observers.push(CnClipLog::new(std::io::stdout(), interval, acc));

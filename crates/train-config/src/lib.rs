@@ -114,7 +114,7 @@ impl LoraArgs {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RunConfig {
-    /// Training LMDB split (a directory with `pairs/` and `imgs/`). Required.
+    /// Training LMDB split (a directory with `pairs/` and `imgs/`) [required; no default].
     #[arg(long = "train-data", default_value = "", hide_default_value = true, value_parser = any_path)]
     pub train_data: PathBuf,
     /// Validation LMDB split: loss, accuracy and MUGE Recall@1/5/10 [default: none, no validation].
@@ -179,13 +179,14 @@ pub struct RunConfig {
     #[arg(long, default_value_t = 500)]
     pub warmup: u64,
     /// cn_clip's SyncBatchNorm for ResNet towers. ViTs have no BatchNorm, so it changes nothing
-    /// there (as in cn_clip); with a ResNet on several processes it is not supported yet.
+    /// there (as in cn_clip); with a ResNet on several processes it is not supported yet
+    /// [default: off].
     #[arg(long = "use-bn-sync")]
     pub use_bn_sync: bool,
     /// cn_clip's training augmentation (RandomResizedCrop + AutoAugment) [default: off].
     #[arg(long = "use-augment")]
     pub use_augment: bool,
-    /// Accepted and unused, as in cn_clip (the cosine schedule always runs).
+    /// Accepted and unused, as in cn_clip (the cosine schedule always runs) [default: off].
     #[arg(long = "skip-scheduler")]
     pub skip_scheduler: bool,
     /// Write `epoch{E}` every N epochs (the last epoch always).
@@ -217,7 +218,8 @@ pub struct RunConfig {
     /// FLIP patch dropping ratio; only 0 is supported yet.
     #[arg(long = "mask-ratio", default_value_t = 0.0)]
     pub mask_ratio: f64,
-    /// Initialise the vision tower from an OpenAI-CLIP state dict: not supported yet.
+    /// Initialise the vision tower from an OpenAI-CLIP state dict: not supported yet
+    /// [default: none].
     #[arg(long = "clip-weight-path")]
     pub clip_weight_path: Option<PathBuf>,
     /// Freeze the whole vision tower [default: off].
@@ -226,14 +228,15 @@ pub struct RunConfig {
     /// cn_clip text model name, or a path to a text config JSON.
     #[arg(long = "text-model", default_value = "RoBERTa-wwm-ext-base-chinese")]
     pub text_model: String,
-    /// Initialise the text tower from a BERT checkpoint: not supported yet.
+    /// Initialise the text tower from a BERT checkpoint: not supported yet [default: none].
     #[arg(long = "bert-weight-path")]
     pub bert_weight_path: Option<PathBuf>,
     /// Recompute each block in backward (less memory, same gradients) [default: off].
     #[arg(long = "grad-checkpointing")]
     pub grad_checkpointing: bool,
     /// Accepted: attention here always runs libtorch's fused scaled-dot-product kernels
-    /// (flash/memory-efficient where the device has them), same weights and key names.
+    /// (flash/memory-efficient where the device has them), same weights and key names
+    /// [default: off].
     #[arg(long = "use-flash-attention")]
     pub use_flash_attention: bool,
     /// Micro-batches per optimizer step (cn_clip's feature-cache accumulation).
@@ -245,13 +248,13 @@ pub struct RunConfig {
     /// Each process's loss over its own batch only [default: off].
     #[arg(long = "skip-aggregate")]
     pub skip_aggregate: bool,
-    /// cn_clip's DEBUG log level; accepted: this program logs no debug messages.
+    /// cn_clip's DEBUG log level; accepted: this program logs no debug messages [default: off].
     #[arg(long)]
     pub debug: bool,
     /// Sampler seed; here also the augmentation, dropout and random-init seed.
     #[arg(long, default_value_t = 123)]
     pub seed: u64,
-    /// Knowledge distillation from a teacher: not supported yet.
+    /// Knowledge distillation from a teacher: not supported yet [default: off].
     #[arg(long)]
     pub distillation: bool,
     /// The distillation teacher (used only with --distillation) [default: none].
