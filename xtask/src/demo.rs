@@ -304,7 +304,7 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     if args.checkpoint.is_none() {
         let base_run = sweep::Run {
             name: "base".into(),
-            flags: Vec::new(),
+            config: cnclip_train_config::RunConfig::default(),
             run_dir: runs_dir.join("base"),
             lora: false,
             base: None,
@@ -364,6 +364,10 @@ fn demo_sweep(
 train-data = {train}
 val-data = {valid}
 resume = {base}
+# The base run's checkpoint gives the initial weights; as cn_clip's finetune scripts, start the
+# fine-tunes at step 0 with a fresh optimizer.
+reset-data-offset = true
+reset-optimizer = true
 vision-model = {vision}
 text-model = {text}
 text-prompt = true

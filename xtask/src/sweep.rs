@@ -26,12 +26,15 @@
 //! lr = 2e-4
 //! ```
 //!
-//! A flag's value becomes `--key value`; `true` becomes `--key`, `false` omits it; an array becomes
-//! `--key a,b`. A run's own keys override `[common]`. Each run's score is the last validation
-//! record of its `metrics.jsonl` (MUGE mean recall, the number checkpoints are selected by).
+//! A run's own keys override `[common]`; the merged table is deserialised into `finetune`'s own
+//! [`RunConfig`] (the keys are its flags without dashes, so a misspelt key is refused before any
+//! run starts; `lora-*` keys form its `lora` settings), written to `{logs}/{name}/run.toml` and run
+//! as `finetune --config run.toml`. Each run's score is the last validation record of its
+//! `metrics.jsonl` (MUGE mean recall, the number checkpoints are selected by).
 
 use crate::examples;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use cnclip_train_config::{LoraSettings, RunConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -75,7 +78,8 @@ pub struct SweepSection {
 #[derive(Debug, Clone)]
 pub struct Run {
     pub name: String,
-    pub flags: Vec<OsString>,
+    /// What `finetune --config` is given.
+    pub config: RunConfig,
     pub run_dir: PathBuf,
     /// Whether it trains LoRA adapters (its checkpoint holds adapters only).
     pub lora: bool,
@@ -138,54 +142,80 @@ pub fn plan(root: &Path, file: &SweepFile, default_logs: &Path) -> Result<Vec<Ru
         if merged.contains_key("logs") {
             bail!("run {name}: set `logs` in [sweep], not per run");
         }
-        let lora = merged.contains_key("lora-rank");
-        let base = match merged.get("resume") {
-            Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
-            _ => None,
-        };
-        let mut flags: Vec<OsString> = vec![
-            "--logs".into(),
-            logs.clone().into(),
-            "--name".into(),
-            name.clone().into(),
-        ];
-        for (key, value) in &merged {
-            push_flag(&mut flags, key, value).with_context(|| format!("run {name}"))?;
-        }
+        let lora = lora_settings(&mut merged).with_context(|| format!("run {name}"))?;
+        merged.insert("logs".into(), toml::Value::String(path_text(&logs)?));
+        merged.insert("name".into(), toml::Value::String(name.clone()));
+        let table: toml::Table = merged.into_iter().collect();
+        let mut config: RunConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| anyhow!("run {name}: not a finetune configuration: {e}"))?;
+        config.lora = lora;
         runs.push(Run {
             run_dir: logs.join(&name),
+            lora: config.lora.is_some(),
+            base: config.resume.clone(),
             name,
-            flags,
-            lora,
-            base,
+            config,
         });
+    }
+    // Settings that cannot train are refused before any run starts.
+    for run in &runs {
+        run.config
+            .check()
+            .map_err(|e| anyhow!("run {}: {e}", run.name))?;
     }
     Ok(runs)
 }
 
-fn push_flag(flags: &mut Vec<OsString>, key: &str, value: &toml::Value) -> Result<()> {
-    let flag = format!("--{key}");
-    match value {
-        toml::Value::Boolean(true) => flags.push(flag.into()),
-        toml::Value::Boolean(false) => {}
-        toml::Value::String(s) => flags.extend([flag.into(), s.into()]),
-        toml::Value::Integer(n) => flags.extend([flag.into(), n.to_string().into()]),
-        toml::Value::Float(x) => flags.extend([flag.into(), format!("{x:e}").into()]),
-        toml::Value::Array(items) => {
-            let joined: Result<Vec<String>> = items
-                .iter()
-                .map(|item| match item {
-                    toml::Value::String(s) => Ok(s.clone()),
-                    toml::Value::Integer(n) => Ok(n.to_string()),
-                    toml::Value::Float(x) => Ok(x.to_string()),
-                    other => bail!("`{key}`: arrays hold strings or numbers, found {other}"),
-                })
-                .collect();
-            flags.extend([flag.into(), joined?.join(",").into()]);
-        }
-        other => bail!("`{key}`: unsupported value {other}"),
+fn path_text(path: &Path) -> Result<String> {
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{} is not valid UTF-8", path.display()))
+}
+
+/// The flat `lora-*` keys (`finetune`'s `--lora-*` flags) as the config's `lora` settings.
+fn lora_settings(merged: &mut BTreeMap<String, toml::Value>) -> Result<Option<LoraSettings>> {
+    let keys: Vec<String> = merged
+        .keys()
+        .filter(|k| k.starts_with("lora-"))
+        .cloned()
+        .collect();
+    if keys.is_empty() {
+        return Ok(None);
     }
-    Ok(())
+    let mut table = toml::Table::new();
+    for key in keys {
+        let Some(value) = merged.remove(&key) else {
+            continue;
+        };
+        let field = key.trim_start_matches("lora-").to_string();
+        let value = match (field.as_str(), value) {
+            ("targets", toml::Value::String(s)) => toml::Value::Array(
+                s.split(',')
+                    .map(|t| toml::Value::String(t.trim().to_string()))
+                    .collect(),
+            ),
+            (_, value) => value,
+        };
+        table.insert(field, value);
+    }
+    if !table.contains_key("rank") {
+        bail!("`lora-*` keys need `lora-rank`");
+    }
+    let settings: LoraSettings = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| anyhow!("`lora-*` keys: {e}"))?;
+    Ok(Some(settings))
+}
+
+/// Writes the run's `run.toml` and returns the `finetune` arguments that run it.
+fn config_args(run: &Run) -> Result<Vec<OsString>> {
+    std::fs::create_dir_all(&run.run_dir)
+        .with_context(|| format!("cannot create {}", run.run_dir.display()))?;
+    let path = run.run_dir.join("run.toml");
+    let text = toml::to_string(&run.config).with_context(|| format!("run {}", run.name))?;
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(vec!["--config".into(), path.into()])
 }
 
 /// Trains every run (in parallel over `devices` when given) and returns their scores.
@@ -201,7 +231,7 @@ pub fn train_all(
         .collect();
     if devices.len() <= 1 {
         for run in &todo {
-            let mut args = run.flags.clone();
+            let mut args = config_args(run)?;
             if let Some(device) = devices.first() {
                 args.extend(["--device".into(), device.into()]);
             }
@@ -226,7 +256,7 @@ pub fn train_all(
                             let out = File::create(&log)
                                 .with_context(|| format!("cannot create {}", log.display()))?;
                             let mut cmd = examples::command(root, "finetune");
-                            cmd.args(&run.flags)
+                            cmd.args(config_args(run)?)
                                 .args(["--device", device])
                                 .stdout(Stdio::from(out.try_clone()?))
                                 .stderr(Stdio::from(out));
@@ -338,8 +368,10 @@ pub fn run(root: &Path, args: &SweepArgs) -> Result<()> {
     if args.dry_run {
         for run in &runs {
             let mut cmd = examples::command(root, "finetune");
-            cmd.args(&run.flags);
+            cmd.args(["--config", &format!("{}/run.toml", run.run_dir.display())]);
             println!("{}", examples::shown(root, &cmd));
+            let text = toml::to_string(&run.config)?;
+            println!("    {}", text.trim_end().replace('\n', "\n    "));
         }
         return Ok(());
     }
@@ -387,7 +419,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flags_merge_common_and_run_keys() -> Result<()> {
+    fn runs_merge_common_and_run_keys_into_the_config() -> Result<()> {
         let file: SweepFile = toml::from_str(
             r#"
             [sweep]
@@ -407,35 +439,27 @@ mod tests {
             "#,
         )?;
         let runs = plan(Path::new("/r"), &file, Path::new("/unused"))?;
-        let flags = |i: usize| -> Vec<String> {
-            runs[i]
-                .flags
-                .iter()
-                .map(|f| f.to_string_lossy().into_owned())
-                .collect()
-        };
+        let a = &runs[0].config;
+        assert_eq!(a.train_data, Path::new("t"));
         assert_eq!(
-            flags(0),
-            [
-                "--logs",
-                "/r/out",
-                "--name",
-                "a",
-                "--lr",
-                "1e-4",
-                "--text-prompt",
-                "--train-data",
-                "t"
-            ]
+            (a.lr, a.text_prompt, a.use_augment),
+            (Some(1e-4), true, false)
         );
-        let b = flags(1);
-        assert!(b.windows(2).any(|w| w == ["--lr", "5e-5"]));
-        assert!(
-            b.windows(2)
-                .any(|w| w == ["--lora-targets", "attn.in_proj.q,query"])
+        assert_eq!(
+            (a.logs.as_path(), a.name.as_str()),
+            (Path::new("/r/out"), "a")
         );
+        assert_eq!(a.batch_size, RunConfig::default().batch_size);
+        let b = &runs[1].config;
+        assert_eq!(b.lr, Some(5e-5));
+        let lora = b.lora.clone().unwrap_or_default();
+        assert_eq!(lora.rank, 8);
+        assert_eq!(lora.targets, ["attn.in_proj.q", "query"]);
         assert!(runs[1].lora && !runs[0].lora);
         assert_eq!(runs[1].run_dir, Path::new("/r/out/b"));
+        // What finetune --config reads back is the same configuration.
+        let text = toml::to_string(b)?;
+        assert_eq!(&toml::from_str::<RunConfig>(&text)?, b);
         Ok(())
     }
 
@@ -454,6 +478,19 @@ mod tests {
             .to_string();
         assert!(err.contains("needs a `name`"), "{err}");
         assert!(toml::from_str::<SweepFile>("[sweep]\nbogus = 1\n").is_err());
+        // A misspelt finetune key is refused with its run, before anything trains.
+        let typo: SweepFile = toml::from_str(
+            "[common]\ntrain-data = \"t\"\n[[run]]\nname = \"a\"\nlearning-rate = 1.0\n",
+        )
+        .unwrap_or_else(|_| unreachable!());
+        let err = format!(
+            "{:#}",
+            plan(Path::new("/r"), &typo, Path::new("/l")).unwrap_err()
+        );
+        assert!(
+            err.contains("run a") && err.contains("learning-rate"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -471,7 +508,7 @@ mod tests {
         )?;
         let run = Run {
             name: "a".into(),
-            flags: vec![],
+            config: RunConfig::default(),
             run_dir,
             lora: false,
             base: None,

@@ -9,9 +9,15 @@
 
 use crate::checkpoint::{self, CheckpointError, RunPosition};
 use crate::ddp::{Ddp, DdpError};
-use crate::metrics::{self, MetricsError, MetricsLog, Record};
+use crate::freeze::{Freeze, TowerFreeze};
+use crate::metrics::MetricsError;
+use crate::observe::{
+    CheckpointEvent, Control, Curves, JsonlMetrics, Observer, ObserverError, Observers, RunStart,
+    StepEvent, ValidationEvent,
+};
+use crate::optim::AdamWConfig;
 use crate::schedule::{CosineSchedule, run_length};
-use crate::trainer::{TrainError, Trainer, TrainerConfig};
+use crate::trainer::{TrainError, TrainPrecision, Trainer, TrainerConfig};
 use cnclip_model::Clip;
 use cnclip_model::preprocess::Preprocessor;
 use muge_data::augment::TrainTransform;
@@ -19,38 +25,33 @@ use muge_data::sampler::{DistributedSampler, pad_dataset_len};
 use muge_data::{ImageTransform, LmdbSplit, Loader, LoaderConfig, TextPipeline};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
-/// What a run is told, named after cn_clip's training flags where they exist.
-#[derive(Debug, Clone)]
-pub struct RunConfig {
-    /// `--train-data`: an LMDB split directory (`pairs/` + `imgs/`).
-    pub train_data: PathBuf,
-    /// `--val-data`: validated after every `valid_epoch_interval` epochs and, when set, every
-    /// `valid_step_interval` steps (loss, accuracy and MUGE recall).
-    pub val_data: Option<PathBuf>,
-    pub valid_epoch_interval: u64,
-    pub valid_step_interval: Option<u64>,
-    pub batch_size: usize,
-    /// `--num-workers`: loader threads.
-    pub workers: usize,
-    /// `--seed`: the sampler's (and the augmentation stream's).
-    pub seed: u64,
-    pub context_length: usize,
-    pub use_augment: bool,
-    /// Prefix every query with the product prompt (the seed's recipe; not in cn_clip).
-    pub text_prompt: bool,
-    pub max_epochs: u64,
-    pub max_steps: Option<u64>,
-    pub base_lr: f64,
-    pub warmup: u64,
-    /// `--logs/--name`: checkpoints go to `{logs}/{name}/checkpoints`, metrics and curves next to them.
-    pub logs: PathBuf,
-    pub name: String,
-    /// `--save-step-frequency` (0: off) and `--save-epoch-frequency`.
-    pub save_step_frequency: u64,
-    pub save_epoch_frequency: u64,
-    /// The optimizer step's settings (its schedule is derived here from the data size).
-    pub trainer: TrainerConfig,
+pub use cnclip_train_config::{LoraSettings, Precision, RunConfig, SettingError};
+
+/// Which checkpoint a run continues, and what it takes from it besides the weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The checkpoint directory and stem (`{dir}/{stem}.safetensors` + `.state.safetensors`).
+    pub dir: PathBuf,
+    pub stem: String,
+    /// Continue at the checkpoint's epoch, step and data offset (cn_clip's `--reset-data-offset`
+    /// turns this off: epoch 1, step 0 and the schedule from its start).
+    pub position: bool,
+    /// Restore the optimizer moments and AMP scaler (`--reset-optimizer` turns this off).
+    pub optimizer: bool,
+}
+
+impl Resume {
+    /// Everything restored: the continuation of an interrupted run.
+    pub fn full(dir: impl Into<PathBuf>, stem: impl Into<String>) -> Self {
+        Self {
+            dir: dir.into(),
+            stem: stem.into(),
+            position: true,
+            optimizer: true,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,9 @@ pub enum RunError {
     Loader(#[from] muge_data::LoaderError),
     #[error("{0}")]
     Setup(String),
+    /// A setting that cannot train, naming its flag (refused before any work).
+    #[error(transparent)]
+    Setting(#[from] SettingError),
     #[error(transparent)]
     Train(#[from] TrainError),
     #[error(transparent)]
@@ -71,6 +75,12 @@ pub enum RunError {
     Validation(#[from] crate::validate::ValidationError),
     #[error(transparent)]
     Distributed(#[from] DdpError),
+    #[error(transparent)]
+    Observer(#[from] ObserverError),
+}
+
+fn setting(flag: &'static str, message: String) -> RunError {
+    RunError::Setting(SettingError { flag, message })
 }
 
 /// What a finished run reports.
@@ -82,29 +92,43 @@ pub struct RunSummary {
     pub last_loss: f64,
     /// The last validation, when `val_data` was given.
     pub last_validation: Option<crate::validate::Validation>,
-    pub checkpoint_dir: PathBuf,
-    pub metrics: PathBuf,
-    pub curves: PathBuf,
+    /// `None` when the run saves nothing (`--logs None`).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// An observer asked the run to stop before its last step.
+    pub stopped: bool,
 }
 
-impl RunConfig {
-    pub fn run_dir(&self) -> PathBuf {
-        self.logs.join(&self.name)
+/// The JSONL metrics and the PNG curves in the run's directory (`metrics.jsonl`, `curves.png`):
+/// what [`train`] attaches. Nothing when the run saves nothing.
+pub fn file_observers(config: &RunConfig) -> Result<Observers<'static>, RunError> {
+    let mut observers = Observers::new();
+    if let Some(dir) = config.run_dir() {
+        let metrics = dir.join("metrics.jsonl");
+        observers.push(JsonlMetrics::open(&metrics)?);
+        observers.push(Curves {
+            metrics,
+            png: dir.join("curves.png"),
+        });
     }
-
-    pub fn checkpoint_dir(&self) -> PathBuf {
-        self.run_dir().join("checkpoints")
-    }
+    Ok(observers)
 }
 
-/// Trains `model` as configured. With `resume`, continues from that checkpoint stem in the run's
-/// checkpoint directory (e.g. `epoch_latest`): weights, optimizer, step and data position.
+/// Trains `model` as configured, with the JSONL/PNG writers of [`file_observers`]. With `resume`,
+/// continues from that checkpoint stem in the run's checkpoint directory (e.g. `epoch_latest`):
+/// weights, optimizer, step and data position.
 pub fn train(
     model: Clip,
     config: &RunConfig,
     resume: Option<&str>,
 ) -> Result<RunSummary, RunError> {
-    train_inner(model, config, resume, None)
+    let resume = own_checkpoint(config, resume)?;
+    run(
+        model,
+        config,
+        resume.as_ref(),
+        None,
+        &mut file_observers(config)?,
+    )
 }
 
 /// [`train`] as one rank of the data-parallel run `ddp`. Every rank passes the same `config` and
@@ -116,15 +140,40 @@ pub fn train_distributed(
     resume: Option<&str>,
     ddp: &Ddp,
 ) -> Result<RunSummary, RunError> {
-    train_inner(model, config, resume, Some(ddp))
+    let resume = own_checkpoint(config, resume)?;
+    let mut observers = if ddp.is_main() {
+        file_observers(config)?
+    } else {
+        Observers::new()
+    };
+    run(model, config, resume.as_ref(), Some(ddp), &mut observers)
 }
 
-fn train_inner(
+fn own_checkpoint(config: &RunConfig, stem: Option<&str>) -> Result<Option<Resume>, RunError> {
+    match (stem, config.checkpoint_dir()) {
+        (None, _) => Ok(None),
+        (Some(stem), Some(dir)) => Ok(Some(Resume::full(dir, stem))),
+        (Some(_), None) => Err(setting(
+            "logs",
+            "a run that saves nothing (--logs None) has no checkpoint to resume".into(),
+        )),
+    }
+}
+
+/// The whole run: `model` trained as `config` says, continuing `resume` when given, as one rank of
+/// `ddp` when given, reporting to `observer` (rank 0 only). Refuses settings that cannot train
+/// before reading any data.
+pub fn run(
     model: Clip,
     config: &RunConfig,
-    resume: Option<&str>,
+    resume: Option<&Resume>,
     ddp: Option<&Ddp>,
+    observer: &mut dyn Observer,
 ) -> Result<RunSummary, RunError> {
+    config.check()?;
+    let world = ddp.map_or(1, |d| d.world_size());
+    config.check_world(world, model.config().vision.is_resnet())?;
+    check_model(config, &model)?;
     let split = Arc::new(LmdbSplit::open(&config.train_data)?);
     let size = u32::try_from(model.config().vision.image_resolution)
         .map_err(|_| RunError::Setup("image_resolution does not fit u32".into()))?;
@@ -135,51 +184,190 @@ fn train_inner(
     }
     if config.use_augment {
         let transform = TrainTransform::new(size, 0).map_err(|e| RunError::Setup(e.to_string()))?;
-        train_with(model, config, resume, split, Arc::new(transform), text, ddp)
+        train_with(
+            model,
+            config,
+            resume,
+            split,
+            Arc::new(transform),
+            text,
+            ddp,
+            observer,
+        )
     } else {
         let transform = Preprocessor::new(size).map_err(|e| RunError::Setup(e.to_string()))?;
-        train_with(model, config, resume, split, Arc::new(transform), text, ddp)
+        train_with(
+            model,
+            config,
+            resume,
+            split,
+            Arc::new(transform),
+            text,
+            ddp,
+            observer,
+        )
     }
 }
 
+/// The settings that depend on the model: the context length against its position table.
+pub fn check_model(config: &RunConfig, model: &Clip) -> Result<(), RunError> {
+    let positions = model.config().text.text_max_position_embeddings;
+    if config.context_length as i64 > positions {
+        return Err(setting(
+            "context-length",
+            format!(
+                "{} exceeds the text model's {positions} positions ({})",
+                config.context_length, config.text_model
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The pairs of the training split, refusing an empty split and a global batch larger than it
+/// (cn_clip would repeat pairs to fill the batch, which for a mistyped size means memory for a
+/// batch of that size).
+pub fn check_data(config: &RunConfig, world: u64) -> Result<u64, RunError> {
+    let split = LmdbSplit::open(&config.train_data)?;
+    data_size(config, &split, world)
+}
+
+fn data_size(config: &RunConfig, split: &LmdbSplit, world: u64) -> Result<u64, RunError> {
+    let batch = config.batch_size as u64;
+    let pairs = split.num_samples();
+    if pairs == 0 {
+        return Err(setting(
+            "train-data",
+            format!(
+                "{} holds 0 pairs: nothing to train on",
+                config.train_data.display()
+            ),
+        ));
+    }
+    if batch * world > pairs {
+        return Err(setting(
+            "batch-size",
+            format!(
+                "{batch} per process × {world} process(es) = {} rows per batch, more than the {pairs} \
+                 pairs of {} (cn_clip would repeat pairs to fill it)",
+                batch * world,
+                config.train_data.display()
+            ),
+        ));
+    }
+    Ok(pairs)
+}
+
+/// The optimizer step's settings for a run of `total_steps` on process `rank`.
+pub fn trainer_config(
+    config: &RunConfig,
+    total_steps: u64,
+    rank: u64,
+) -> Result<TrainerConfig, RunError> {
+    let opt = config.optimizer()?;
+    let tower = |all: bool, last: Option<usize>| match (all, last) {
+        (true, _) => TowerFreeze::All,
+        (false, Some(n)) => TowerFreeze::AllButLast(n),
+        (false, None) => TowerFreeze::None,
+    };
+    Ok(TrainerConfig {
+        schedule: CosineSchedule {
+            base_lr: opt.lr,
+            warmup: config.warmup,
+            total_steps,
+        },
+        adamw: AdamWConfig {
+            beta1: opt.beta1,
+            beta2: opt.beta2,
+            eps: opt.eps,
+            weight_decay: opt.wd,
+        },
+        accum_freq: config.accum_freq,
+        freeze: Freeze {
+            vision: tower(config.freeze_vision, config.train_last_vision_layers),
+            text: tower(config.freeze_text, config.train_last_text_layers),
+        },
+        // Different dropout masks on different ranks, as different torch generators would draw.
+        dropout_seed: Some(
+            config
+                .dropout_seed()
+                .wrapping_add(rank.wrapping_mul(0x0100_0000_01B3)),
+        ),
+        grad_checkpointing: config.grad_checkpointing,
+        precision: match config.precision {
+            Precision::Amp => TrainPrecision::Amp,
+            Precision::Bf16 => TrainPrecision::Bf16,
+            Precision::Fp32 => TrainPrecision::Fp32,
+            Precision::Fp16 => {
+                return Err(setting("precision", "fp16 is not supported yet".into()));
+            }
+        },
+    })
+}
+
+/// cn_clip's `params_{time}.txt` (sorted `name: value` lines) and a JSON copy, in the run directory.
+fn write_params(config: &RunConfig, dir: &Path) -> Result<(), RunError> {
+    // As cn_clip, the optimizer numbers are written resolved (per-model defaults filled in).
+    let opt = config.optimizer()?;
+    let config = &RunConfig {
+        lr: Some(opt.lr),
+        beta1: Some(opt.beta1),
+        beta2: Some(opt.beta2),
+        eps: Some(opt.eps),
+        ..config.clone()
+    };
+    let time = crate::observe::utc_now("file");
+    let io = |path: PathBuf| {
+        move |e: std::io::Error| RunError::Setup(format!("cannot write {}: {e}", path.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+    let txt = dir.join(format!("params_{time}.txt"));
+    std::fs::write(&txt, config.params_text()).map_err(io(txt.clone()))?;
+    let json = dir.join(format!("params_{time}.json"));
+    let body = serde_json::to_string_pretty(config)
+        .map_err(|e| RunError::Setup(format!("cannot encode the parameters: {e}")))?;
+    std::fs::write(&json, body).map_err(io(json.clone()))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn train_with<T: ImageTransform + 'static>(
     model: Clip,
     config: &RunConfig,
-    resume: Option<&str>,
+    resume: Option<&Resume>,
     split: Arc<LmdbSplit>,
     transform: Arc<T>,
     text: TextPipeline,
     ddp: Option<&Ddp>,
+    observer: &mut dyn Observer,
 ) -> Result<RunSummary, RunError> {
     let (world, rank) = ddp.map_or((1, 0), |d| (d.world_size() as u64, d.rank() as u64));
     let main = rank == 0;
-    let batch = config.batch_size.max(1) as u64;
+    let batch = config.batch_size as u64;
+    let pairs = data_size(config, &split, world)?;
     // cn_clip pads the data set to whole global batches; each rank reads perm[rank::world].
-    let padded = pad_dataset_len(split.num_samples(), batch * world)
-        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let padded =
+        pad_dataset_len(pairs, batch * world).map_err(|e| RunError::Setup(e.to_string()))?;
     let sampler = DistributedSampler::new(padded, world, rank, config.seed)
         .map_err(|e| RunError::Setup(e.to_string()))?;
     let batches_per_epoch = padded / (batch * world);
-    let accum = config.trainer.accum_freq.max(1) as u64;
+    let accum = config.accum_freq as u64;
     let (total_steps, max_epochs) = run_length(
         batches_per_epoch,
         accum,
         config.max_epochs,
         config.max_steps,
     );
-    let trainer_config = TrainerConfig {
-        schedule: CosineSchedule {
-            base_lr: config.base_lr,
-            warmup: config.warmup,
-            total_steps,
-        },
-        // Different dropout masks on different ranks, as different torch generators would draw.
-        dropout_seed: config
-            .trainer
-            .dropout_seed
-            .map(|s| s.wrapping_add(rank.wrapping_mul(0x0100_0000_01B3))),
-        ..config.trainer
-    };
+    if total_steps == 0 {
+        return Err(setting(
+            "accum-freq",
+            format!(
+                "{accum} micro-batches per step but an epoch has only {batches_per_epoch}: no \
+                 optimizer step would run"
+            ),
+        ));
+    }
+    let trainer_config = trainer_config(config, total_steps, rank)?;
     let make_trainer = |model: Clip| match ddp {
         Some(d) => {
             let mut t = Trainer::with_gather(model, trainer_config, d.gather());
@@ -192,34 +380,42 @@ fn train_with<T: ImageTransform + 'static>(
         let resuming = u64::from(resume.is_some());
         if d.broadcast_u64(resuming)? != resuming {
             return Err(RunError::Setup(format!(
-                "rank {rank} and rank 0 disagree on resuming (this rank: {resume:?}): every rank \
-                 must see the same checkpoint directory {}",
-                config.checkpoint_dir().display()
+                "rank {rank} and rank 0 disagree on resuming (this rank: {:?}): every rank \
+                 must see the same checkpoint directory",
+                resume.map(|r| r.dir.join(&r.stem))
             )));
         }
     }
-    let checkpoints = config.checkpoint_dir();
+    let fresh = RunPosition {
+        epoch: 0,
+        step: 0,
+        batches_into_epoch: 0,
+        name: config.name.clone(),
+    };
     let (mut trainer, mut position) = match resume {
-        Some(stem) => {
-            let loaded = checkpoint::load_onto(&checkpoints, stem, model)?;
+        Some(r) => {
+            let loaded = checkpoint::load_onto(&r.dir, &r.stem, model)?;
             let mut trainer = make_trainer(loaded.model);
-            checkpoint::restore(
-                &mut trainer,
-                &loaded.optimizer_state,
-                &loaded.position,
-                &checkpoints,
-            )?;
-            (trainer, loaded.position)
+            if r.optimizer {
+                checkpoint::restore(
+                    &mut trainer,
+                    &loaded.optimizer_state,
+                    &loaded.position,
+                    &r.dir,
+                )?;
+            }
+            let position = if r.position {
+                RunPosition {
+                    name: config.name.clone(),
+                    ..loaded.position
+                }
+            } else {
+                fresh
+            };
+            trainer.set_step(position.step);
+            (trainer, position)
         }
-        None => (
-            make_trainer(model),
-            RunPosition {
-                epoch: 0,
-                step: 0,
-                batches_into_epoch: 0,
-                name: config.name.clone(),
-            },
-        ),
+        None => (make_trainer(model), fresh),
     };
     if let Some(d) = ddp {
         // DDP's constructor: every rank starts from rank 0's weights; resumed ranks must agree.
@@ -230,13 +426,25 @@ fn train_with<T: ImageTransform + 'static>(
             position.batches_into_epoch,
         )?;
     }
-    let metrics_path = config.run_dir().join("metrics.jsonl");
-    // Only rank 0 writes files.
-    let mut log = if main {
-        Some(MetricsLog::open(&metrics_path)?)
-    } else {
-        None
-    };
+    let checkpoints = config.checkpoint_dir();
+    // Only rank 0 writes files and reports.
+    let saves = main && config.saves();
+    if let (true, Some(dir)) = (saves, config.run_dir()) {
+        write_params(config, &dir)?;
+    }
+    let mut quiet = ();
+    let observer: &mut dyn Observer = if main { observer } else { &mut quiet };
+    let global_batch = batch * accum * world;
+    observer.on_start(&RunStart {
+        total_steps,
+        max_epochs,
+        batches_per_epoch,
+        padded_len: padded,
+        global_batch,
+        world_size: world,
+        position: position.clone(),
+        run_dir: config.run_dir(),
+    })?;
     let device = trainer.model().device();
     let mut last_loss = f64::NAN;
     let validation = match &config.val_data {
@@ -250,45 +458,70 @@ fn train_with<T: ImageTransform + 'static>(
         None => None,
     };
     let mut last_validation = None;
+    // Validation on rank 0 (the others wait for it in their next collective).
     let mut validate_now = |trainer: &Trainer,
                             position: &RunPosition,
-                            log: &mut Option<MetricsLog>|
-     -> Result<(), RunError> {
-        let (Some((split, transform)), Some(log)) = (&validation, log) else {
-            return Ok(());
+                            observer: &mut dyn Observer|
+     -> Result<Control, RunError> {
+        let (Some((split, transform)), true) = (&validation, main) else {
+            return Ok(Control::Continue);
         };
-        let v = crate::validate::validate(
+        let batches = split.num_samples().div_ceil(config.valid_batch_size as u64);
+        observer.on_validation_start(batches)?;
+        let mut failed = None;
+        let (v, last_batch_size) = crate::validate::validate_with_progress(
             trainer.model(),
             split.clone(),
             transform.clone(),
             text.clone(),
-            config.batch_size.max(1),
-            config.workers,
+            config.valid_batch_size,
+            config.valid_num_workers,
+            &mut |done, _| {
+                if let (Err(e), None) = (observer.on_validation_batch(done), &failed) {
+                    failed = Some(e);
+                }
+            },
         )?;
-        println!(
-            "Validation Result (epoch {} @ {} steps) | Valid Loss: {:.6} | Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | Recall@1/5/10: {:.2}/{:.2}/{:.2} | Mean Recall: {:.2}",
-            position.epoch + 1,
-            position.step,
-            v.loss,
-            v.image_to_text_accuracy * 100.0,
-            v.text_to_image_accuracy * 100.0,
-            v.score.r1,
-            v.score.r5,
-            v.score.r10,
-            v.score.mean_recall
-        );
-        log.write(&Record::Valid {
-            step: position.step,
-            epoch: position.epoch,
-            loss: v.loss,
-            r1: Some(v.score.r1),
-            r5: Some(v.score.r5),
-            r10: Some(v.score.r10),
-            mean_recall: Some(v.score.mean_recall),
-        })?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         last_validation = Some(v);
+        let logit_scale = trainer.model().named_tensors()["logit_scale"].double_value(&[]);
+        Ok(observer.on_validation(&ValidationEvent {
+            epoch: position.epoch,
+            step: position.step,
+            validation: v,
+            logit_scale,
+            last_batch_size,
+        })?)
+    };
+    let save = |stem: &str,
+                trainer: &Trainer,
+                position: &RunPosition,
+                observer: &mut dyn Observer|
+     -> Result<(), RunError> {
+        let (true, Some(dir)) = (saves, &checkpoints) else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        checkpoint::save(dir, stem, trainer, position)?;
+        observer.on_checkpoint(&CheckpointEvent {
+            stem: stem.to_string(),
+            path: checkpoint::paths(dir, stem).0,
+            position: position.clone(),
+            seconds: started.elapsed().as_secs_f64(),
+        })?;
         Ok(())
     };
+    // A stop asked by rank 0's observers reaches every rank.
+    let agree_stop = |control: Control| -> Result<bool, RunError> {
+        let stop = u64::from(control == Control::Stop);
+        Ok(match ddp {
+            Some(d) => d.broadcast_u64(stop)? == 1,
+            None => stop == 1,
+        })
+    };
+    let mut stopped = false;
 
     'epochs: while position.epoch < max_epochs && !trainer.is_finished() {
         let offset = position.batches_into_epoch * batch;
@@ -296,20 +529,26 @@ fn train_with<T: ImageTransform + 'static>(
             .plan(position.epoch, offset)
             .map_err(|e| RunError::Setup(e.to_string()))?;
         let loader_config = LoaderConfig {
-            batch_size: config.batch_size.max(1),
-            workers: config.workers,
+            batch_size: config.batch_size,
+            workers: config.num_workers,
             prefetch: 2,
             drop_last: false,
             seed: config.seed,
         };
-        let loader = Loader::new(
+        let mut loader = Loader::new(
             split.clone(),
             transform.clone(),
             text.clone(),
             &plan,
             loader_config,
         )?;
-        for batch_result in loader {
+        let (mut step_started, mut data_time) = (Instant::now(), 0.0);
+        loop {
+            let waited = Instant::now();
+            let Some(batch_result) = loader.next() else {
+                break;
+            };
+            data_time += waited.elapsed().as_secs_f64();
             let batch_data = batch_result?;
             let images = batch_data.images.to_device(device);
             let texts = batch_data.texts.to_device(device);
@@ -319,60 +558,70 @@ fn train_with<T: ImageTransform + 'static>(
             };
             position.step = report.step;
             last_loss = report.loss;
-            if let Some(log) = &mut log {
-                log.write(&Record::train(&report, position.epoch))?;
-                println!(
-                    "{}",
-                    metrics::cn_clip_train_line(
-                        &report,
-                        total_steps,
-                        position.epoch,
-                        batch * accum * world
-                    )
-                );
-            }
+            let control = observer.on_step(&StepEvent {
+                report,
+                epoch: position.epoch,
+                batches_into_epoch: position.batches_into_epoch,
+                batches_per_epoch,
+                accum_freq: accum,
+                padded_len: padded,
+                total_steps,
+                global_batch,
+                data_time,
+                batch_time: step_started.elapsed().as_secs_f64(),
+            })?;
+            (step_started, data_time) = (Instant::now(), 0.0);
+            let mut control = if main { control } else { Control::Continue };
             if config
                 .valid_step_interval
                 .is_some_and(|n| n > 0 && report.step.is_multiple_of(n))
+                && validate_now(&trainer, &position, observer)? == Control::Stop
             {
-                validate_now(&trainer, &position, &mut log)?;
+                control = Control::Stop;
             }
-            if main
-                && config.save_step_frequency > 0
-                && report.step.is_multiple_of(config.save_step_frequency)
-            {
+            let step_save = i64::try_from(report.step).unwrap_or(i64::MAX);
+            if config.save_step_frequency > 0 && step_save % config.save_step_frequency == 0 {
                 let stem = format!("epoch_{}_{}", position.epoch + 1, report.step);
-                checkpoint::save(&checkpoints, &stem, &trainer, &position)?;
-                checkpoint::save(&checkpoints, "epoch_latest", &trainer, &position)?;
+                save(&stem, &trainer, &position, observer)?;
+                save("epoch_latest", &trainer, &position, observer)?;
+            }
+            if agree_stop(control)? {
+                stopped = !trainer.is_finished();
+                break 'epochs;
             }
             if trainer.is_finished() {
                 break;
             }
         }
         let finished = trainer.is_finished();
+        let mut control = Control::Continue;
         if config.valid_epoch_interval > 0
             && (position.epoch + 1).is_multiple_of(config.valid_epoch_interval)
         {
-            validate_now(&trainer, &position, &mut log)?;
+            control = validate_now(&trainer, &position, observer)?;
         }
-        if main {
-            end_of_epoch(config, &trainer, &position, max_epochs, &checkpoints)?;
+        // cn_clip writes `epoch{E}` (1-based) at the last epoch and every
+        // `save_epoch_frequency` epochs, and `epoch_latest` after every epoch.
+        let e = position.epoch + 1;
+        if e == max_epochs
+            || (config.save_epoch_frequency > 0 && e.is_multiple_of(config.save_epoch_frequency))
+        {
+            save(&format!("epoch{e}"), &trainer, &position, observer)?;
+        }
+        if agree_stop(control)? {
+            stopped = !finished;
+            break 'epochs;
         }
         if finished {
             break 'epochs;
         }
         position.epoch += 1;
         position.batches_into_epoch = 0;
+        save("epoch_latest", &trainer, &position, observer)?;
     }
-    let curves = config.run_dir().join("curves.png");
-    if main {
-        // The latest checkpoint records where the next run starts.
-        checkpoint::save(&checkpoints, "epoch_latest", &trainer, &position)?;
-        let records = metrics::read_records(&metrics_path)?;
-        if !records.is_empty() {
-            metrics::plot_curves(&records, &curves)?;
-        }
-    }
+    // The latest checkpoint records where the next run starts.
+    save("epoch_latest", &trainer, &position, observer)?;
+    observer.on_finish(&position)?;
     if let Some(d) = ddp {
         // No rank returns (and tears its group down) before rank 0's files are complete.
         d.barrier()?;
@@ -383,24 +632,6 @@ fn train_with<T: ImageTransform + 'static>(
         last_loss,
         last_validation,
         checkpoint_dir: checkpoints,
-        metrics: metrics_path,
-        curves,
+        stopped,
     })
-}
-
-/// cn_clip writes `epoch{E}` (1-based) at the last epoch and every `save_epoch_frequency` epochs.
-fn end_of_epoch(
-    config: &RunConfig,
-    trainer: &Trainer,
-    position: &RunPosition,
-    max_epochs: u64,
-    dir: &Path,
-) -> Result<(), RunError> {
-    let e = position.epoch + 1;
-    if e == max_epochs
-        || (config.save_epoch_frequency > 0 && e.is_multiple_of(config.save_epoch_frequency))
-    {
-        checkpoint::save(dir, &format!("epoch{e}"), trainer, position)?;
-    }
-    Ok(())
 }

@@ -40,6 +40,29 @@ pub fn validate<T: ImageTransform + 'static>(
     batch_size: usize,
     workers: usize,
 ) -> Result<Validation, ValidationError> {
+    validate_with_progress(
+        model,
+        split,
+        transform,
+        text,
+        batch_size,
+        workers,
+        &mut |_, _| {},
+    )
+    .map(|(v, _)| v)
+}
+
+/// [`validate`], calling `progress(batches_done, batches)` after every batch; also returns the
+/// size of the last batch (cn_clip logs it).
+pub fn validate_with_progress<T: ImageTransform + 'static>(
+    model: &Clip,
+    split: Arc<LmdbSplit>,
+    transform: Arc<T>,
+    text: TextPipeline,
+    batch_size: usize,
+    workers: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Validation, u64), ValidationError> {
     let n = split.num_samples();
     if n == 0 {
         return Err(ValidationError::Data(
@@ -59,8 +82,10 @@ pub fn validate<T: ImageTransform + 'static>(
         drop_last: false,
         seed: 0,
     };
+    let batches = n.div_ceil(batch_size.max(1) as u64);
     let loader = Loader::new(split, transform, text, &plan, config)?;
     let device = model.device();
+    let (mut done, mut last_batch) = (0u64, 0u64);
     let _guard = tch::no_grad_guard();
     let (mut loss_sum, mut i2t, mut t2i, mut count) = (0.0, 0.0, 0.0, 0usize);
     let mut images: BTreeMap<i64, Tensor> = BTreeMap::new();
@@ -90,6 +115,9 @@ pub fn validate<T: ImageTransform + 'static>(
         i2t += hits(&logits);
         t2i += hits(&logits.tr());
         count += b as usize;
+        done += 1;
+        last_batch = b as u64;
+        progress(done, batches);
         for (row, (&image_id, &text_id)) in batch.image_ids.iter().zip(&batch.text_ids).enumerate()
         {
             let row = row as i64;
@@ -125,10 +153,13 @@ pub fn validate<T: ImageTransform + 'static>(
     }
     let ground_truth = eval::GroundTruth::from_pairs(truth);
     let score = eval::muge_score(&rankings, &ground_truth)?;
-    Ok(Validation {
-        loss: loss_sum / count as f64,
-        image_to_text_accuracy: i2t / count as f64,
-        text_to_image_accuracy: t2i / count as f64,
-        score,
-    })
+    Ok((
+        Validation {
+            loss: loss_sum / count as f64,
+            image_to_text_accuracy: i2t / count as f64,
+            text_to_image_accuracy: t2i / count as f64,
+            score,
+        },
+        last_batch,
+    ))
 }

@@ -15,7 +15,7 @@ use cnclip_train::ddp::{Ddp, DistEnv, GatherMode};
 use cnclip_train::freeze::Freeze;
 use cnclip_train::loss::{LocalOnly, contrastive_loss};
 use cnclip_train::optim::{AdamW, AdamWConfig, clamp_logit_scale};
-use cnclip_train::run::{RunConfig, train_distributed};
+use cnclip_train::run::{Precision, RunConfig, train_distributed};
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
 use std::collections::BTreeMap;
@@ -243,29 +243,26 @@ fn fixture_model() -> Result<Clip> {
 }
 
 fn run_config(train_data: PathBuf, logs: PathBuf, max_steps: u64) -> RunConfig {
+    let t = trainer_config();
     RunConfig {
         train_data,
-        val_data: None,
-        valid_epoch_interval: 1,
-        valid_step_interval: None,
         batch_size: 2,
-        workers: 1,
+        num_workers: 1,
         seed: 123,
-        context_length: 52,
-        use_augment: false,
-        text_prompt: false,
         max_epochs: 99,
         max_steps: Some(max_steps),
-        base_lr: 1e-3,
+        lr: Some(1e-3),
+        beta1: Some(t.adamw.beta1),
+        beta2: Some(t.adamw.beta2),
+        eps: Some(t.adamw.eps),
+        wd: t.adamw.weight_decay,
         warmup: 1,
         logs,
         name: "ddp".into(),
         save_step_frequency: 2,
-        save_epoch_frequency: 1,
-        trainer: TrainerConfig {
-            dropout_seed: Some(5),
-            ..trainer_config()
-        },
+        precision: Precision::Fp32,
+        dropout_seed: Some(5),
+        ..RunConfig::default()
     }
 }
 

@@ -9,7 +9,7 @@ use cnclip_lora::LoraConfig;
 use cnclip_model::Clip;
 use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
-use cnclip_train::run::{RunConfig, train};
+use cnclip_train::run::{Precision, RunConfig, train};
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
 use common::{lmdb, temp, tiny_model};
@@ -123,24 +123,23 @@ fn a_lora_run_lowers_the_loss_changing_only_adapters() {
 fn run_config(train_data: PathBuf, logs: PathBuf, max_steps: u64) -> RunConfig {
     RunConfig {
         train_data,
-        val_data: None,
-        valid_epoch_interval: 1,
-        valid_step_interval: None,
         batch_size: 4,
-        workers: 1,
+        num_workers: 1,
         seed: 123,
-        context_length: 52,
-        use_augment: false,
-        text_prompt: false,
         max_epochs: 99,
         max_steps: Some(max_steps),
-        base_lr: 5e-3,
+        lr: Some(5e-3),
+        beta1: Some(0.9),
+        beta2: Some(0.98),
+        eps: Some(1e-6),
+        wd: 0.0,
         warmup: 1,
         logs,
         name: "lora".into(),
         save_step_frequency: 2,
-        save_epoch_frequency: 1,
-        trainer: trainer_config(0, false),
+        precision: Precision::Fp32,
+        dropout_seed: Some(7),
+        ..RunConfig::default()
     }
 }
 
@@ -151,8 +150,16 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
     let logs = temp("logs");
     let summary = train(lora_model(3), &run_config(data.clone(), logs, 5), None).unwrap();
     assert_eq!(summary.steps, 5);
-    let latest = summary.checkpoint_dir.join("epoch_latest.safetensors");
-    let step2 = summary.checkpoint_dir.join("epoch_1_2.safetensors");
+    let latest = summary
+        .checkpoint_dir
+        .clone()
+        .unwrap()
+        .join("epoch_latest.safetensors");
+    let step2 = summary
+        .checkpoint_dir
+        .clone()
+        .unwrap()
+        .join("epoch_1_2.safetensors");
     for path in [&latest, &step2] {
         let file = cnclip_lora::read_adapter(path).unwrap();
         assert_eq!(file.config, lora());
@@ -171,10 +178,14 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
         assert!(std::fs::metadata(path).unwrap().len() < model.state_dict().num_elements() as u64);
     }
     // A full checkpoint reader refuses it with a pointer to load_onto.
-    let err = cnclip_train::checkpoint::load(&summary.checkpoint_dir, "epoch_1_2", Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = cnclip_train::checkpoint::load(
+        &summary.checkpoint_dir.clone().unwrap(),
+        "epoch_1_2",
+        Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("load_onto"), "{err}");
 
     // Resume the step-2 checkpoint in a copy of the run, onto a fresh base with fresh adapters.
@@ -182,7 +193,11 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
     let dir2 = logs2.join("lora").join("checkpoints");
     std::fs::create_dir_all(&dir2).unwrap();
     for file in ["epoch_1_2.safetensors", "epoch_1_2.state.safetensors"] {
-        std::fs::copy(summary.checkpoint_dir.join(file), dir2.join(file)).unwrap();
+        std::fs::copy(
+            summary.checkpoint_dir.clone().unwrap().join(file),
+            dir2.join(file),
+        )
+        .unwrap();
     }
     let resumed = train(
         lora_model(99),
@@ -192,8 +207,14 @@ fn lora_checkpoints_hold_only_adapters_and_resume_exactly() {
     .unwrap();
     assert_eq!(resumed.steps, 5);
     let a = cnclip_lora::read_adapter(&latest).unwrap();
-    let b =
-        cnclip_lora::read_adapter(resumed.checkpoint_dir.join("epoch_latest.safetensors")).unwrap();
+    let b = cnclip_lora::read_adapter(
+        resumed
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .join("epoch_latest.safetensors"),
+    )
+    .unwrap();
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (key, tensor) in &a.tensors {
         let other = b.tensors.get(key).unwrap();

@@ -7,11 +7,7 @@
 mod common;
 
 use cnclip_model::{Clip, LoadOptions};
-use cnclip_train::freeze::Freeze;
-use cnclip_train::optim::AdamWConfig;
-use cnclip_train::run::{RunConfig, train};
-use cnclip_train::schedule::CosineSchedule;
-use cnclip_train::trainer::{TrainPrecision, TrainerConfig};
+use cnclip_train::run::{Precision, RunConfig, train};
 use common::{lmdb, repo, temp, tiny_model};
 use std::path::PathBuf;
 use tch::Device;
@@ -19,42 +15,24 @@ use tch::Device;
 fn config(train_data: PathBuf, logs: PathBuf) -> RunConfig {
     RunConfig {
         train_data,
-        val_data: None,
-        valid_epoch_interval: 1,
-        valid_step_interval: None,
         batch_size: 4,
-        workers: 1,
+        valid_batch_size: 4,
+        num_workers: 1,
+        valid_num_workers: 1,
         seed: 123,
-        context_length: 52,
-        use_augment: false,
-        text_prompt: false,
         max_epochs: 99,
         max_steps: Some(5),
-        base_lr: 1e-3,
+        lr: Some(1e-3),
+        beta1: Some(0.9),
+        beta2: Some(0.98),
+        eps: Some(1e-6),
+        wd: 0.1,
         warmup: 2,
         logs,
         name: "loop".into(),
         save_step_frequency: 2,
-        save_epoch_frequency: 1,
-        trainer: TrainerConfig {
-            // Replaced by the run from the data size; only the other fields matter here.
-            schedule: CosineSchedule {
-                base_lr: 0.0,
-                warmup: 0,
-                total_steps: 0,
-            },
-            adamw: AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.98,
-                eps: 1e-6,
-                weight_decay: 0.1,
-            },
-            accum_freq: 1,
-            freeze: Freeze::NONE,
-            dropout_seed: None,
-            grad_checkpointing: false,
-            precision: TrainPrecision::Fp32,
-        },
+        precision: Precision::Fp32,
+        ..RunConfig::default()
     }
 }
 
@@ -76,7 +54,14 @@ fn run_equals_cn_clip_and_resumes_exactly() {
     // optimizer steps are safe to compare across CPUs: the elements Adam's ε-amplification moves
     // arbitrarily are those whose gradient is rounding noise, along which the loss is flat to
     // first order (tests/cn_clip_loop.rs compares the weights themselves with that in mind).
-    let records = cnclip_train::metrics::read_records(&summary.metrics).unwrap();
+    let records = cnclip_train::metrics::read_records(
+        &summary
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .with_file_name("metrics.jsonl"),
+    )
+    .unwrap();
     assert_eq!(records.len(), 5);
     for (record, reference) in records.iter().zip(expected["replay"].as_array().unwrap()) {
         let cnclip_train::metrics::Record::Train { step, loss, lr, .. } = record else {
@@ -95,30 +80,44 @@ fn run_equals_cn_clip_and_resumes_exactly() {
         assert!(
             summary
                 .checkpoint_dir
+                .clone()
+                .unwrap()
                 .join(format!("{stem}.safetensors"))
                 .is_file(),
             "{stem} missing"
         );
     }
-    assert!(summary.curves.is_file());
+    assert!(logs.join("loop").join("curves.png").is_file());
 
     // Resume from the step-2 checkpoint in a copy of the run: same final weights.
     let logs2 = temp("logs-resumed");
     let dir2 = logs2.join("loop").join("checkpoints");
     std::fs::create_dir_all(&dir2).unwrap();
     for file in ["epoch_1_2.safetensors", "epoch_1_2.state.safetensors"] {
-        std::fs::copy(summary.checkpoint_dir.join(file), dir2.join(file)).unwrap();
+        std::fs::copy(
+            summary.checkpoint_dir.clone().unwrap().join(file),
+            dir2.join(file),
+        )
+        .unwrap();
     }
     let resumed = train(tiny_model(), &config(data, logs2), Some("epoch_1_2")).unwrap();
     assert_eq!(resumed.steps, 5);
     let a = Clip::load(
-        summary.checkpoint_dir.join("epoch_latest.safetensors"),
+        summary
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .join("epoch_latest.safetensors"),
         &LoadOptions::default(),
         Device::Cpu,
     )
     .unwrap();
     let b = Clip::load(
-        resumed.checkpoint_dir.join("epoch_latest.safetensors"),
+        resumed
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .join("epoch_latest.safetensors"),
         &LoadOptions::default(),
         Device::Cpu,
     )
@@ -153,7 +152,14 @@ fn validation_reports_loss_accuracy_and_recall() {
     );
     // 11 images: a text's relevant image is always within the top 10 unless ranked last.
     assert!(v.score.r10 >= 80.0, "{v:?}");
-    let records = cnclip_train::metrics::read_records(&summary.metrics).unwrap();
+    let records = cnclip_train::metrics::read_records(
+        &summary
+            .checkpoint_dir
+            .clone()
+            .unwrap()
+            .with_file_name("metrics.jsonl"),
+    )
+    .unwrap();
     let valid: Vec<_> = records
         .iter()
         .filter_map(|r| match r {

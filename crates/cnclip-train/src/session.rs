@@ -1,0 +1,315 @@
+//! Everything between a [`RunConfig`] and the first step, decided in one place: the device, the
+//! data-parallel group (from torchrun's or Slurm's environment), the model configs (cn_clip names
+//! or JSON files), cn_clip's per-model optimizer defaults, which checkpoint the run continues
+//! (resume policy below), the initial weights, LoRA injection and freezing. Then [`Session::run`]
+//! trains, reporting to an [`Observer`].
+//!
+//! Resume policy (cn_clip's `main.py`, plus crash-safe continuation):
+//! 1. A complete checkpoint of this run (`{logs}/{name}/checkpoints/epoch_latest`, or the newest
+//!    complete one when a crash tore it) takes precedence: the run continues it mid-epoch, with
+//!    step, optimizer and scaler. `--reset-data-offset` / `--reset-optimizer` apply to it only
+//!    when `--resume` is not given (as cn_clip applies them to the `epoch_latest` it picks);
+//!    with `--resume`, they belong to that file, and restarting the same command continues.
+//! 2. Otherwise `--resume` naming a checkpoint of a run (`X.safetensors` next to
+//!    `X.state.safetensors`) restores its weights and, unless reset, its position (epoch, step,
+//!    data offset) and optimizer state.
+//! 3. Otherwise `--resume` names initial weights (official `.pt`, HF directory, native file): a
+//!    `.pt`'s `epoch`/`step`/`optimizer` entries are not read (they hold pretraining's position,
+//!    which cn_clip's finetune scripts reset anyway with both flags).
+//! 4. Nothing: random initial weights drawn from `--seed`.
+//!
+//! A LoRA run trains adapters on top of `--resume`, which is then always its base weights.
+//!
+//! ```no_run
+//! use cnclip_train::{RunConfig, Session};
+//! use cnclip_train::observe::{CnClipLog, Observers};
+//! let config = RunConfig {
+//!     train_data: "lmdb/train".into(),
+//!     resume: Some("clip_cn_vit-b-16.pt".into()),
+//!     reset_data_offset: true,
+//!     reset_optimizer: true,
+//!     lr: Some(5e-5),
+//!     max_epochs: 3,
+//!     ..RunConfig::default()
+//! };
+//! let session = Session::prepare(config)?;
+//! let mut log = Observers::new().with(CnClipLog::new(std::io::stdout(), 10, true));
+//! let summary = session.run(&mut log)?;
+//! println!("{} steps", summary.steps);
+//! # Ok::<(), cnclip_train::run::RunError>(())
+//! ```
+
+use crate::checkpoint;
+use crate::ddp::{Ddp, DistEnv, GatherMode};
+use crate::observe::Observer;
+use crate::run::{Resume, RunConfig, RunError, RunSummary, check_model};
+use cnclip_model::{Clip, ClipConfig, LoadOptions, WeightFormat};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A run ready to train: model on its device, process group joined, resume decided.
+pub struct Session {
+    config: RunConfig,
+    model: Clip,
+    resume: Option<Resume>,
+    ddp: Option<Ddp>,
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("name", &self.config.name)
+            .field("resume", &self.resume)
+            .field("notes", &self.notes)
+            .finish()
+    }
+}
+
+fn setup(e: impl std::fmt::Display) -> RunError {
+    RunError::Setup(e.to_string())
+}
+
+impl Session {
+    /// Prepares `config`, joining a data-parallel run when torchrun's or Slurm's variables say so.
+    pub fn prepare(config: RunConfig) -> Result<Self, RunError> {
+        let dist = DistEnv::from_env().map_err(setup)?;
+        Self::prepare_in(config, dist.as_ref())
+    }
+
+    /// Prepares `config` as the process `dist` describes (`None`: a single process).
+    pub fn prepare_in(config: RunConfig, dist: Option<&DistEnv>) -> Result<Self, RunError> {
+        config.check()?;
+        let mut notes = Vec::new();
+        let mut device =
+            torch_ext::parse_device(&config.device).map_err(|e| setup(format!("--device: {e}")))?;
+        if let (Some(env), tch::Device::Cuda(_)) = (dist, device) {
+            // One GPU per local rank, as torchrun's convention.
+            device = tch::Device::Cuda(env.local_rank);
+        }
+        let clip_config = ClipConfig::from_tower_args(&config.vision_model, &config.text_model)
+            .map_err(|e| setup(format!("--vision-model/--text-model: {e}")))?;
+        config.check_world(
+            dist.map_or(1, |d| d.world_size),
+            clip_config.vision.is_resnet(),
+        )?;
+        let positions = clip_config.text.text_max_position_embeddings;
+        if config.context_length as i64 > positions {
+            return Err(RunError::Setting(crate::run::SettingError {
+                flag: "context-length",
+                message: format!(
+                    "{} exceeds the text model's {positions} positions ({})",
+                    config.context_length, config.text_model
+                ),
+            }));
+        }
+        crate::run::check_data(&config, dist.map_or(1, |d| d.world_size as u64))?;
+        let ddp = match dist {
+            Some(env) => {
+                let backend = match config.dist_backend.as_deref() {
+                    Some(name) => name.parse().map_err(setup)?,
+                    None if device.is_cuda() => torch_ext::dist::Backend::Nccl,
+                    None => torch_ext::dist::Backend::Gloo,
+                };
+                let mode = GatherMode::from_flags(config.gather_with_grad, config.skip_aggregate);
+                let timeout = Duration::from_secs(config.dist_timeout);
+                let ddp = Ddp::init(env, backend, timeout, mode).map_err(|e| {
+                    setup(format!(
+                        "rank {} of {} could not join the run at {}:{}: {e}",
+                        env.rank, env.world_size, env.master_addr, env.master_port
+                    ))
+                })?;
+                notes.push(format!(
+                    "distributed: {} ranks over {}, gather mode {mode:?}, device {device:?}",
+                    env.world_size,
+                    backend.name()
+                ));
+                Some(ddp)
+            }
+            None => None,
+        };
+        let lora = config.lora.as_ref().map(|l| cnclip_lora::LoraConfig {
+            rank: l.rank,
+            alpha: l.alpha,
+            dropout: l.dropout,
+            targets: l.targets.clone(),
+            train_logit_scale: l.train_logit_scale,
+            train_layer_norms: l.train_layer_norms,
+        });
+        let resume = decide_resume(&config, lora.is_some(), &mut notes)?;
+        // Random initial weights (no --resume) follow --seed, so a run from scratch is reproducible.
+        tch::manual_seed(config.seed as i64);
+        let mut model = match (&config.resume, &resume) {
+            // Replaced by the checkpoint's weights (a LoRA checkpoint holds only adapters).
+            (_, Some(_)) if lora.is_none() => Clip::new(&clip_config, device),
+            (None, Some(_)) => {
+                return Err(setting(
+                    "resume",
+                    "a LoRA run resumes onto its base weights: pass them with --resume",
+                ));
+            }
+            (Some(path), _) => {
+                let options = match WeightFormat::detect(path).map_err(setup)? {
+                    WeightFormat::Pt => {
+                        if !(config.reset_data_offset && config.reset_optimizer) {
+                            notes.push(format!(
+                                "{}: only the weights of a .pt are used (its epoch, step and \
+                                 optimizer are not restored)",
+                                path.display()
+                            ));
+                        }
+                        LoadOptions {
+                            config: Some(clip_config.clone()),
+                            resize_pos_embed: true,
+                        }
+                    }
+                    _ => LoadOptions::default(),
+                };
+                Clip::load(path, &options, device).map_err(setup)?
+            }
+            (None, None) => Clip::new(&clip_config, device),
+        };
+        if let Some(lora) = &lora {
+            let report = cnclip_lora::inject(&mut model, lora).map_err(setup)?;
+            notes.push(format!(
+                "LoRA: {} adapters, {} trainable numbers ({} in adapters)",
+                report.adapters.len(),
+                report.adapter_parameters + report.base_parameters,
+                report.adapter_parameters
+            ));
+        }
+        check_model(&config, &model)?;
+        Ok(Self {
+            config,
+            model,
+            resume,
+            ddp,
+            notes,
+        })
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.config
+    }
+
+    pub fn model(&self) -> &Clip {
+        &self.model
+    }
+
+    /// The checkpoint the run continues, if any.
+    pub fn resume(&self) -> Option<&Resume> {
+        self.resume.as_ref()
+    }
+
+    /// What was decided that a user should hear (resume source, LoRA size, process group).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Rank 0, or a single process: the one that logs and saves.
+    pub fn is_main(&self) -> bool {
+        self.ddp.as_ref().is_none_or(|d| d.is_main())
+    }
+
+    /// Trains, reporting to `observer` (rank 0 only).
+    pub fn run(self, observer: &mut dyn Observer) -> Result<RunSummary, RunError> {
+        crate::run::run(
+            self.model,
+            &self.config,
+            self.resume.as_ref(),
+            self.ddp.as_ref(),
+            observer,
+        )
+    }
+}
+
+fn setting(flag: &'static str, message: &str) -> RunError {
+    RunError::Setting(crate::run::SettingError {
+        flag,
+        message: message.into(),
+    })
+}
+
+/// A run checkpoint given as `--resume`: `X.safetensors` with `X.state.safetensors` beside it.
+fn run_checkpoint(path: &Path) -> Option<(PathBuf, String)> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".safetensors")?;
+    if stem.ends_with(".state") {
+        return None;
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    dir.join(format!("{stem}.state.safetensors"))
+        .is_file()
+        .then(|| (dir.to_path_buf(), stem.to_string()))
+}
+
+fn decide_resume(
+    config: &RunConfig,
+    lora: bool,
+    notes: &mut Vec<String>,
+) -> Result<Option<Resume>, RunError> {
+    if let Some(dir) = config.checkpoint_dir() {
+        // The newest complete checkpoint: a pair torn by a crash mid-write is passed over.
+        if let Some((stem, position)) = checkpoint::latest_complete(&dir)? {
+            if stem != "epoch_latest" {
+                notes.push(format!(
+                    "epoch_latest is missing or was torn by a crash; continuing from the newest \
+                     complete checkpoint, {stem} (step {})",
+                    position.step
+                ));
+            }
+            let (model_file, _) = checkpoint::paths(&dir, &stem);
+            if !lora && cnclip_lora::is_adapter_file(&model_file).map_err(setup)? {
+                return Err(setup(format!(
+                    "{} holds LoRA adapters: continue the run with its --lora-* flags and \
+                     --resume naming its base weights",
+                    model_file.display()
+                )));
+            }
+            // The reset flags go with the file they were given for (see the module doc).
+            let explicit = config.resume.is_some();
+            let resume = Resume {
+                position: explicit || !config.reset_data_offset,
+                optimizer: explicit || !config.reset_optimizer,
+                dir: dir.clone(),
+                stem: stem.clone(),
+            };
+            notes.push(format!(
+                "resuming from {} (step {}){}",
+                dir.join(&stem).display(),
+                position.step,
+                match (&config.resume, lora) {
+                    (Some(p), false) => format!("; --resume {} is not used", p.display()),
+                    _ => String::new(),
+                }
+            ));
+            return Ok(Some(resume));
+        }
+    }
+    if lora {
+        return Ok(None);
+    }
+    let Some((dir, stem)) = config.resume.as_deref().and_then(run_checkpoint) else {
+        return Ok(None);
+    };
+    notes.push(format!(
+        "resuming from the run checkpoint {}: {}, {}",
+        dir.join(&stem).display(),
+        if config.reset_data_offset {
+            "position reset"
+        } else {
+            "epoch, step and data offset restored"
+        },
+        if config.reset_optimizer {
+            "optimizer reset"
+        } else {
+            "optimizer restored"
+        }
+    ));
+    Ok(Some(Resume {
+        dir,
+        stem,
+        position: !config.reset_data_offset,
+        optimizer: !config.reset_optimizer,
+    }))
+}
