@@ -73,6 +73,17 @@ pub enum LmdbError {
         needed: u64,
         found: u64,
     },
+    #[error(
+        "LMDB {}: data.mdb shrank from {needed} to {found} bytes while it was open (truncated or \
+         overwritten in place by another program): LMDB maps the file into memory, so reading on \
+         would crash the process; stop whatever rewrites it and restart",
+        path.display()
+    )]
+    ShrankWhileOpen {
+        path: PathBuf,
+        needed: u64,
+        found: u64,
+    },
     #[error("invalid split name {name:?}: {reason}")]
     SplitName { name: String, reason: &'static str },
     #[error("LMDB {} has no key {key:?}; it was not written by cn_clip's build_lmdb_dataset.py or by build_split", path.display())]
@@ -549,6 +560,28 @@ struct ReadEnv {
     path: PathBuf,
     env: Env<WithoutTls>,
     db: Database<Bytes, Bytes>,
+    /// The mapped `data.mdb` (the same inode as the mapping) and the bytes its pages need.
+    file: std::fs::File,
+    needed: u64,
+}
+
+impl ReadEnv {
+    /// LMDB's contract is that nobody truncates a file it has mapped: a read of a page past the
+    /// new end is a SIGBUS that kills the process, not an error. A file replaced by rename keeps
+    /// the old inode mapped and is harmless; one cut or rewritten in place is caught here, by one
+    /// `fstat` of the mapped inode before each read (microseconds, against a JPEG decode's
+    /// milliseconds). A truncation racing between this check and the read is still LMDB's crash.
+    fn check_intact(&self) -> Result<(), LmdbError> {
+        let found = self.file.metadata().map_err(io_err(&self.path))?.len();
+        if found < self.needed {
+            return Err(LmdbError::ShrankWhileOpen {
+                path: self.path.clone(),
+                needed: self.needed,
+                found,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// heed refuses to open one path twice in a process, so read-only environments are shared:
@@ -601,9 +634,8 @@ fn open_read(path: &Path, what: &'static str) -> Result<Arc<ReadEnv>, LmdbError>
     .map_err(lmdb_err(path))?;
     // LMDB maps the file and trusts its meta page: a page past the end of a cut file would be a
     // SIGBUS on first touch, not an error. Both meta pages were read by `open`, so this is safe.
-    let found = std::fs::metadata(canonical.join("data.mdb"))
-        .map_err(io_err(path))?
-        .len();
+    let file = std::fs::File::open(canonical.join("data.mdb")).map_err(io_err(path))?;
+    let found = file.metadata().map_err(io_err(path))?.len();
     let needed = (env.info().last_page_number as u64 + 1) * u64::from(env.stat().page_size);
     if found < needed {
         return Err(LmdbError::Truncated {
@@ -625,6 +657,8 @@ fn open_read(path: &Path, what: &'static str) -> Result<Arc<ReadEnv>, LmdbError>
         path: path.to_path_buf(),
         env,
         db,
+        file,
+        needed,
     });
     map.insert(canonical, (Arc::downgrade(&env), id));
     Ok(env)
@@ -635,6 +669,7 @@ fn read_count(env: &ReadEnv, key: &'static [u8]) -> Result<u64, LmdbError> {
         Ok(s) => s,
         Err(_) => unreachable!("count keys are ASCII"),
     };
+    env.check_intact()?;
     let txn = env.env.read_txn().map_err(lmdb_err(&env.path))?;
     let value = env
         .db
@@ -693,6 +728,8 @@ impl LmdbImages {
 
     /// A read transaction for many lookups (one per worker thread).
     pub fn reader(&self) -> Result<ImagesReader<'_>, LmdbError> {
+        // Starting a transaction reads the meta pages.
+        self.env.check_intact()?;
         Ok(ImagesReader {
             images: self,
             txn: self.env.env.read_txn().map_err(lmdb_err(&self.env.path))?,
@@ -723,6 +760,7 @@ impl ImagesReader<'_> {
     /// " (pair 12, text 8428)").
     pub fn base64(&self, image_id: i64, context: &str) -> Result<&[u8], LmdbError> {
         let env = &self.images.env;
+        env.check_intact()?;
         env.db
             .get(&self.txn, image_id.to_string().as_bytes())
             .map_err(lmdb_err(&env.path))?
@@ -746,6 +784,7 @@ impl ImagesReader<'_> {
     /// Whether `image_id` is stored.
     pub fn contains(&self, image_id: i64) -> Result<bool, LmdbError> {
         let env = &self.images.env;
+        env.check_intact()?;
         Ok(env
             .db
             .get(&self.txn, image_id.to_string().as_bytes())
@@ -757,26 +796,38 @@ impl ImagesReader<'_> {
     /// integer is an error (cn_clip's `int(key)` would raise).
     pub fn iter(&self) -> Result<impl Iterator<Item = Result<(i64, &[u8]), LmdbError>>, LmdbError> {
         let env = &self.images.env;
-        let iter = env.db.iter(&self.txn).map_err(lmdb_err(&env.path))?;
-        Ok(iter.filter_map(move |item| {
-            let (key, value) = match item {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(lmdb_err(&env.path)(e))),
-            };
-            if key == NUM_IMAGES_KEY {
-                return None;
+        env.check_intact()?;
+        let mut iter = env.db.iter(&self.txn).map_err(lmdb_err(&env.path))?;
+        let mut stopped = false;
+        // Checked before every step of the cursor, which is what touches the mapped pages.
+        Ok(std::iter::from_fn(move || {
+            loop {
+                if stopped {
+                    return None;
+                }
+                if let Err(e) = env.check_intact() {
+                    stopped = true;
+                    return Some(Err(e));
+                }
+                let (key, value) = match iter.next()? {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(lmdb_err(&env.path)(e))),
+                };
+                if key == NUM_IMAGES_KEY {
+                    continue;
+                }
+                // int(key.tobytes().decode()) accepts surrounding whitespace and a sign.
+                let text = String::from_utf8_lossy(key);
+                return Some(
+                    crate::files::python_strip(&text)
+                        .parse::<i64>()
+                        .map(|id| (id, value))
+                        .map_err(|_| LmdbError::BadImageKey {
+                            path: env.path.clone(),
+                            key: text.into_owned(),
+                        }),
+                );
             }
-            // int(key.tobytes().decode()) accepts surrounding whitespace and a sign.
-            let text = String::from_utf8_lossy(key);
-            Some(
-                crate::files::python_strip(&text)
-                    .parse::<i64>()
-                    .map(|id| (id, value))
-                    .map_err(|_| LmdbError::BadImageKey {
-                        path: env.path.clone(),
-                        key: text.into_owned(),
-                    }),
-            )
         }))
     }
 }
@@ -817,6 +868,7 @@ impl LmdbPairs {
     }
 
     pub fn reader(&self) -> Result<PairsReader<'_>, LmdbError> {
+        self.env.check_intact()?;
         Ok(PairsReader {
             pairs: self,
             txn: self.env.env.read_txn().map_err(lmdb_err(&self.env.path))?,
@@ -838,6 +890,7 @@ pub struct PairsReader<'a> {
 impl PairsReader<'_> {
     pub fn pair(&self, index: u64) -> Result<PickledPair, LmdbError> {
         let env = &self.pairs.env;
+        env.check_intact()?;
         let value = env
             .db
             .get(&self.txn, index.to_string().as_bytes())

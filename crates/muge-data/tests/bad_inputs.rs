@@ -407,3 +407,38 @@ fn checked_builds_catch_undecodable_images_before_training() {
         );
     }
 }
+
+/// A split cut short while it is being read (another program rewriting it in place) is an error
+/// naming the file, not a SIGBUS that kills the process.
+#[test]
+fn an_lmdb_truncated_while_open_is_an_error_not_a_crash() {
+    let tmp = TempDir::new("shrink");
+    let dir = tmp.path().join("train");
+    for part in ["imgs", "pairs"] {
+        std::fs::create_dir_all(dir.join(part)).unwrap();
+        let from = common::cnclip_lmdb()
+            .join("train")
+            .join(part)
+            .join("data.mdb");
+        std::fs::copy(from, dir.join(part).join("data.mdb")).unwrap();
+    }
+    let split = LmdbSplit::open(&dir).unwrap();
+    split.sample(0).unwrap();
+    for part in ["imgs", "pairs"] {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(part).join("data.mdb"))
+            .unwrap();
+        file.set_len(4096).unwrap();
+    }
+    for index in 0..3 {
+        let err = split.sample(index).unwrap_err();
+        assert!(
+            matches!(err, LmdbError::ShrankWhileOpen { found: 4096, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("data.mdb shrank"), "{text}");
+        assert!(text.contains(&dir.display().to_string()), "{text}");
+    }
+}
