@@ -90,6 +90,15 @@ fn main() -> Result<()> {
         // PEFT applies the adapter to the hf export of the base, which must exist.
         weights::clip_to_hf_config(model.config(), 0.0, "float32", base)?;
         let file = lora::read_adapter(&args.input)?;
+        if !file.base_weights().is_empty() {
+            bail!(
+                "{}: its run also trained LayerNorms / logit_scale ({} tensors), which PEFT's LoRA \
+                 adapter format cannot hold; share the merged model instead: --format hf --lora-base {}",
+                args.input.display(),
+                file.base_weights().len(),
+                base.display()
+            );
+        }
         lora::file::apply_file(&mut model, &file)
             .with_context(|| format!("{} does not fit {}", args.input.display(), base.display()))?;
         lora::export_peft(&file, &args.output)?;

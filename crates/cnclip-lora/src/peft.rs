@@ -20,11 +20,13 @@ use tch::Device;
 /// refused rather than exported without them: merge it with [`crate::merged_state_dict`] instead.
 pub fn export_peft(file: &AdapterFile, dir: impl AsRef<Path>) -> Result<(), LoraError> {
     let dir = dir.as_ref();
-    if let Some((key, _)) = file.base_weights().first() {
+    let base = file.base_weights();
+    if let Some((key, _)) = base.first() {
         return Err(LoraError::Peft(format!(
-            "{} also trains base weights ({key}, …), which PEFT's LoRA layout cannot carry; \
-             export a merged model instead",
-            file.path.display()
+            "{} also holds {} trained base weights (LayerNorms / logit_scale: {key}, …), which a \
+             PEFT LoRA adapter cannot carry; export the merged model instead",
+            file.path.display(),
+            base.len()
         )));
     }
     let mut tensors = StateDict::new();

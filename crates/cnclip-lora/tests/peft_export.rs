@@ -157,3 +157,51 @@ fn peft_features_equal_ours() {
     let merged = tch::no_grad(|| model.encode_text(&io["text"]));
     assert!(rel(&merged, &peft["text_features_merged"]) <= TOLERANCE);
 }
+
+/// PEFT applies the exported adapter to the Hugging Face export of the official `.pt` (what
+/// `convert --format hf` writes, loaded by `ChineseCLIPModel`) and computes our adapted features
+/// (`cnclip-model/tests/fixtures/make_hf_export_fixture.py` recorded PEFT's).
+#[test]
+fn peft_on_our_hf_export_equals_ours() {
+    let c = |n: &str| {
+        model_fixtures()
+            .join("configs")
+            .join(n)
+            .display()
+            .to_string()
+    };
+    let options = LoadOptions {
+        config: Some(
+            cnclip_model::ClipConfig::from_tower_args(&c("tiny-vit.json"), &c("tiny-bert.json"))
+                .unwrap(),
+        ),
+        ..Default::default()
+    };
+    let official = Clip::load(model_fixtures().join("tiny_vit.pt"), &options, Device::Cpu).unwrap();
+    let dir = std::env::temp_dir().join(format!("cnclip-peft-hf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    official.export_hf(&dir).unwrap();
+    let mut model = Clip::load(&dir, &LoadOptions::default(), Device::Cpu).unwrap();
+    cnclip_lora::load_adapter(&mut model, fixtures().join("tiny_vit.lora.safetensors")).unwrap();
+    let io = io();
+    let peft = read(&model_fixtures().join("../hf_export/features.safetensors"));
+    let (img, txt) = tch::no_grad(|| {
+        (
+            model.encode_image(&io["image"]),
+            model.encode_text(&io["text"]),
+        )
+    });
+    let rel = |a: &Tensor, b: &Tensor| {
+        assert_eq!(a.size(), b.size());
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    };
+    let (ri, rt) = (
+        rel(&img, &peft["peft_image_features"]),
+        rel(&txt, &peft["peft_text_features"]),
+    );
+    assert!(ri <= TOLERANCE, "image features: {ri}");
+    assert!(rt <= TOLERANCE, "text features: {rt}");
+    // The adapter matters: PEFT's features are far from the export's own.
+    assert!(rel(&peft["image_features"], &peft["peft_image_features"]) > 1e-2);
+    let _ = std::fs::remove_dir_all(dir);
+}
