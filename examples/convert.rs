@@ -73,19 +73,25 @@ fn main() -> Result<()> {
     };
     let is_adapter = WeightFormat::detect(&args.input)? == WeightFormat::Native
         && lora::is_adapter_file(&args.input)?;
+    if args.lora_base.is_some() && !is_adapter {
+        bail!(
+            "--lora-base is for a LoRA adapter --input; {} is a model",
+            args.input.display()
+        );
+    }
     if args.output.exists() && args.output.canonicalize()? == args.input.canonicalize()? {
         bail!("--output must differ from --input");
     }
     if args.format == "peft" {
-        let base = args.lora_base.as_ref().context(
-            "--format peft exports a LoRA adapter: give --lora-base, the weights it was trained on",
-        )?;
         if !is_adapter {
             bail!(
-                "--format peft: {} is not a LoRA adapter file",
+                "--format peft exports a LoRA adapter file; {} is a model",
                 args.input.display()
             );
         }
+        let base = args.lora_base.as_ref().context(
+            "--format peft exports a LoRA adapter: give --lora-base, the weights it was trained on",
+        )?;
         let mut model = load(base)?;
         // PEFT applies the adapter to the hf export of the base, which must exist.
         weights::clip_to_hf_config(model.config(), 0.0, "float32", base)?;

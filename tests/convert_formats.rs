@@ -197,7 +197,19 @@ fn hf_and_peft_exports_from_the_command_line() {
         "--output",
         s(&dir.join("p2")),
     ]);
-    assert!(err.contains("not a LoRA adapter"), "{err}");
+    assert!(err.contains("--lora-base is for a LoRA adapter"), "{err}");
+    let err = fails(&with(
+        &[
+            "--input",
+            s(&pt),
+            "--format",
+            "peft",
+            "--output",
+            s(&dir.join("p3")),
+        ],
+        &towers,
+    ));
+    assert!(err.contains("exports a LoRA adapter file"), "{err}");
 
     // An adapter whose run trained the LayerNorms: PEFT cannot hold them; hf (merged) can.
     let config = ClipConfig::from_tower_args(s(&vit), s(&bert)).unwrap();

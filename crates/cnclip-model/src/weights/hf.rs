@@ -1,6 +1,7 @@
 //! Hugging Face `ChineseCLIPModel` directories: `config.json` plus `model.safetensors` (or its
 //! sharded index, or `pytorch_model.bin`), mapped onto cn_clip's config and key names — the reverse
-//! of HF's `convert_chinese_clip_original_pytorch_to_hf.py`.
+//! of HF's `convert_chinese_clip_original_pytorch_to_hf.py` — and written back ([`export_hf`], with
+//! the tokenizer and image-processor files `ChineseCLIPProcessor` loads) through the same tables.
 
 use super::{StateDict, WeightsError, io_err, read_pt, read_safetensors};
 use crate::config::{ClipConfig, TextConfig, VisionConfig, VisionLayers};
