@@ -199,6 +199,7 @@ fn peft_on_our_hf_export_equals_ours() {
         rel(&img, &peft["peft_image_features"]),
         rel(&txt, &peft["peft_text_features"]),
     );
+    println!("PEFT on our hf export vs ours: image {ri:e}, text {rt:e}");
     assert!(ri <= TOLERANCE, "image features: {ri}");
     assert!(rt <= TOLERANCE, "text features: {rt}");
     // The adapter matters: PEFT's features are far from the export's own.
