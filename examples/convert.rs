@@ -1,34 +1,45 @@
 //! Converts Chinese-CLIP weights between formats: an official cn_clip `.pt`, a Hugging Face
-//! `ChineseCLIPModel` directory or a native file in; a native file (safetensors + config, what the
-//! other tools load fastest) or an official-layout `.pt` (loadable by cn_clip's scripts) out.
+//! `ChineseCLIPModel` directory, a native file or a LoRA adapter (merged onto `--lora-base`) in;
+//! a native file (safetensors + config, what the other tools load fastest), an official-layout
+//! `.pt` (loadable by cn_clip's scripts), a Hugging Face directory (`transformers`'
+//! `ChineseCLIPModel` + `ChineseCLIPProcessor`) or a PEFT adapter directory out.
 //!
 //! ```sh
 //! cargo run --release --example convert -- --input clip_cn_vit-b-16.pt --vision-model ViT-B-16 \
 //!     --text-model RoBERTa-wwm-ext-base-chinese --output vit-b-16.safetensors
 //! cargo run --release --example convert -- --input OFA-Sys/chinese-clip-vit-base-patch16 --output b16.safetensors
 //! cargo run --release --example convert -- --input soup.safetensors --output soup.pt --format pt
+//! cargo run --release --example convert -- --input epoch3.safetensors --output my-clip --format hf
+//! cargo run --release --example convert -- --input logs/lora/checkpoints/epoch3.safetensors --lora-base b16.safetensors \
+//!     --output my-adapter --format peft
 //! ```
-//! The conversion is checked: the written file is read back and compared tensor by tensor.
+//! The conversion is checked: the written model is read back and compared tensor by tensor.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use cnclip::lora;
 use cnclip::model::weights::PtHeader;
 use cnclip::model::{Clip, ClipConfig, LoadOptions, WeightFormat};
 use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
-    about = "Convert Chinese-CLIP weights: official .pt / Hugging Face / native → native or .pt"
+    about = "Convert Chinese-CLIP weights: official .pt / Hugging Face / native / LoRA adapter → native, .pt, Hugging Face or PEFT"
 )]
 struct Args {
-    /// Official `.pt`, Hugging Face directory or native `.safetensors`.
+    /// Official `.pt`, Hugging Face directory, native `.safetensors` or LoRA adapter file.
     #[arg(long)]
     input: PathBuf,
     #[arg(long)]
     output: PathBuf,
-    /// native (safetensors with the config inside) or pt (cn_clip's checkpoint layout).
-    #[arg(long, default_value = "native", value_parser = ["native", "pt"])]
+    /// native (safetensors with the config inside), pt (cn_clip's checkpoint layout), hf (a
+    /// transformers ChineseCLIPModel directory, ViT models only) or peft (a LoRA adapter as a PEFT
+    /// adapter directory for the hf export of --lora-base).
+    #[arg(long, default_value = "native", value_parser = ["native", "pt", "hf", "peft"])]
     format: String,
+    /// The weights a LoRA adapter `--input` was trained on (any format read here).
+    #[arg(long = "lora-base")]
+    lora_base: Option<PathBuf>,
     /// Needed for an official `.pt` (a shipped name or a JSON file in cn_clip's schema).
     #[arg(long = "vision-model")]
     vision_model: Option<String>,
@@ -41,27 +52,84 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let format = WeightFormat::detect(&args.input)?;
     let config = match (&args.vision_model, &args.text_model) {
         (Some(v), Some(t)) => Some(ClipConfig::from_tower_args(v, t)?),
         (None, None) => None,
         _ => bail!("give both --vision-model and --text-model, or neither"),
     };
-    if format == WeightFormat::Pt && config.is_none() {
+    let load = |path: &PathBuf| -> Result<Clip> {
+        if WeightFormat::detect(path)? == WeightFormat::Pt && config.is_none() {
+            bail!(
+                "{} is an official .pt, which carries no config: give --vision-model and --text-model",
+                path.display()
+            );
+        }
+        let options = LoadOptions {
+            config: config.clone(),
+            ..Default::default()
+        };
+        Clip::load(path, &options, tch::Device::Cpu)
+            .with_context(|| format!("loading {}", path.display()))
+    };
+    let is_adapter = WeightFormat::detect(&args.input)? == WeightFormat::Native
+        && lora::is_adapter_file(&args.input)?;
+    if args.lora_base.is_some() && !is_adapter {
         bail!(
-            "{} is an official .pt, which carries no config: give --vision-model and --text-model",
+            "--lora-base is for a LoRA adapter --input; {} is a model",
             args.input.display()
         );
     }
-    let options = LoadOptions {
-        config,
-        ..Default::default()
-    };
-    let model = Clip::load(&args.input, &options, tch::Device::Cpu)
-        .with_context(|| format!("loading {}", args.input.display()))?;
     if args.output.exists() && args.output.canonicalize()? == args.input.canonicalize()? {
         bail!("--output must differ from --input");
     }
+    if args.format == "peft" {
+        if !is_adapter {
+            bail!(
+                "--format peft exports a LoRA adapter file; {} is a model",
+                args.input.display()
+            );
+        }
+        let base = args.lora_base.as_ref().context(
+            "--format peft exports a LoRA adapter: give --lora-base, the weights it was trained on",
+        )?;
+        let file = lora::read_adapter(&args.input)?;
+        if !file.base_weights().is_empty() {
+            bail!(
+                "{}: its run also trained LayerNorms / logit_scale ({} tensors), which PEFT's LoRA \
+                 adapter format cannot hold; share the merged model instead: --format hf --lora-base {}",
+                args.input.display(),
+                file.base_weights().len(),
+                base.display()
+            );
+        }
+        lora::export_peft_for(&mut load(base)?, &file, &args.output).with_context(|| {
+            format!("exporting {} for {}", args.input.display(), base.display())
+        })?;
+        println!(
+            "{} → {} (peft): {} LoRA adapters of rank {}, for the hf export of {}",
+            args.input.display(),
+            args.output.display(),
+            file.adapters().len(),
+            file.config.rank,
+            base.display()
+        );
+        return Ok(());
+    }
+    let model = if is_adapter {
+        let base = args.lora_base.as_ref().with_context(|| {
+            format!(
+                "{} is a LoRA adapter: give --lora-base, the weights it was trained on, to merge it",
+                args.input.display()
+            )
+        })?;
+        let mut model = load(base)?;
+        lora::load_adapter(&mut model, &args.input)
+            .with_context(|| format!("{} does not fit {}", args.input.display(), base.display()))?;
+        lora::unload(&mut model, true)?;
+        model
+    } else {
+        load(&args.input)?
+    };
     match args.format.as_str() {
         "pt" => model.export_pt(
             &args.output,
@@ -71,6 +139,7 @@ fn main() -> Result<()> {
                 name: args.name.clone(),
             },
         )?,
+        "hf" => model.export_hf(&args.output)?,
         _ => model.save_native(&args.output)?,
     }
     // Read the result back the way every other tool will and compare.
@@ -94,9 +163,8 @@ fn main() -> Result<()> {
     }
     let numbers: usize = a.values().map(|t| t.numel()).sum();
     println!(
-        "{} ({:?}) → {} ({}): {} tensors, {numbers} numbers, verified",
+        "{} → {} ({}): {} tensors, {numbers} numbers, verified",
         args.input.display(),
-        format,
         args.output.display(),
         args.format,
         a.len()

@@ -67,7 +67,7 @@ pub use file::{
     AdapterFile, is_adapter_file, load_adapter, merged_state_dict, read_adapter, save_adapter,
     save_adapter_with,
 };
-pub use peft::export_peft;
+pub use peft::{export_peft, export_peft_for};
 
 use std::path::PathBuf;
 

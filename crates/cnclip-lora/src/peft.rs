@@ -7,7 +7,8 @@
 //! which PEFT matches exactly (no suffix ambiguity such as `output.dense`).
 
 use crate::LoraError;
-use crate::file::AdapterFile;
+use crate::file::{AdapterFile, apply_file};
+use cnclip_model::Clip;
 use cnclip_model::weights::{self, StateDict, hf_module_name};
 use serde_json::json;
 use std::collections::HashMap;
@@ -20,11 +21,13 @@ use tch::Device;
 /// refused rather than exported without them: merge it with [`crate::merged_state_dict`] instead.
 pub fn export_peft(file: &AdapterFile, dir: impl AsRef<Path>) -> Result<(), LoraError> {
     let dir = dir.as_ref();
-    if let Some((key, _)) = file.base_weights().first() {
+    let base = file.base_weights();
+    if let Some((key, _)) = base.first() {
         return Err(LoraError::Peft(format!(
-            "{} also trains base weights ({key}, …), which PEFT's LoRA layout cannot carry; \
-             export a merged model instead",
-            file.path.display()
+            "{} also holds {} trained base weights (LayerNorms / logit_scale: {key}, …), which a \
+             PEFT LoRA adapter cannot carry; export the merged model instead",
+            file.path.display(),
+            base.len()
         )));
     }
     let mut tensors = StateDict::new();
@@ -92,4 +95,17 @@ pub fn export_peft(file: &AdapterFile, dir: impl AsRef<Path>) -> Result<(), Lora
         HashMap::from([("format".to_string(), "pt".to_string())]),
     )?;
     Ok(())
+}
+
+/// [`export_peft`] for a known base: checks first that the base has a Hugging Face export for
+/// PEFT to apply the adapter to (a ViT model) and that the adapter fits it (applying it to `base`,
+/// which then carries the adapter).
+pub fn export_peft_for(
+    base: &mut Clip,
+    file: &AdapterFile,
+    dir: impl AsRef<Path>,
+) -> Result<(), LoraError> {
+    weights::clip_to_hf_config(base.config(), 0.0, "float32", dir.as_ref())?;
+    apply_file(base, file)?;
+    export_peft(file, dir)
 }

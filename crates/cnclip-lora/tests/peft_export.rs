@@ -157,3 +157,111 @@ fn peft_features_equal_ours() {
     let merged = tch::no_grad(|| model.encode_text(&io["text"]));
     assert!(rel(&merged, &peft["text_features_merged"]) <= TOLERANCE);
 }
+
+/// PEFT applies the exported adapter to the Hugging Face export of the official `.pt` (what
+/// `convert --format hf` writes, loaded by `ChineseCLIPModel`) and computes our adapted features
+/// (`cnclip-model/tests/fixtures/make_hf_export_fixture.py` recorded PEFT's).
+#[test]
+fn peft_on_our_hf_export_equals_ours() {
+    let c = |n: &str| {
+        model_fixtures()
+            .join("configs")
+            .join(n)
+            .display()
+            .to_string()
+    };
+    let options = LoadOptions {
+        config: Some(
+            cnclip_model::ClipConfig::from_tower_args(&c("tiny-vit.json"), &c("tiny-bert.json"))
+                .unwrap(),
+        ),
+        ..Default::default()
+    };
+    let official = Clip::load(model_fixtures().join("tiny_vit.pt"), &options, Device::Cpu).unwrap();
+    let dir = std::env::temp_dir().join(format!("cnclip-peft-hf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    official.export_hf(&dir).unwrap();
+    let mut model = Clip::load(&dir, &LoadOptions::default(), Device::Cpu).unwrap();
+    cnclip_lora::load_adapter(&mut model, fixtures().join("tiny_vit.lora.safetensors")).unwrap();
+    let io = io();
+    let peft = read(&model_fixtures().join("../hf_export/features.safetensors"));
+    let (img, txt) = tch::no_grad(|| {
+        (
+            model.encode_image(&io["image"]),
+            model.encode_text(&io["text"]),
+        )
+    });
+    let rel = |a: &Tensor, b: &Tensor| {
+        assert_eq!(a.size(), b.size());
+        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+    };
+    let (ri, rt) = (
+        rel(&img, &peft["peft_image_features"]),
+        rel(&txt, &peft["peft_text_features"]),
+    );
+    println!("PEFT on our hf export vs ours: image {ri:e}, text {rt:e}");
+    assert!(ri <= TOLERANCE, "image features: {ri}");
+    assert!(rt <= TOLERANCE, "text features: {rt}");
+    // The adapter matters: PEFT's features are far from the export's own.
+    assert!(rel(&peft["image_features"], &peft["peft_image_features"]) > 1e-2);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A PEFT adapter needs an HF export of its base to apply to: an RN50 base is refused (even for
+/// text-only adapters, which would map), and so is a base the adapter does not fit.
+#[test]
+fn export_for_a_base_checks_the_base() {
+    let c = |n: &str| {
+        model_fixtures()
+            .join("configs")
+            .join(n)
+            .display()
+            .to_string()
+    };
+    let load = |pt: &str, vision: &str| {
+        let options = LoadOptions {
+            config: Some(
+                cnclip_model::ClipConfig::from_tower_args(&c(vision), &c("tiny-bert.json"))
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        Clip::load(model_fixtures().join(pt), &options, Device::Cpu).unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("cnclip-peft-for-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rn = load("tiny_rn50.pt", "tiny-rn50.json");
+    let config = cnclip_lora::LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        targets: vec!["query".into(), "value".into()],
+        train_logit_scale: false,
+        train_layer_norms: false,
+    };
+    cnclip_lora::inject(&mut rn, &config).unwrap();
+    let path = dir.with_extension("safetensors");
+    cnclip_lora::save_adapter(&rn, &path).unwrap();
+    let file = cnclip_lora::read_adapter(&path).unwrap();
+    let mut rn = load("tiny_rn50.pt", "tiny-rn50.json");
+    let err = cnclip_lora::export_peft_for(&mut rn, &file, &dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ResNet"), "{err}");
+    assert!(!dir.exists());
+
+    // The ViT fixture adapter on the head-width-40 ViT: its sites have other shapes.
+    let file = cnclip_lora::read_adapter(fixtures().join("tiny_vit.lora.safetensors")).unwrap();
+    let mut vith = load("tiny_vith.pt", "tiny-vith.json");
+    let err = cnclip_lora::export_peft_for(&mut vith, &file, &dir)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("another architecture"), "{err}");
+    assert!(!dir.exists());
+    // On its own base it exports.
+    let mut vit = load("tiny_vit.pt", "tiny-vit.json");
+    cnclip_lora::export_peft_for(&mut vit, &file, &dir).unwrap();
+    assert!(dir.join("adapter_model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(path);
+}

@@ -141,4 +141,10 @@ impl Clip {
     pub fn export_pt(&self, path: impl AsRef<Path>, header: &PtHeader) -> Result<(), WeightsError> {
         weights::write_pt(path, &self.state_dict(), header)
     }
+
+    /// Exports a Hugging Face `ChineseCLIPModel` directory (config, weights, tokenizer and
+    /// image-processor files) that `transformers` loads; see [`weights::export_hf`].
+    pub fn export_hf(&self, dir: impl AsRef<Path>) -> Result<(), WeightsError> {
+        weights::export_hf(dir, self.config(), &self.state_dict())
+    }
 }

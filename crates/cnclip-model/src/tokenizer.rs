@@ -61,6 +61,12 @@ const MAX_INPUT_CHARS_PER_WORD: usize = 200;
 static EMBEDDED_VOCAB: &[u8] = include_bytes!("../assets/vocab.txt");
 const EMBEDDED_VOCAB_NAME: &str = "<embedded cn_clip vocab.txt>";
 
+/// cn_clip's `vocab.txt`, byte for byte (what [`Tokenizer::new`] reads); written next to exported
+/// models so other tokenizers get the same ids.
+pub fn cn_clip_vocab_txt() -> &'static [u8] {
+    EMBEDDED_VOCAB
+}
+
 static DEFAULT: LazyLock<Result<Tokenizer, TokenizerError>> =
     LazyLock::new(|| Tokenizer::from_vocab_bytes(EMBEDDED_VOCAB, Path::new(EMBEDDED_VOCAB_NAME)));
 

@@ -28,13 +28,25 @@ pub use decode::{Format, MAX_PIXELS, decode_named};
 pub use jpeg_simd::jpeg_simd_enabled;
 pub use resample::{pillow_horizontal_first, resize_bicubic, resize_bicubic_u16, resize_nearest};
 
-/// CLIP's per-channel mean (RGB), as cn_clip passes it to `Normalize` (written as cn_clip
-/// writes it; torch rounds the Python floats to float32, as Rust does here).
+/// CLIP's per-channel mean (RGB), as cn_clip writes it in Python (exported model configs record
+/// these decimals).
 #[allow(clippy::excessive_precision)]
-pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-/// CLIP's per-channel standard deviation (RGB).
+pub const CLIP_MEAN_F64: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// CLIP's per-channel standard deviation (RGB), as cn_clip writes it.
 #[allow(clippy::excessive_precision)]
-pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub const CLIP_STD_F64: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+/// [`CLIP_MEAN_F64`] rounded to float32, as torch rounds the Python floats `Normalize` gets.
+pub const CLIP_MEAN: [f32; 3] = [
+    CLIP_MEAN_F64[0] as f32,
+    CLIP_MEAN_F64[1] as f32,
+    CLIP_MEAN_F64[2] as f32,
+];
+/// [`CLIP_STD_F64`] rounded to float32.
+pub const CLIP_STD: [f32; 3] = [
+    CLIP_STD_F64[0] as f32,
+    CLIP_STD_F64[1] as f32,
+    CLIP_STD_F64[2] as f32,
+];
 
 /// Why an image could not be preprocessed. `id` is the path or the caller-given id.
 #[derive(Debug, thiserror::Error)]

@@ -110,6 +110,10 @@ pub enum WeightsError {
     #[error("{}: {reason}", path.display())]
     HfWeights { path: PathBuf, reason: String },
 
+    /// A model or state dict a Hugging Face `ChineseCLIPModel` directory cannot hold.
+    #[error("{}: cannot write a Hugging Face ChineseCLIPModel: {reason}", path.display())]
+    HfExport { path: PathBuf, reason: String },
+
     #[error("{}: invalid safetensors file: {reason}", path.display())]
     Safetensors { path: PathBuf, reason: String },
 

@@ -1,6 +1,7 @@
 //! Hugging Face `ChineseCLIPModel` directories: `config.json` plus `model.safetensors` (or its
 //! sharded index, or `pytorch_model.bin`), mapped onto cn_clip's config and key names — the reverse
-//! of HF's `convert_chinese_clip_original_pytorch_to_hf.py`.
+//! of HF's `convert_chinese_clip_original_pytorch_to_hf.py` — and written back ([`export_hf`], with
+//! the tokenizer and image-processor files `ChineseCLIPProcessor` loads) through the same tables.
 
 use super::{StateDict, WeightsError, io_err, read_pt, read_safetensors};
 use crate::config::{ClipConfig, TextConfig, VisionConfig, VisionLayers};
@@ -355,62 +356,135 @@ enum Mapped {
     Drop,
 }
 
+// The key mapping, as tables read in both directions: [`map_key`] (HF → cn_clip, import),
+// [`hf_keys`] (cn_clip → HF, export) and [`hf_module_name`] (modules, PEFT export).
+
+/// Whole keys renamed: (HF key, cn_clip key, whether HF stores the matrix transposed).
+const RENAMED: &[(&str, &str, bool)] = &[
+    ("logit_scale", "logit_scale", false),
+    ("text_projection.weight", "text_projection", true),
+    ("visual_projection.weight", "visual.proj", true),
+    (
+        "vision_model.embeddings.class_embedding",
+        "visual.class_embedding",
+        false,
+    ),
+    (
+        "vision_model.embeddings.patch_embedding.weight",
+        "visual.conv1.weight",
+        false,
+    ),
+    (
+        "vision_model.embeddings.position_embedding.weight",
+        "visual.positional_embedding",
+        false,
+    ),
+];
+
+/// HF buffers with no cn_clip counterpart: dropped on import, never written.
+const DROPPED: &[&str] = &[
+    "text_model.embeddings.position_ids",
+    "text_model.embeddings.token_type_ids",
+    "vision_model.embeddings.position_ids",
+];
+/// HF's text pooler (cn_clip's BERT has none; `ChineseCLIPModel` does not build it either).
+const DROPPED_PREFIX: &str = "text_model.pooler.";
+
+/// Prefixes renamed as a whole: (HF, cn_clip).
+const PREFIXES: &[(&str, &str)] = &[
+    ("text_model.", "bert."),
+    ("vision_model.pre_layrnorm.", "visual.ln_pre."),
+    ("vision_model.post_layernorm.", "visual.ln_post."),
+];
+
+const HF_LAYERS: &str = "vision_model.encoder.layers.";
+const CN_BLOCKS: &str = "visual.transformer.resblocks.";
+
+/// The modules of a ViT block: (HF, cn_clip). cn_clip fuses q/k/v into `attn.in_proj`; its row
+/// blocks are named `attn.in_proj.{q,k,v}` (the LoRA adapters' names).
+const BLOCK_MODULES: &[(&str, &str)] = &[
+    ("self_attn.q_proj", "attn.in_proj.q"),
+    ("self_attn.k_proj", "attn.in_proj.k"),
+    ("self_attn.v_proj", "attn.in_proj.v"),
+    ("self_attn.out_proj", "attn.out_proj"),
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+];
+const QKV_PARTS: [&str; 3] = ["q", "k", "v"];
+
+/// Where HF's `key` goes in cn_clip's state dict (`None`: no counterpart).
 fn map_key(key: &str) -> Option<Mapped> {
     use Mapped::*;
-    Some(match key {
-        "logit_scale" => To(key.into()),
-        "text_projection.weight" => Transposed("text_projection".into()),
-        "visual_projection.weight" => Transposed("visual.proj".into()),
-        "text_model.embeddings.position_ids"
-        | "text_model.embeddings.token_type_ids"
-        | "vision_model.embeddings.position_ids" => Drop,
-        "vision_model.embeddings.class_embedding" => To("visual.class_embedding".into()),
-        "vision_model.embeddings.patch_embedding.weight" => To("visual.conv1.weight".into()),
-        "vision_model.embeddings.position_embedding.weight" => {
-            To("visual.positional_embedding".into())
+    if DROPPED.contains(&key) || key.starts_with(DROPPED_PREFIX) {
+        return Some(Drop);
+    }
+    if let Some(&(_, cn, transposed)) = RENAMED.iter().find(|(hf, _, _)| *hf == key) {
+        return Some(if transposed {
+            Transposed(cn.into())
+        } else {
+            To(cn.into())
+        });
+    }
+    for (hf, cn) in PREFIXES {
+        if let Some(rest) = key.strip_prefix(hf) {
+            return Some(To(format!("{cn}{rest}")));
         }
-        _ => {
-            if key.starts_with("text_model.pooler.") {
-                return Some(Drop);
-            }
-            if let Some(rest) = key.strip_prefix("text_model.") {
-                return Some(To(format!("bert.{rest}")));
-            }
-            if let Some(param) = key.strip_prefix("vision_model.pre_layrnorm.") {
-                return Some(To(format!("visual.ln_pre.{param}")));
-            }
-            if let Some(param) = key.strip_prefix("vision_model.post_layernorm.") {
-                return Some(To(format!("visual.ln_post.{param}")));
-            }
-            let rest = key.strip_prefix("vision_model.encoder.layers.")?;
-            let (layer, rest) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let b = format!("visual.transformer.resblocks.{layer}");
-            let (module, param) = rest.rsplit_once('.')?;
-            if param != "weight" && param != "bias" {
-                return None;
-            }
-            match module {
-                "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => {
-                    let part = match module {
-                        "self_attn.q_proj" => 0,
-                        "self_attn.k_proj" => 1,
-                        _ => 2,
-                    };
-                    Qkv {
-                        target: format!("{b}.attn.in_proj_{param}"),
-                        part,
-                    }
-                }
-                "self_attn.out_proj" => To(format!("{b}.attn.out_proj.{param}")),
-                "layer_norm1" => To(format!("{b}.ln_1.{param}")),
-                "layer_norm2" => To(format!("{b}.ln_2.{param}")),
-                "mlp.fc1" => To(format!("{b}.mlp.c_fc.{param}")),
-                "mlp.fc2" => To(format!("{b}.mlp.c_proj.{param}")),
-                _ => return None,
-            }
-        }
+    }
+    let rest = key.strip_prefix(HF_LAYERS)?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, param) = rest.rsplit_once('.')?;
+    if param != "weight" && param != "bias" {
+        return None;
+    }
+    let (_, cn) = BLOCK_MODULES.iter().find(|(hf, _)| *hf == module)?;
+    let block = format!("{CN_BLOCKS}{layer}");
+    Some(match cn.strip_prefix("attn.in_proj.") {
+        Some(part) => Qkv {
+            target: format!("{block}.attn.in_proj_{param}"),
+            part: QKV_PARTS.iter().position(|p| *p == part)?,
+        },
+        None => To(format!("{block}.{cn}.{param}")),
     })
+}
+
+/// The HF key(s) holding cn_clip's `key` (three for a fused `in_proj`, in q/k/v order): the same
+/// tables as [`map_key`], read the other way. How each is derived (transposed, a row block) is
+/// left to [`map_key`], so the two directions cannot disagree.
+fn hf_keys(key: &str) -> Option<Vec<String>> {
+    if let Some((hf, _, _)) = RENAMED.iter().find(|(_, cn, _)| *cn == key) {
+        return Some(vec![hf.to_string()]);
+    }
+    for (hf, cn) in PREFIXES {
+        if let Some(rest) = key.strip_prefix(cn) {
+            return Some(vec![format!("{hf}{rest}")]);
+        }
+    }
+    let rest = key.strip_prefix(CN_BLOCKS)?;
+    let (layer, rest) = rest.split_once('.')?;
+    let _: usize = layer.parse().ok()?;
+    let block = format!("{HF_LAYERS}{layer}");
+    let hf_module = |cn: &str| {
+        BLOCK_MODULES
+            .iter()
+            .find(|(_, c)| *c == cn)
+            .map(|(hf, _)| *hf)
+    };
+    if let Some(param) = rest.strip_prefix("attn.in_proj_") {
+        return QKV_PARTS
+            .iter()
+            .map(|p| {
+                Some(format!(
+                    "{block}.{}.{param}",
+                    hf_module(&format!("attn.in_proj.{p}"))?
+                ))
+            })
+            .collect();
+    }
+    let (module, param) = rest.rsplit_once('.')?;
+    Some(vec![format!("{block}.{}.{param}", hf_module(module)?)])
 }
 
 /// The `ChineseCLIPModel` module holding cn_clip module `module`'s weights: the reverse of
@@ -418,31 +492,14 @@ fn map_key(key: &str) -> Option<Mapped> {
 /// its parts `attn.in_proj.q|k|v` name HF's separate `self_attn.{q,k,v}_proj`. Used to export
 /// adapters in PEFT's layout.
 pub fn hf_module_name(module: &str) -> Option<String> {
-    match module {
-        "visual.proj" => return Some("visual_projection".into()),
-        "text_projection" => return Some("text_projection".into()),
-        "visual.ln_pre" => return Some("vision_model.pre_layrnorm".into()),
-        "visual.ln_post" => return Some("vision_model.post_layernorm".into()),
-        _ => {}
+    // `visual.proj` / `text_projection` are parameters in cn_clip, `.weight`s of modules in HF.
+    if let Some((hf, _, _)) = RENAMED.iter().find(|(_, cn, _)| *cn == module) {
+        return hf.strip_suffix(".weight").map(str::to_string);
     }
-    if let Some(rest) = module.strip_prefix("bert.") {
-        return Some(format!("text_model.{rest}"));
+    match hf_keys(&format!("{module}.weight"))?.as_slice() {
+        [one] => one.strip_suffix(".weight").map(str::to_string),
+        _ => None,
     }
-    let rest = module.strip_prefix("visual.transformer.resblocks.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match rest {
-        "attn.in_proj.q" => "self_attn.q_proj",
-        "attn.in_proj.k" => "self_attn.k_proj",
-        "attn.in_proj.v" => "self_attn.v_proj",
-        "attn.out_proj" => "self_attn.out_proj",
-        "ln_1" => "layer_norm1",
-        "ln_2" => "layer_norm2",
-        "mlp.c_fc" => "mlp.fc1",
-        "mlp.c_proj" => "mlp.fc2",
-        _ => return None,
-    };
-    Some(format!("vision_model.encoder.layers.{layer}.{hf}"))
 }
 
 /// Reads the weights of an HF directory, in whichever of its formats it has.
@@ -595,6 +652,295 @@ pub fn import_hf(dir: impl AsRef<Path>) -> Result<(ClipConfig, StateDict), Weigh
     Ok((config, out))
 }
 
+/// The `transformers` release whose `ChineseCLIPConfig`, tokenizer and image-processor layout
+/// [`export_hf`] writes (the version the reference tests load the export with).
+pub const HF_TRANSFORMERS_VERSION: &str = "5.24.0";
+
+fn export_err(path: &Path, reason: impl Into<String>) -> WeightsError {
+    WeightsError::HfExport {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// cn_clip's config as a `ChineseCLIPConfig` (`config.json`), field names as transformers writes
+/// them; [`hf_config_to_clip`] reads it back to the same config. `logit_scale` is recorded as
+/// `logit_scale_init_value` (the weight itself is in `model.safetensors`). A ResNet vision tower
+/// is refused: transformers has no ChineseCLIP ResNet. `path` names the output in errors.
+pub fn clip_to_hf_config(
+    config: &ClipConfig,
+    logit_scale: f64,
+    dtype: &str,
+    path: &Path,
+) -> Result<Value, WeightsError> {
+    let v = &config.vision;
+    let layers = match v.vision_layers {
+        VisionLayers::Transformer(n) => n,
+        VisionLayers::ResNet(_) => {
+            return Err(export_err(
+                path,
+                "transformers has no ChineseCLIP ResNet vision tower (RN50): only ViT models \
+                 (ViT-B-16, ViT-L-14, ViT-H-14, …) can be exported; use --format native or pt",
+            ));
+        }
+    };
+    let patch = v
+        .vision_patch_size
+        .ok_or_else(|| export_err(path, "a ViT config without vision_patch_size"))?;
+    let t = &config.text;
+    if t.text_hidden_act != "gelu" {
+        return Err(export_err(
+            path,
+            format!(
+                "text_hidden_act {:?}: ChineseCLIPModel's BERT is exported with \"gelu\" only",
+                t.text_hidden_act
+            ),
+        ));
+    }
+    Ok(serde_json::json!({
+        "architectures": ["ChineseCLIPModel"],
+        "model_type": "chinese_clip",
+        "dtype": dtype,
+        "projection_dim": v.embed_dim,
+        "logit_scale_init_value": logit_scale,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "text_config": {
+            "model_type": "chinese_clip_text_model",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.text_hidden_size,
+            "num_hidden_layers": t.text_num_hidden_layers,
+            "num_attention_heads": t.text_num_attention_heads,
+            "intermediate_size": t.text_intermediate_size,
+            "hidden_act": t.text_hidden_act,
+            "hidden_dropout_prob": t.text_hidden_dropout_prob,
+            "attention_probs_dropout_prob": t.text_attention_probs_dropout_prob,
+            "max_position_embeddings": t.text_max_position_embeddings,
+            "type_vocab_size": t.text_type_vocab_size,
+            "initializer_range": t.text_initializer_range,
+            "initializer_factor": 1.0,
+            "layer_norm_eps": 1e-12,
+            "pad_token_id": crate::tokenizer::PAD_ID,
+        },
+        "vision_config": {
+            "model_type": "chinese_clip_vision_model",
+            "hidden_size": v.vision_width,
+            "intermediate_size": 4 * v.vision_width,
+            "projection_dim": v.embed_dim,
+            "num_hidden_layers": layers,
+            "num_attention_heads": v.vision_width / v.vision_head_width,
+            "num_channels": 3,
+            "image_size": v.image_resolution,
+            "patch_size": patch,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+        },
+        "transformers_version": HF_TRANSFORMERS_VERSION,
+    }))
+}
+
+/// `preprocessor_config.json`: cn_clip's `image_transform(S)` in `ChineseCLIPImageProcessor`'s
+/// terms — resize straight to S×S (no aspect-preserving resize, no crop) with bicubic (PIL's
+/// `BICUBIC` = 3), `/255`, CLIP mean/std. cn_clip converts to RGB after the resize and
+/// transformers before it, which differs only for palette and alpha images.
+fn image_processor_config(resolution: i64) -> Value {
+    use crate::preprocess::{CLIP_MEAN_F64, CLIP_STD_F64};
+    serde_json::json!({
+        "image_processor_type": "ChineseCLIPImageProcessor",
+        "processor_class": "ChineseCLIPProcessor",
+        "do_resize": true,
+        "size": {"height": resolution, "width": resolution},
+        "resample": 3,
+        "do_center_crop": false,
+        "crop_size": {"height": resolution, "width": resolution},
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": CLIP_MEAN_F64,
+        "image_std": CLIP_STD_F64,
+        "do_convert_rgb": true,
+    })
+}
+
+/// `tokenizer_config.json`: cn_clip's `FullTokenizer` settings in `BertTokenizer`'s terms
+/// (lower-case, accents stripped with it, CJK characters split, WordPiece over cn_clip's vocab)
+/// and cn_clip's context length as `model_max_length`, so `padding="max_length",
+/// truncation=True` gives `clip.tokenize`'s rows.
+fn tokenizer_config() -> Value {
+    serde_json::json!({
+        "tokenizer_class": "BertTokenizer",
+        "processor_class": "ChineseCLIPProcessor",
+        "do_lower_case": true,
+        "do_basic_tokenize": true,
+        "tokenize_chinese_chars": true,
+        "strip_accents": null,
+        "never_split": null,
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+        "model_max_length": crate::tokenizer::DEFAULT_CONTEXT_LENGTH,
+        "clean_up_tokenization_spaces": true,
+    })
+}
+
+/// The state dict in HF's key layout, checked against `config` (every key present with its
+/// shape, nothing else): q/k/v split out of `in_proj`, projections transposed, `bert.*` →
+/// `text_model.*`. Tensors keep their dtype, so `import_hf` of the result gives the same bits.
+pub fn hf_state_dict(
+    config: &ClipConfig,
+    state_dict: &StateDict,
+    path: &Path,
+) -> Result<StateDict, WeightsError> {
+    let expected = expected_shapes(config);
+    let known: BTreeSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
+    if let Some((key, _)) = state_dict.iter().find(|(k, _)| !known.contains(k)) {
+        return Err(export_err(
+            path,
+            format!("{key} is not a weight of the configured model"),
+        ));
+    }
+    let mut out = StateDict::new();
+    for (key, shape) in &expected {
+        let tensor = state_dict
+            .get(key)
+            .ok_or_else(|| export_err(path, format!("no weight for {key}")))?;
+        if &tensor.size() != shape {
+            return Err(export_err(
+                path,
+                format!(
+                    "{key} has shape {:?}, the config implies {shape:?}",
+                    tensor.size()
+                ),
+            ));
+        }
+        let torch = |source| WeightsError::Torch {
+            path: path.to_path_buf(),
+            key: key.clone(),
+            source,
+        };
+        let names = hf_keys(key)
+            .ok_or_else(|| export_err(path, format!("{key} has no ChineseCLIPModel weight")))?;
+        for (i, name) in names.into_iter().enumerate() {
+            let t = match map_key(&name) {
+                Some(Mapped::To(t)) if &t == key => tensor.shallow_clone(),
+                Some(Mapped::Transposed(t)) if &t == key => tensor
+                    .f_transpose(0, 1)
+                    .and_then(|t| t.f_contiguous())
+                    .map_err(torch)?,
+                Some(Mapped::Qkv { target, part }) if &target == key && part == i => tensor
+                    .f_chunk(3, 0)
+                    .map_err(torch)?
+                    .swap_remove(part)
+                    .f_contiguous()
+                    .map_err(torch)?,
+                _ => {
+                    return Err(export_err(
+                        path,
+                        format!("{key} → {name} is not the reverse of the import mapping"),
+                    ));
+                }
+            };
+            out.insert(name, t);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a Hugging Face `ChineseCLIPModel` directory that `ChineseCLIPModel.from_pretrained` and
+/// `ChineseCLIPProcessor.from_pretrained` load: `config.json` ([`clip_to_hf_config`]),
+/// `model.safetensors` ([`hf_state_dict`]), `vocab.txt` (cn_clip's), `tokenizer_config.json`,
+/// `special_tokens_map.json` and `preprocessor_config.json` (cn_clip's preprocessing).
+///
+/// `dir` must not exist or be empty. Everything is written into a sibling temporary directory
+/// that is renamed to `dir` at the end, so a failed export leaves nothing behind.
+pub fn export_hf(
+    dir: impl AsRef<Path>,
+    config: &ClipConfig,
+    state_dict: &StateDict,
+) -> Result<(), WeightsError> {
+    let dir = dir.as_ref();
+    let logit_scale = state_dict
+        .get("logit_scale")
+        .ok_or_else(|| export_err(dir, "no weight for logit_scale"))?;
+    let dtype = match logit_scale.kind() {
+        tch::Kind::Float => "float32",
+        tch::Kind::Half => "float16",
+        tch::Kind::BFloat16 => "bfloat16",
+        other => return Err(export_err(dir, format!("logit_scale is {other:?}"))),
+    };
+    let hf_config = clip_to_hf_config(config, logit_scale.double_value(&[]), dtype, dir)?;
+    let vocab = crate::tokenizer::Tokenizer::new().vocab_size();
+    if config.text.vocab_size < vocab as i64 {
+        return Err(export_err(
+            dir,
+            format!(
+                "vocab_size {} is smaller than cn_clip's vocab.txt ({vocab} tokens), whose ids \
+                 the exported tokenizer produces",
+                config.text.vocab_size
+            ),
+        ));
+    }
+    let tensors = hf_state_dict(config, state_dict, dir)?;
+
+    if dir.exists() {
+        let mut entries = std::fs::read_dir(dir).map_err(io_err(dir))?;
+        if entries.next().is_some() {
+            return Err(export_err(
+                dir,
+                "the output directory exists and is not empty",
+            ));
+        }
+        std::fs::remove_dir(dir).map_err(io_err(dir))?;
+    }
+    let name = dir
+        .file_name()
+        .ok_or_else(|| export_err(dir, "not a directory path"))?;
+    let tmp = dir.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> Result<(), WeightsError> {
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let json = |file: &str, value: &Value| -> Result<(), WeightsError> {
+            let path = tmp.join(file);
+            let text = serde_json::to_string_pretty(value)
+                .map_err(|e| export_err(&path, format!("cannot encode JSON: {e}")))?;
+            std::fs::write(&path, text + "\n").map_err(io_err(&path))
+        };
+        json("config.json", &hf_config)?;
+        json("tokenizer_config.json", &tokenizer_config())?;
+        json(
+            "special_tokens_map.json",
+            &serde_json::json!({"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+                                "cls_token": "[CLS]", "mask_token": "[MASK]"}),
+        )?;
+        json(
+            "preprocessor_config.json",
+            &image_processor_config(config.vision.image_resolution),
+        )?;
+        let vocab_path = tmp.join("vocab.txt");
+        std::fs::write(&vocab_path, crate::tokenizer::cn_clip_vocab_txt())
+            .map_err(io_err(&vocab_path))?;
+        super::save_safetensors(
+            tmp.join("model.safetensors"),
+            &tensors,
+            HashMap::from([("format".to_string(), "pt".to_string())]),
+        )?;
+        std::fs::rename(&tmp, dir).map_err(io_err(dir))
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -673,6 +1019,44 @@ mod tests {
             None
         );
         assert_eq!(hf_module_name("visual.conv9"), None);
+    }
+
+    /// Every shipped ViT pairing survives cn_clip config → config.json → cn_clip config, and every
+    /// key of it goes to HF and back to itself through the one set of tables.
+    #[test]
+    fn export_mapping_inverts_the_import_mapping() {
+        let path = Path::new("out");
+        for (vision, text) in [
+            ("ViT-B-16", "RoBERTa-wwm-ext-base-chinese"),
+            ("ViT-L-14", "RoBERTa-wwm-ext-large-chinese"),
+            ("ViT-L-14-336", "RoBERTa-wwm-ext-large-chinese"),
+            ("ViT-H-14", "RoBERTa-wwm-ext-large-chinese"),
+            ("ViT-B-32", "RoBERTa-wwm-ext-base-chinese"),
+        ] {
+            let c = ClipConfig::from_tower_args(vision, text).unwrap();
+            let json = clip_to_hf_config(&c, 4.6, "float32", path).unwrap();
+            assert_eq!(hf_config_to_clip(&json, path).unwrap(), c, "{vision}");
+            let mut hf_seen = BTreeSet::new();
+            for (key, _) in expected_shapes(&c) {
+                let names = hf_keys(&key).unwrap_or_else(|| panic!("{key}"));
+                let fused = key.contains(".attn.in_proj_");
+                assert_eq!(names.len(), if fused { 3 } else { 1 }, "{key}");
+                for (i, name) in names.iter().enumerate() {
+                    let back = match map_key(name) {
+                        Some(Mapped::To(t)) | Some(Mapped::Transposed(t)) => t,
+                        Some(Mapped::Qkv { target, part }) if part == i => target,
+                        _ => "NONE".into(),
+                    };
+                    assert_eq!(back, key, "{name}");
+                    assert!(hf_seen.insert(name.clone()), "{name} twice");
+                }
+            }
+        }
+        let rn = ClipConfig::from_tower_args("RN50", "RBT3-chinese").unwrap();
+        let err = clip_to_hf_config(&rn, 4.6, "float32", path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RN50") && err.contains("ViT"), "{err}");
     }
 
     #[test]

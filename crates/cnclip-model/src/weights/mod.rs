@@ -9,7 +9,8 @@
 //! * [`write_pt`] writes the official layout (`{"epoch","step","name","state_dict"}` with `module.`
 //!   keys) that `torch.load` (also with `weights_only=True`) and cn_clip read.
 //! * [`import_hf`] maps a `ChineseCLIPModel` directory (config.json + safetensors or
-//!   `pytorch_model.bin`) onto cn_clip's names and config.
+//!   `pytorch_model.bin`) onto cn_clip's names and config; [`export_hf`] writes one (with
+//!   tokenizer and image-processor files) through the same key mapping.
 //! * [`save_native`] / [`load_native`]: safetensors with cn_clip names whose metadata records the
 //!   model config, so the file alone describes the model. Writes are atomic.
 
@@ -21,7 +22,10 @@ mod pt;
 mod state_dict;
 
 pub use error::WeightsError;
-pub use hf::{hf_config_to_clip, hf_module_name, import_hf};
+pub use hf::{
+    HF_TRANSFORMERS_VERSION, clip_to_hf_config, export_hf, hf_config_to_clip, hf_module_name,
+    hf_state_dict, import_hf,
+};
 pub use native::{
     NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
     dtype_of, kind_of, load_native, read_safetensors, read_safetensors_metadata, save_native,
