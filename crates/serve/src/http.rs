@@ -663,3 +663,61 @@ async fn preprocess(s: &Shared, bytes: Bytes) -> Result<Tensor, ApiError> {
     .await
     .map_err(|e| ApiError::internal(format!("image preprocessing failed: {e}")))?
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A status made outside our handlers (here a handler answering plain text, as axum's own
+    /// rejections and tower layers do) leaves the router as the same JSON as our refusals; JSON
+    /// answers and successes pass through untouched.
+    #[tokio::test]
+    async fn non_json_errors_become_json() {
+        let app = Router::new()
+            .route(
+                "/plain",
+                get(|| async { (StatusCode::BAD_REQUEST, "Failed to parse the request") }),
+            )
+            .route("/empty", get(|| async { StatusCode::PAYLOAD_TOO_LARGE }))
+            .route(
+                "/ours",
+                get(|| async { ApiError::new(StatusCode::CONFLICT, "ours") }),
+            )
+            .route("/ok", get(|| async { "fine" }))
+            .layer(middleware::map_response(json_errors));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        for (path, status, message) in [
+            ("/plain", 400, "Failed to parse the request"),
+            ("/empty", 413, "Payload Too Large"),
+            ("/ours", 409, "ours"),
+        ] {
+            let response = client
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), status, "{path}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body, json!({"error": message, "status": status}), "{path}");
+        }
+        let ok = client
+            .get(format!("http://{addr}/ok"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.text().await.unwrap(), "fine");
+        server.abort();
+    }
+
+    #[test]
+    fn the_page_checkbox_follows_the_default() {
+        assert!(INDEX_HTML.contains(PROMPT_CHECKBOX));
+        assert!(index_html(true).contains(r#"type="checkbox" checked>"#));
+        assert!(!index_html(false).contains("checked>"));
+    }
+}

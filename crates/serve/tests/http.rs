@@ -676,7 +676,10 @@ async fn images_over_the_pixel_limit_are_refused_413() -> Result<()> {
             &format!("{side}² PNG"),
             &answer,
             413,
-            &format!("{side}x{side} ({} pixels)", u64::from(side) * u64::from(side)),
+            &format!(
+                "{side}x{side} ({} pixels)",
+                u64::from(side) * u64::from(side)
+            ),
         );
         let message = answer.1["error"].as_str().unwrap_or_default();
         assert!(message.contains(&default_limit.to_string()), "{message}");
@@ -738,7 +741,9 @@ async fn header_limits_answer_json_431() -> Result<()> {
         }
     };
     // 150 header lines (hyper's default limit is 100) and a 20 KiB cookie.
-    let many = (0..150).map(|i| (format!("x-h{i}"), "1".to_string())).collect();
+    let many = (0..150)
+        .map(|i| (format!("x-h{i}"), "1".to_string()))
+        .collect();
     assert_error("150 headers", &send(many).await?, 431, "header lines");
     let large = vec![("cookie".to_string(), "a".repeat(20 << 10))];
     assert_error(

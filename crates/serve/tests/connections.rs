@@ -1,0 +1,209 @@
+//! Issue 18.3: the connection layer's limits over real sockets on 127.0.0.1 — hyper's header-read
+//! timeout (slow senders, idle keep-alive connections), the connection cap, and the bounded
+//! graceful-shutdown window. Every wait is bounded; the slack on each time bound is 2 s, for a
+//! loaded 2-core machine running a debug build (the bounds themselves come from the limits set).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Scheduling slack on top of a limit before a test calls it missed.
+const SLACK: Duration = Duration::from_secs(2);
+
+/// Reads until the server closes the connection (EOF or reset) or `limit` passes; returns when
+/// it closed (`None`: still open at `limit`) and what it sent.
+async fn wait_for_close(stream: &mut TcpStream, limit: Duration) -> (Option<Instant>, Vec<u8>) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return (None, received),
+            Ok(Ok(0) | Err(_)) => return (Some(Instant::now()), received),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A slow-loris client sending its header 1 byte per second is disconnected once the header
+/// timeout has passed, not served or kept open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_header_senders_are_disconnected() -> Result<()> {
+    let dir = temp_dir("slowloris");
+    let checkpoint = tiny_checkpoint(&dir, 21)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let mut config = config(&dir, &checkpoint, &gallery);
+    let timeout = Duration::from_secs(2);
+    config.limits.header_read_timeout = timeout;
+    let server = TestServer::start(config).await?;
+    let addr = server.addr;
+    let clients: Vec<_> = (0..30)
+        .map(|_| {
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let stream = TcpStream::connect(addr).await?;
+                let (mut reader, mut writer) = stream.into_split();
+                let header = format!(
+                    "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                    "a".repeat(40)
+                );
+                let writing = tokio::spawn(async move {
+                    for byte in header.bytes() {
+                        if writer.write_all(&[byte]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                });
+                let mut buf = [0u8; 1024];
+                let limit = timeout + SLACK + Duration::from_secs(5);
+                let closed = loop {
+                    match tokio::time::timeout(limit, reader.read(&mut buf)).await {
+                        Err(_) => break None,
+                        Ok(Ok(0) | Err(_)) => break Some(start.elapsed()),
+                        Ok(Ok(_)) => continue,
+                    }
+                };
+                writing.abort();
+                anyhow::Ok(closed)
+            })
+        })
+        .collect();
+    for client in clients {
+        let Some(after) = client.await?? else {
+            bail!("a client sending 1 header byte/s was still connected after {timeout:?} + 7 s");
+        };
+        // Closed by the header timer: not before it ran out, and within the slack after.
+        assert!(
+            after + Duration::from_millis(100) >= timeout && after <= timeout + SLACK,
+            "disconnected after {after:?}; the header timeout is {timeout:?}"
+        );
+    }
+    // The server still serves.
+    let response = client().get(server.url("/healthz")).send().await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    server.stop().await
+}
+
+/// More idle sockets than the connection cap: each is closed by the header timer (hyper's timer
+/// also covers a kept-alive connection between requests), so a normal query is served after at
+/// most ⌈idle / cap⌉ header timeouts instead of never, and the process never holds more than the
+/// cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_cap_do_not_starve_queries() -> Result<()> {
+    let dir = temp_dir("idle");
+    let checkpoint = tiny_checkpoint(&dir, 22)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let mut config = config(&dir, &checkpoint, &gallery);
+    let timeout = Duration::from_secs(1);
+    let cap: usize = 4;
+    let idle: usize = 12;
+    config.limits.header_read_timeout = timeout;
+    config.limits.max_connections = cap;
+    let server = TestServer::start(config).await?;
+
+    // A kept-alive connection after one complete request is idle too.
+    let mut kept = TcpStream::connect(server.addr).await?;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), kept.read(&mut buf)).await??;
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let (closed, _) = wait_for_close(&mut kept, timeout + SLACK).await;
+    assert!(
+        closed.is_some(),
+        "an idle kept-alive connection stayed open past {timeout:?}"
+    );
+
+    let start = Instant::now();
+    let mut sockets = Vec::new();
+    for _ in 0..idle {
+        sockets.push(TcpStream::connect(server.addr).await?);
+    }
+    // Served after the idle connections ahead of it in the backlog have timed out, cap at a time.
+    let rounds = idle.div_ceil(cap) as u32;
+    let bound = timeout * rounds + SLACK;
+    let response = client()
+        .get(server.url("/api/search?q=包&k=1"))
+        .timeout(bound + Duration::from_secs(5))
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let took = start.elapsed();
+    assert!(
+        took <= bound,
+        "the query waited {took:?}; the bound is {bound:?}"
+    );
+    // And every idle socket was closed by the server, none left open.
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        let (closed, _) =
+            wait_for_close(socket, bound.saturating_sub(start.elapsed()) + SLACK).await;
+        let Some(closed) = closed else {
+            bail!(
+                "idle socket {i} is still open {:?} after it connected",
+                start.elapsed()
+            );
+        };
+        assert!(
+            closed - start <= bound + SLACK,
+            "idle socket {i} closed after {:?}",
+            closed - start
+        );
+    }
+    server.stop().await
+}
+
+/// After the shutdown signal, a half-sent request (header or body) keeps the server for at most
+/// the shutdown window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_do_not_hold_shutdown() -> Result<()> {
+    let dir = temp_dir("shutdown-window");
+    let checkpoint = tiny_checkpoint(&dir, 23)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let mut config = config(&dir, &checkpoint, &gallery);
+    let window = Duration::from_millis(500);
+    config.limits.shutdown_timeout = window;
+    // Both longer than the test: only the window can end these requests.
+    config.limits.header_read_timeout = Duration::from_secs(60);
+    config.limits.request_timeout = Duration::from_secs(60);
+    let server = TestServer::start(config).await?;
+    let mut half_header = TcpStream::connect(server.addr).await?;
+    half_header
+        .write_all(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Le")
+        .await?;
+    let mut half_body = TcpStream::connect(server.addr).await?;
+    half_body
+        .write_all(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n\x89PNG")
+        .await?;
+    // Let the server read what was sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    tokio::time::timeout(window + SLACK + Duration::from_secs(8), server.stop())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("the server was still running 10 s after the shutdown signal")
+        })??;
+    let took = start.elapsed();
+    assert!(
+        took <= window + SLACK,
+        "shutdown took {took:?}; the window is {window:?}"
+    );
+    for (name, socket) in [
+        ("half header", &mut half_header),
+        ("half body", &mut half_body),
+    ] {
+        let (closed, _) = wait_for_close(socket, SLACK).await;
+        assert!(closed.is_some(), "{name}: still connected after shutdown");
+    }
+    Ok(())
+}
