@@ -77,24 +77,61 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
+impl Limits {
+    /// The defaults (a `const`, so that flag parsers can name them).
+    pub const DEFAULT: Limits = Limits {
+        max_query_chars: 256,
+        max_k: 100,
+        max_upload_bytes: 10 << 20,
+        request_timeout: Duration::from_secs(30),
+        max_labels: 64,
+        max_label_chars: 64,
+        max_image_pixels: 50_000_000,
+        max_concurrent_decodes: 2,
+        max_concurrent_uploads: 8,
+        header_read_timeout: Duration::from_secs(10),
+        max_connections: 256,
+        shutdown_timeout: Duration::from_secs(10),
+        max_headers: 64,
+        max_header_bytes: 16 << 10,
+    };
+}
+
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_query_chars: 256,
-            max_k: 100,
-            max_upload_bytes: 10 << 20,
-            request_timeout: Duration::from_secs(30),
-            max_labels: 64,
-            max_label_chars: 64,
-            max_image_pixels: 50_000_000,
-            max_concurrent_decodes: 2,
-            max_concurrent_uploads: 8,
-            header_read_timeout: Duration::from_secs(10),
-            max_connections: 256,
-            shutdown_timeout: Duration::from_secs(10),
-            max_headers: 64,
-            max_header_bytes: 16 << 10,
+        Limits::DEFAULT
+    }
+}
+
+impl Limits {
+    /// Refuses limits that would stop the service from serving anything (a zero count or a
+    /// zero timeout), naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let counts = [
+            ("max_query_chars", self.max_query_chars as u64),
+            ("max_k", self.max_k as u64),
+            ("max_upload_bytes", self.max_upload_bytes as u64),
+            ("max_labels", self.max_labels as u64),
+            ("max_label_chars", self.max_label_chars as u64),
+            ("max_image_pixels", self.max_image_pixels),
+            ("max_concurrent_decodes", self.max_concurrent_decodes as u64),
+            ("max_concurrent_uploads", self.max_concurrent_uploads as u64),
+            ("max_connections", self.max_connections as u64),
+            ("max_headers", self.max_headers as u64),
+            ("max_header_bytes", self.max_header_bytes as u64),
+        ];
+        if let Some((name, _)) = counts.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limits.{name} is 0; it must be at least 1"));
         }
+        for (name, value) in [
+            ("request_timeout", self.request_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("limits.{name} is 0; it must be positive"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -119,8 +156,8 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn slots(limits: &Limits) -> (Arc<Semaphore>, Arc<Semaphore>) {
         (
-            Arc::new(Semaphore::new(limits.max_concurrent_decodes.max(1))),
-            Arc::new(Semaphore::new(limits.max_concurrent_uploads.max(1))),
+            Arc::new(Semaphore::new(limits.max_concurrent_decodes)),
+            Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
         )
     }
 }
@@ -712,6 +749,24 @@ mod tests {
             .unwrap();
         assert_eq!(ok.text().await.unwrap(), "fine");
         server.abort();
+    }
+
+    #[test]
+    fn zero_limits_are_refused_by_name() {
+        assert_eq!(Limits::DEFAULT.validate(), Ok(()));
+        let zero = Limits {
+            max_connections: 0,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            zero.validate(),
+            Err("limits.max_connections is 0; it must be at least 1".to_string())
+        );
+        let zero = Limits {
+            header_read_timeout: Duration::ZERO,
+            ..Limits::DEFAULT
+        };
+        assert!(zero.validate().unwrap_err().contains("header_read_timeout"));
     }
 
     #[test]

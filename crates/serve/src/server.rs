@@ -92,6 +92,7 @@ impl App {
     /// [`App::build`] with a model already loaded (`config.model.checkpoint` still names the file
     /// it came from, for the feature cache's key).
     pub fn with_encoder(config: &ServeConfig, encoder: Encoder) -> Result<App, ServeError> {
+        config.limits.validate().map_err(ServeError::Invalid)?;
         let gallery = config.gallery.as_ref().map(Gallery::open).transpose()?;
         let (features, origin) = match (&config.features, &gallery) {
             (Some(path), _) => {
@@ -214,7 +215,7 @@ async fn serve_connections(
         .keep_alive(true)
         .max_headers(HYPER_MAX_HEADERS);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

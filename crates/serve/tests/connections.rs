@@ -207,3 +207,103 @@ async fn half_sent_requests_do_not_hold_shutdown() -> Result<()> {
     }
     Ok(())
 }
+
+/// Where the child process of [`sigterm_ends_the_process_within_the_window`] builds its files.
+const CHILD_DIR: &str = "CNCLIP_SERVE_SIGTERM_CHILD";
+
+/// The child: the whole service through `cnclip_serve::run` (its own runtime, Ctrl-C/SIGTERM
+/// handling), printing its address. Does nothing when run as a normal test.
+#[test]
+fn sigterm_child() -> Result<()> {
+    let Some(dir) = std::env::var_os(CHILD_DIR) else {
+        return Ok(());
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let checkpoint = tiny_checkpoint(&dir, 24)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let mut config = config(&dir, &checkpoint, &gallery);
+    config.limits.shutdown_timeout = Duration::from_millis(500);
+    config.limits.header_read_timeout = Duration::from_secs(60);
+    cnclip_serve::run(&config, "127.0.0.1:0", |addr, _| {
+        println!("LISTENING {addr}");
+    })?;
+    println!("STOPPED");
+    Ok(())
+}
+
+/// The case as a user meets it: the service process gets SIGTERM while a client has sent
+/// half a request header, and must exit (cleanly) within the shutdown window, not wait for it.
+#[test]
+fn sigterm_ends_the_process_within_the_window() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let dir = temp_dir("sigterm");
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "sigterm_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR, &*dir)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let addr = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .map_err(|_| anyhow::anyhow!("the child service did not start within 120 s"))?;
+            // The harness's "test sigterm_child ... " may precede it on the line.
+            if let Some(at) = line.find("LISTENING ") {
+                break line[at + "LISTENING ".len()..]
+                    .trim()
+                    .parse::<std::net::SocketAddr>()?;
+            }
+        };
+        // One complete request (the signal handler is installed once the accept loop runs) …
+        let mut ok = std::net::TcpStream::connect(addr)?;
+        ok.set_read_timeout(Some(Duration::from_secs(20)))?;
+        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut ok, &mut answer)?;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // … then half a header, and SIGTERM.
+        let mut half = std::net::TcpStream::connect(addr)?;
+        half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: ")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        assert!(status.success(), "kill -TERM failed");
+        let window = Duration::from_millis(500);
+        let limit = window + SLACK;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let took = start.elapsed();
+                assert!(status.success(), "the service exited with {status}");
+                assert!(
+                    took <= limit,
+                    "exit took {took:?} after SIGTERM; the window is {window:?}"
+                );
+                return Ok(());
+            }
+            if start.elapsed() > limit + Duration::from_secs(8) {
+                bail!("the service was still running 10 s after SIGTERM (window {window:?})");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })();
+    if child.try_wait()?.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
