@@ -11,8 +11,18 @@
 //!
 //! Every refusal is a JSON `{"error": message, "status": code}`: 400 for bad parameters, 404 for an
 //! unknown image or route, 405, 408 when a request runs past the timeout (reading a slow upload
-//! included), 413 for an upload over the limit, 415 for an upload that is not an image, 503 when
-//! the model queue is full.
+//! included), 413 for an upload over the byte limit or an image over the pixel limit (read from
+//! its header, before decoding), 415 for an upload that is not an image, 431 for too many or too
+//! large headers, 503 when the model queue is full. A last layer turns any other non-JSON error
+//! (a framework rejection) into the same shape. Only what hyper refuses before a request exists
+//! (a malformed request line or header, more than 1024 header lines or ~400 KB of header) gets
+//! hyper's bare status and a closed connection.
+//!
+//! Error messages are English, like every other message of cnclip (CLI errors, logs): stable,
+//! greppable, and what a developer calling the API reads. The search page is Chinese and shows
+//! them after a Chinese sentence (`请求失败（HTTP 413）：…`).
+//!
+//! Limits and their defaults: [`Limits`] (flags of the `serve` example; docs/HARDENING.md).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
