@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -208,22 +208,29 @@ async fn half_sent_requests_do_not_hold_shutdown() -> Result<()> {
     Ok(())
 }
 
-/// Where the child process of [`sigterm_ends_the_process_within_the_window`] builds its files.
-const CHILD_DIR: &str = "CNCLIP_SERVE_SIGTERM_CHILD";
+/// Where a child service process (see [`service_child`]) builds its files.
+const CHILD_DIR: &str = "CNCLIP_SERVE_CHILD_DIR";
+/// The child's limits: `shutdown_ms,header_ms,max_connections`.
+const CHILD_LIMITS: &str = "CNCLIP_SERVE_CHILD_LIMITS";
 
 /// The child: the whole service through `cnclip_serve::run` (its own runtime, Ctrl-C/SIGTERM
 /// handling), printing its address. Does nothing when run as a normal test.
 #[test]
-fn sigterm_child() -> Result<()> {
+fn service_child() -> Result<()> {
     let Some(dir) = std::env::var_os(CHILD_DIR) else {
         return Ok(());
     };
+    let limits: Vec<u64> = std::env::var(CHILD_LIMITS)?
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
     let dir = std::path::PathBuf::from(dir);
     let checkpoint = tiny_checkpoint(&dir, 24)?;
     let gallery = folder_gallery(&dir, 2)?;
     let mut config = config(&dir, &checkpoint, &gallery);
-    config.limits.shutdown_timeout = Duration::from_millis(500);
-    config.limits.header_read_timeout = Duration::from_secs(60);
+    config.limits.shutdown_timeout = Duration::from_millis(limits[0]);
+    config.limits.header_read_timeout = Duration::from_millis(limits[1]);
+    config.limits.max_connections = limits[2] as usize;
     cnclip_serve::run(&config, "127.0.0.1:0", |addr, _| {
         println!("LISTENING {addr}");
     })?;
@@ -231,25 +238,48 @@ fn sigterm_child() -> Result<()> {
     Ok(())
 }
 
-/// The case as a user meets it: the service process gets SIGTERM while a client has sent
-/// half a request header, and must exit (cleanly) within the shutdown window, not wait for it.
-#[test]
-fn sigterm_ends_the_process_within_the_window() -> Result<()> {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
-    let dir = temp_dir("sigterm");
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
+/// A child service process (this test binary running [`service_child`]), killed when dropped.
+struct Child {
+    process: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: TempDir,
+}
+
+impl Child {
+    /// Starts the child with `limits` (see [`CHILD_LIMITS`]), under `sh -c '<shell>; exec …'`
+    /// when `shell` is given (e.g. a `ulimit`), and waits for its address.
+    fn start(name: &str, limits: &str, shell: Option<&str>) -> Result<Child> {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let dir = temp_dir(name);
+        let exe = std::env::current_exe()?;
+        let args = [
             "--exact",
-            "sigterm_child",
+            "service_child",
             "--nocapture",
             "--test-threads=1",
-        ])
-        .env(CHILD_DIR, &*dir)
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let result = (|| -> Result<()> {
-        let stdout = child.stdout.take().expect("piped stdout");
+        ];
+        let mut command = match shell {
+            Some(shell) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{shell}; exec \"$0\" \"$@\""))
+                    .arg(&exe)
+                    .args(args);
+                c
+            }
+            None => {
+                let mut c = Command::new(&exe);
+                c.args(args);
+                c
+            }
+        };
+        let mut process = command
+            .env(CHILD_DIR, &*dir)
+            .env(CHILD_LIMITS, limits)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = process.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -257,53 +287,111 @@ fn sigterm_ends_the_process_within_the_window() -> Result<()> {
             }
         });
         let addr = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .map_err(|_| anyhow::anyhow!("the child service did not start within 120 s"))?;
-            // The harness's "test sigterm_child ... " may precede it on the line.
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) else {
+                let _ = process.kill();
+                let _ = process.wait();
+                bail!("the child service did not start within 120 s");
+            };
+            // The harness's "test service_child ... " may precede it on the line.
             if let Some(at) = line.find("LISTENING ") {
-                break line[at + "LISTENING ".len()..]
-                    .trim()
-                    .parse::<std::net::SocketAddr>()?;
+                break line[at + "LISTENING ".len()..].trim().parse()?;
             }
         };
-        // One complete request (the signal handler is installed once the accept loop runs) …
-        let mut ok = std::net::TcpStream::connect(addr)?;
-        ok.set_read_timeout(Some(Duration::from_secs(20)))?;
-        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut answer = String::new();
-        std::io::Read::read_to_string(&mut ok, &mut answer)?;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        // … then half a header, and SIGTERM.
-        let mut half = std::net::TcpStream::connect(addr)?;
-        half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: ")?;
-        std::thread::sleep(Duration::from_millis(300));
-        let start = Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()?;
-        assert!(status.success(), "kill -TERM failed");
-        let window = Duration::from_millis(500);
-        let limit = window + SLACK;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                let took = start.elapsed();
-                assert!(status.success(), "the service exited with {status}");
-                assert!(
-                    took <= limit,
-                    "exit took {took:?} after SIGTERM; the window is {window:?}"
-                );
-                return Ok(());
-            }
-            if start.elapsed() > limit + Duration::from_secs(8) {
-                bail!("the service was still running 10 s after SIGTERM (window {window:?})");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })();
-    if child.try_wait()?.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
+        Ok(Child {
+            process,
+            addr,
+            _dir: dir,
+        })
     }
-    result
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.process.try_wait() {
+            let _ = self.process.kill();
+            let _ = self.process.wait();
+        }
+    }
+}
+
+/// One `GET` over a fresh connection; the response's first line.
+fn get_status_line(addr: std::net::SocketAddr, path: &str, limit: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.lines().next().unwrap_or_default().to_string())
+}
+
+/// The case as a user meets it: the service process gets SIGTERM while a client has sent
+/// half a request header, and must exit (cleanly) within the shutdown window, not wait for it.
+#[test]
+fn sigterm_ends_the_process_within_the_window() -> Result<()> {
+    use std::io::Write;
+    let window = Duration::from_millis(500);
+    let mut child = Child::start("sigterm", "500,60000,256", None)?;
+    // One complete request (the signal handler is installed once the accept loop runs) …
+    let line = get_status_line(child.addr, "/healthz", Duration::from_secs(20))?;
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    // … then half a header, and SIGTERM.
+    let mut half = std::net::TcpStream::connect(child.addr)?;
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: ")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.process.id().to_string()])
+        .status()?;
+    assert!(status.success(), "kill -TERM failed");
+    let limit = window + SLACK;
+    loop {
+        if let Some(status) = child.process.try_wait()? {
+            let took = start.elapsed();
+            assert!(status.success(), "the service exited with {status}");
+            assert!(
+                took <= limit,
+                "exit took {took:?} after SIGTERM; the window is {window:?}"
+            );
+            return Ok(());
+        }
+        if start.elapsed() > limit + Duration::from_secs(8) {
+            bail!("the service was still running 10 s after SIGTERM (window {window:?})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The descriptor exhaustion: 150 idle sockets against a service limited to 128 open
+/// descriptors (`ulimit -n 128`) made every normal query fail. With a cap of 64 connections and
+/// a 2 s header timeout, a query sent behind them is answered within ⌈150/64⌉ = 3 timeouts
+/// (+ slack), and the service never runs out of descriptors.
+#[test]
+fn idle_sockets_under_a_descriptor_limit_do_not_starve_queries() -> Result<()> {
+    let timeout = Duration::from_secs(2);
+    let (idle, cap) = (150usize, 64usize);
+    let child = Child::start(
+        "nofile",
+        &format!("10000,{},{cap}", timeout.as_millis()),
+        Some("ulimit -n 128"),
+    )?;
+    let line = get_status_line(child.addr, "/healthz", Duration::from_secs(20))?;
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    let start = Instant::now();
+    let sockets: Vec<_> = (0..idle)
+        .map(|_| std::net::TcpStream::connect(child.addr))
+        .collect::<Result<_, _>>()?;
+    let bound = timeout * idle.div_ceil(cap) as u32 + SLACK;
+    let line = get_status_line(child.addr, "/api/search?q=%E5%8C%85&k=1", bound + SLACK)
+        .with_context(|| format!("a query behind {idle} idle sockets got no answer"))?;
+    let took = start.elapsed();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line:?} after {took:?}");
+    assert!(
+        took <= bound,
+        "the query waited {took:?}; the bound is {bound:?}"
+    );
+    drop(sockets);
+    Ok(())
 }
