@@ -780,3 +780,51 @@ async fn a_non_finite_logit_scale_is_refused_at_start() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue 18.2: at most `max_concurrent_uploads` upload bodies are read at once; a further upload
+/// waits for a slot (within its request timeout) instead of adding its body to memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_wait_for_a_slot() -> Result<()> {
+    let dir = temp_dir("upload-slots");
+    let checkpoint = tiny_checkpoint(&dir, 17)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let mut config = config(&dir, &checkpoint, &gallery);
+    config.limits.max_concurrent_uploads = 1;
+    let timeout = Duration::from_secs(3);
+    config.limits.request_timeout = timeout;
+    let server = TestServer::start(config).await?;
+
+    // A holds the only slot: its body never completes, so it ends with 408 after `timeout`,
+    // counted from when its request reached the service (after `sent`).
+    let addr = server.addr;
+    let sent = std::time::Instant::now();
+    let holder = tokio::task::spawn_blocking(move || -> Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.write_all(
+            b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n\
+              Content-Length: 1000\r\nConnection: close\r\n\r\n\x89PNG",
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B is complete and small, but can only be read once A's slot is free.
+    let form = Form::new().part("image", image_part(1));
+    let (status, body) = post_json(&server.url("/api/search/image"), form).await?;
+    let answered = sent.elapsed();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let holder = holder.await??;
+    assert!(holder.starts_with("HTTP/1.1 408"), "{holder}");
+    // A's slot is free no earlier than `timeout` after `sent`; B cannot have been read before.
+    assert!(
+        answered >= timeout,
+        "B was answered {answered:?} after A was sent, while A held the only upload slot ({timeout:?})"
+    );
+    // Text search does not take upload slots.
+    let (status, body) = get_json(&server.url("/api/search?q=包&k=1")).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await
+}
