@@ -105,15 +105,7 @@ impl Limits {
         max_headers: 64,
         max_header_bytes: 16 << 10,
     };
-}
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits::DEFAULT
-    }
-}
-
-impl Limits {
     /// Refuses limits that would stop the service from serving anything (a zero count or a
     /// zero timeout), naming the field.
     pub fn validate(&self) -> Result<(), String> {
@@ -142,6 +134,12 @@ impl Limits {
             }
         }
         Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
     }
 }
 
@@ -777,6 +775,34 @@ mod tests {
             ..Limits::DEFAULT
         };
         assert!(zero.validate().unwrap_err().contains("header_read_timeout"));
+    }
+
+    /// The header probe must agree with the decoder on every kind of image the decoder reads
+    /// (cnclip-model's preprocessing fixtures: JPEG 4:2:0/4:2:2/4:4:4/grey/CMYK/progressive,
+    /// PNG of every mode, GIF, WebP, BMP).
+    #[test]
+    fn header_dimensions_match_the_decoder() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../cnclip-model/tests/fixtures/preprocess");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if Format::sniff(&bytes).is_none() {
+                continue;
+            }
+            let decoded = cnclip_model::preprocess::decode_named(&bytes, "fixture").unwrap();
+            let (w, h) =
+                header_dimensions(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(
+                (w as usize, h as usize),
+                (decoded.width(), decoded.height()),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 30, "only {seen} fixtures");
     }
 
     #[test]
