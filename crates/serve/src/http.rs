@@ -649,8 +649,23 @@ async fn upload_slot(s: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, Ap
         .map_err(|_| ApiError::unavailable("the service is shutting down"))
 }
 
-/// Width and height from an image file's header, reading nothing past it.
+/// Width and height from an image file's header, reading nothing past it (for a GIF, also the
+/// first frame's descriptor: a frame reaching past the logical screen grows the canvas the
+/// decoder allocates, as in Pillow).
 fn header_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
+    if Format::sniff(bytes) == Some(Format::Gif) {
+        let mut gif = gif::DecodeOptions::new()
+            .read_info(std::io::Cursor::new(bytes))
+            .map_err(|e| e.to_string())?;
+        let (w, h) = (u32::from(gif.width()), u32::from(gif.height()));
+        let frame = gif.next_frame_info().map_err(|e| e.to_string())?;
+        return Ok(frame.map_or((w, h), |f| {
+            (
+                w.max(u32::from(f.left) + u32::from(f.width)),
+                h.max(u32::from(f.top) + u32::from(f.height)),
+            )
+        }));
+    }
     image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?
@@ -803,6 +818,24 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 30, "only {seen} fixtures");
+    }
+
+    /// A GIF whose first frame reaches past its 2×2 logical screen: the decoder's canvas (and
+    /// Pillow's) is the frame's extent, so that is what the pixel limit must see.
+    #[test]
+    fn a_gif_frame_past_the_screen_counts() {
+        let mut bytes = Vec::new();
+        {
+            let mut encoder =
+                gif::Encoder::new(&mut bytes, 2, 2, &[0, 0, 0, 255, 255, 255]).unwrap();
+            let mut frame = gif::Frame::from_indexed_pixels(300, 200, vec![1u8; 300 * 200], None);
+            frame.left = 10;
+            frame.top = 5;
+            encoder.write_frame(&frame).unwrap();
+        }
+        assert_eq!(header_dimensions(&bytes), Ok((310, 205)));
+        let decoded = cnclip_model::preprocess::decode_named(&bytes, "gif").unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (310, 205));
     }
 
     #[test]
