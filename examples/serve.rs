@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Parser;
 use cnclip::model::Precision;
-use cnclip::serve::{FeatureOrigin, ServeConfig, features::CacheOutcome};
+use cnclip::serve::{FeatureOrigin, Limits, ServeConfig, features::CacheOutcome};
 
 #[derive(Parser)]
 #[command(
@@ -62,12 +62,39 @@ struct Args {
     #[arg(long = "batch-window-ms", default_value_t = 2)]
     batch_window_ms: u64,
     /// Largest upload, in bytes.
-    #[arg(long = "max-upload-bytes", default_value_t = 10 << 20)]
+    #[arg(long = "max-upload-bytes", default_value_t = LIMITS.max_upload_bytes)]
     max_upload_bytes: usize,
     /// Requests running longer are answered 408.
-    #[arg(long = "timeout-secs", default_value_t = 30)]
+    #[arg(long = "timeout-secs", default_value_t = LIMITS.request_timeout.as_secs())]
     timeout_secs: u64,
+    /// Largest uploaded image in pixels (width × height, from its header); larger: 413.
+    #[arg(long = "max-image-pixels", default_value_t = LIMITS.max_image_pixels)]
+    max_image_pixels: u64,
+    /// Uploaded images decoded at once (with --max-image-pixels, bounds decoding memory).
+    #[arg(long = "max-concurrent-decodes", default_value_t = LIMITS.max_concurrent_decodes)]
+    max_concurrent_decodes: usize,
+    /// Upload requests read at once (bounds buffered bodies to this × --max-upload-bytes).
+    #[arg(long = "max-concurrent-uploads", default_value_t = LIMITS.max_concurrent_uploads)]
+    max_concurrent_uploads: usize,
+    /// A request header must arrive within this; idle keep-alive connections close after it.
+    #[arg(long = "header-timeout-secs", default_value_t = LIMITS.header_read_timeout.as_secs())]
+    header_timeout_secs: u64,
+    /// Open connections at most (keep it below `ulimit -n`); more wait in the listen backlog.
+    #[arg(long = "max-connections", default_value_t = LIMITS.max_connections)]
+    max_connections: usize,
+    /// On Ctrl-C/SIGTERM, requests in flight get this long before connections are closed.
+    #[arg(long = "shutdown-timeout-secs", default_value_t = LIMITS.shutdown_timeout.as_secs())]
+    shutdown_timeout_secs: u64,
+    /// Most request header lines; more: 431.
+    #[arg(long = "max-headers", default_value_t = LIMITS.max_headers)]
+    max_headers: usize,
+    /// Most bytes of request target and headers; more: 431.
+    #[arg(long = "max-header-bytes", default_value_t = LIMITS.max_header_bytes)]
+    max_header_bytes: usize,
 }
+
+/// Defaults of the limit flags.
+const LIMITS: Limits = Limits::DEFAULT;
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -91,6 +118,14 @@ fn main() -> Result<()> {
     config.engine.batch_window = Duration::from_millis(args.batch_window_ms);
     config.limits.max_upload_bytes = args.max_upload_bytes;
     config.limits.request_timeout = Duration::from_secs(args.timeout_secs);
+    config.limits.max_image_pixels = args.max_image_pixels;
+    config.limits.max_concurrent_decodes = args.max_concurrent_decodes;
+    config.limits.max_concurrent_uploads = args.max_concurrent_uploads;
+    config.limits.header_read_timeout = Duration::from_secs(args.header_timeout_secs);
+    config.limits.max_connections = args.max_connections;
+    config.limits.shutdown_timeout = Duration::from_secs(args.shutdown_timeout_secs);
+    config.limits.max_headers = args.max_headers;
+    config.limits.max_header_bytes = args.max_header_bytes;
     config.text_prompt = args.text_prompt;
 
     eprintln!("loading {} …", args.checkpoint.display());

@@ -11,8 +11,18 @@
 //!
 //! Every refusal is a JSON `{"error": message, "status": code}`: 400 for bad parameters, 404 for an
 //! unknown image or route, 405, 408 when a request runs past the timeout (reading a slow upload
-//! included), 413 for an upload over the limit, 415 for an upload that is not an image, 503 when
-//! the model queue is full.
+//! included), 413 for an upload over the byte limit or an image over the pixel limit (read from
+//! its header, before decoding), 415 for an upload that is not an image, 431 for too many or too
+//! large headers, 503 when the model queue is full. A last layer turns any other non-JSON error
+//! (a framework rejection) into the same shape. Only what hyper refuses before a request exists
+//! (a malformed request line or header, more than 1024 header lines or ~400 KB of header) gets
+//! hyper's bare status and a closed connection.
+//!
+//! Error messages are English, like every other message of cnclip (CLI errors, logs): stable,
+//! greppable, and what a developer calling the API reads. The search page is Chinese and shows
+//! them after a Chinese sentence (`请求失败（HTTP 413）：…`).
+//!
+//! Limits and their defaults: [`Limits`] (flags of the `serve` example; docs/HARDENING.md).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,13 +40,15 @@ use cnclip_model::preprocess::{Format, Preprocessor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tch::Tensor;
+use tokio::sync::Semaphore;
 
 use crate::engine::{EngineHandle, Scored};
 use crate::error::ApiError;
 use crate::gallery::Gallery;
 use crate::zeroshot::Templates;
 
-/// Request limits.
+/// Request and connection limits (defaults in [`Limits::default`]; the `serve` example's flags
+/// set them, see docs/HARDENING.md).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Longest text query, in characters (the text tower sees at most 50 tokens anyway).
@@ -51,18 +63,83 @@ pub struct Limits {
     pub max_labels: usize,
     /// Longest label, in characters.
     pub max_label_chars: usize,
+    /// Most pixels (width × height, read from the file's header before anything is decoded) of
+    /// an uploaded image; larger ones are refused with 413.
+    pub max_image_pixels: u64,
+    /// Most uploaded images decoded at once; further uploads wait (within `request_timeout`).
+    /// With `max_image_pixels` this bounds decoding memory.
+    pub max_concurrent_decodes: usize,
+    /// Most upload requests (`/api/search/image`, `/api/classify`) whose bodies are read at once;
+    /// further ones wait (within `request_timeout`). Bounds buffered bodies to this ×
+    /// `max_upload_bytes`.
+    pub max_concurrent_uploads: usize,
+    /// A request's header must arrive in full within this; a kept-alive connection waiting for
+    /// its next request is closed after it too (hyper's header-read timer).
+    pub header_read_timeout: Duration,
+    /// Most connections open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// After the shutdown signal, requests in flight get this long to finish; connections still
+    /// open then are closed.
+    pub shutdown_timeout: Duration,
+    /// Most header lines in a request (more: 431).
+    pub max_headers: usize,
+    /// Most bytes of the request target and header lines together (more: 431).
+    pub max_header_bytes: usize,
+}
+
+impl Limits {
+    /// The defaults (a `const`, so that flag parsers can name them).
+    pub const DEFAULT: Limits = Limits {
+        max_query_chars: 256,
+        max_k: 100,
+        max_upload_bytes: 10 << 20,
+        request_timeout: Duration::from_secs(30),
+        max_labels: 64,
+        max_label_chars: 64,
+        max_image_pixels: 50_000_000,
+        max_concurrent_decodes: 2,
+        max_concurrent_uploads: 8,
+        header_read_timeout: Duration::from_secs(10),
+        max_connections: 256,
+        shutdown_timeout: Duration::from_secs(10),
+        max_headers: 64,
+        max_header_bytes: 16 << 10,
+    };
+
+    /// Refuses limits that would stop the service from serving anything (a zero count or a
+    /// zero timeout), naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let counts = [
+            ("max_query_chars", self.max_query_chars as u64),
+            ("max_k", self.max_k as u64),
+            ("max_upload_bytes", self.max_upload_bytes as u64),
+            ("max_labels", self.max_labels as u64),
+            ("max_label_chars", self.max_label_chars as u64),
+            ("max_image_pixels", self.max_image_pixels),
+            ("max_concurrent_decodes", self.max_concurrent_decodes as u64),
+            ("max_concurrent_uploads", self.max_concurrent_uploads as u64),
+            ("max_connections", self.max_connections as u64),
+            ("max_headers", self.max_headers as u64),
+            ("max_header_bytes", self.max_header_bytes as u64),
+        ];
+        if let Some((name, _)) = counts.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limits.{name} is 0; it must be at least 1"));
+        }
+        for (name, value) in [
+            ("request_timeout", self.request_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("limits.{name} is 0; it must be positive"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_query_chars: 256,
-            max_k: 100,
-            max_upload_bytes: 10 << 20,
-            request_timeout: Duration::from_secs(30),
-            max_labels: 64,
-            max_label_chars: 64,
-        }
+        Limits::DEFAULT
     }
 }
 
@@ -78,16 +155,47 @@ pub(crate) struct Shared {
     pub limits: Limits,
     /// Whether `/api/search` applies the product prompt when the request does not say.
     pub text_prompt: bool,
+    /// One permit per image being decoded ([`Limits::max_concurrent_decodes`]).
+    pub decode_slots: Arc<Semaphore>,
+    /// One permit per upload being read and handled ([`Limits::max_concurrent_uploads`]).
+    pub upload_slots: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub(crate) fn slots(limits: &Limits) -> (Arc<Semaphore>, Arc<Semaphore>) {
+        (
+            Arc::new(Semaphore::new(limits.max_concurrent_decodes)),
+            Arc::new(Semaphore::new(limits.max_concurrent_uploads)),
+        )
+    }
 }
 
 pub(crate) type AppState = Arc<Shared>;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 
+/// The search page's prompt checkbox, as `static/index.html` writes it (unticked).
+const PROMPT_CHECKBOX: &str = r#"<input id="prompt" name="prompt" type="checkbox">"#;
+
+/// The search page for a service whose text queries default to the product prompt or not: the
+/// page's checkbox starts as the service's default, and page queries send what it says.
+pub fn index_html(text_prompt: bool) -> String {
+    if text_prompt {
+        INDEX_HTML.replacen(
+            PROMPT_CHECKBOX,
+            r#"<input id="prompt" name="prompt" type="checkbox" checked>"#,
+            1,
+        )
+    } else {
+        INDEX_HTML.to_string()
+    }
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let limits = state.limits;
+    let page = Html(index_html(state.text_prompt));
     Router::new()
-        .route("/", get(index))
+        .route("/", get(move || std::future::ready(page.clone())))
         .route("/healthz", get(healthz))
         .route("/api/search", get(search_text))
         .route("/api/search/image", post(search_image))
@@ -100,7 +208,72 @@ pub(crate) fn router(state: AppState) -> Router {
             limits.request_timeout,
             timeout,
         ))
+        .layer(middleware::from_fn_with_state(limits, header_limits))
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Refuses a request whose header is over [`Limits::max_headers`] or
+/// [`Limits::max_header_bytes`] with a JSON 431 (hyper's own, larger backstop answers without a
+/// body).
+async fn header_limits(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let bytes = request.uri().to_string().len()
+        + headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if headers.len() > limits.max_headers {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request has {} header lines; at most {} are accepted",
+                headers.len(),
+                limits.max_headers
+            ),
+        )
+        .into_response();
+    }
+    if bytes > limits.max_header_bytes {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request target and headers are {bytes} bytes; at most {} are accepted",
+                limits.max_header_bytes
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// The last word on every answer: a 4xx/5xx that is not already JSON (a rejection or status made
+/// by axum or a layer rather than by a handler) becomes `{"error", "status"}` like the rest.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (_, body) = response.into_parts();
+    // Framework rejections are one short line; anything longer is cut, not buffered whole.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, message).into_response()
 }
 
 async fn timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
@@ -115,10 +288,6 @@ async fn timeout(State(limit): State<Duration>, request: Request, next: Next) ->
         )
         .into_response(),
     }
-}
-
-async fn index() -> Html<&'static str> {
-    Html(INDEX_HTML)
 }
 
 async fn healthz(State(s): State<AppState>) -> Json<Value> {
@@ -215,6 +384,7 @@ struct LabelProbability {
 
 async fn search_image(State(s): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let query = request.uri().query().map(str::to_string);
+    let _slot = upload_slot(&s).await?;
     let form = read_form(&s, request, &["image", "k"]).await?;
     let k = form
         .text("k")
@@ -236,6 +406,7 @@ async fn search_image(State(s): State<AppState>, request: Request) -> Result<Res
 }
 
 async fn classify(State(s): State<AppState>, request: Request) -> Result<Json<Value>, ApiError> {
+    let _slot = upload_slot(&s).await?;
     let form = read_form(&s, request, &["image", "labels", "label", "template"]).await?;
     let mut labels = Vec::new();
     for (name, value) in &form.fields {
@@ -278,6 +449,12 @@ async fn classify(State(s): State<AppState>, request: Request) -> Result<Json<Va
         .engine
         .classify(pixels, labels.clone(), templates.clone())
         .await?;
+    if let Some(p) = probabilities.iter().find(|p| !p.is_finite()) {
+        // Only a model refused at start (non-finite logit_scale) or features gone NaN get here.
+        return Err(ApiError::internal(format!(
+            "the model produced a probability of {p}; its weights are not usable for classification"
+        )));
+    }
     let mut results: Vec<(String, f32)> = labels.into_iter().zip(probabilities).collect();
     results.sort_by(|a, b| b.1.total_cmp(&a.1));
     let results: Vec<LabelProbability> = results
@@ -463,7 +640,42 @@ async fn read_form(s: &Shared, request: Request, allowed: &[&str]) -> Result<For
     Ok(out)
 }
 
-/// Checks that `bytes` is an image and turns it into the model's `[1,3,S,S]` input.
+/// Waits for one of the [`Limits::max_concurrent_uploads`] upload slots.
+async fn upload_slot(s: &Shared) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    s.upload_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::unavailable("the service is shutting down"))
+}
+
+/// Width and height from an image file's header, reading nothing past it (for a GIF, also the
+/// first frame's descriptor: a frame reaching past the logical screen grows the canvas the
+/// decoder allocates, as in Pillow).
+fn header_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
+    if Format::sniff(bytes) == Some(Format::Gif) {
+        let mut gif = gif::DecodeOptions::new()
+            .read_info(std::io::Cursor::new(bytes))
+            .map_err(|e| e.to_string())?;
+        let (w, h) = (u32::from(gif.width()), u32::from(gif.height()));
+        let frame = gif.next_frame_info().map_err(|e| e.to_string())?;
+        return Ok(frame.map_or((w, h), |f| {
+            (
+                w.max(u32::from(f.left) + u32::from(f.width)),
+                h.max(u32::from(f.top) + u32::from(f.height)),
+            )
+        }));
+    }
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_dimensions()
+        .map_err(|e| e.to_string())
+}
+
+/// Checks that `bytes` is an image of at most [`Limits::max_image_pixels`] pixels (from its
+/// header, before decoding) and turns it into the model's `[1,3,S,S]` input, decoding at most
+/// [`Limits::max_concurrent_decodes`] uploads at once.
 async fn preprocess(s: &Shared, bytes: Bytes) -> Result<Tensor, ApiError> {
     if bytes.is_empty() {
         return Err(ApiError::bad_request("the uploaded image is empty"));
@@ -478,10 +690,30 @@ async fn preprocess(s: &Shared, bytes: Bytes) -> Result<Tensor, ApiError> {
             ),
         ));
     }
+    let (width, height) = header_dimensions(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("could not read the uploaded image: {e}")))?;
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > s.limits.max_image_pixels {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the uploaded image is {width}x{height} ({pixels} pixels); at most {} pixels are accepted",
+                s.limits.max_image_pixels
+            ),
+        ));
+    }
+    let permit = s
+        .decode_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::unavailable("the service is shutting down"))?;
     let preprocessor = s.preprocessor;
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         preprocessor
-            .preprocess_bytes(&bytes, "the uploaded image")
+            // Errors read "image upload is truncated: …", "image upload does not decode as …".
+            .preprocess_bytes(&bytes, "upload")
             .map_err(|e| ApiError::bad_request(format!("could not read the uploaded image: {e}")))
             .and_then(|t| {
                 t.f_unsqueeze(0)
@@ -490,4 +722,126 @@ async fn preprocess(s: &Shared, bytes: Bytes) -> Result<Tensor, ApiError> {
     })
     .await
     .map_err(|e| ApiError::internal(format!("image preprocessing failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A status made outside our handlers (here a handler answering plain text, as axum's own
+    /// rejections and tower layers do) leaves the router as the same JSON as our refusals; JSON
+    /// answers and successes pass through untouched.
+    #[tokio::test]
+    async fn non_json_errors_become_json() {
+        let app = Router::new()
+            .route(
+                "/plain",
+                get(|| async { (StatusCode::BAD_REQUEST, "Failed to parse the request") }),
+            )
+            .route("/empty", get(|| async { StatusCode::PAYLOAD_TOO_LARGE }))
+            .route(
+                "/ours",
+                get(|| async { ApiError::new(StatusCode::CONFLICT, "ours") }),
+            )
+            .route("/ok", get(|| async { "fine" }))
+            .layer(middleware::map_response(json_errors));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        for (path, status, message) in [
+            ("/plain", 400, "Failed to parse the request"),
+            ("/empty", 413, "Payload Too Large"),
+            ("/ours", 409, "ours"),
+        ] {
+            let response = client
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status().as_u16(), status, "{path}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body, json!({"error": message, "status": status}), "{path}");
+        }
+        let ok = client
+            .get(format!("http://{addr}/ok"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.text().await.unwrap(), "fine");
+        server.abort();
+    }
+
+    #[test]
+    fn zero_limits_are_refused_by_name() {
+        assert_eq!(Limits::DEFAULT.validate(), Ok(()));
+        let zero = Limits {
+            max_connections: 0,
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            zero.validate(),
+            Err("limits.max_connections is 0; it must be at least 1".to_string())
+        );
+        let zero = Limits {
+            header_read_timeout: Duration::ZERO,
+            ..Limits::DEFAULT
+        };
+        assert!(zero.validate().unwrap_err().contains("header_read_timeout"));
+    }
+
+    /// The header probe must agree with the decoder on every kind of image the decoder reads
+    /// (cnclip-model's preprocessing fixtures: JPEG 4:2:0/4:2:2/4:4:4/grey/CMYK/progressive,
+    /// PNG of every mode, GIF, WebP, BMP).
+    #[test]
+    fn header_dimensions_match_the_decoder() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../cnclip-model/tests/fixtures/preprocess");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            if Format::sniff(&bytes).is_none() {
+                continue;
+            }
+            let decoded = cnclip_model::preprocess::decode_named(&bytes, "fixture").unwrap();
+            let (w, h) =
+                header_dimensions(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(
+                (w as usize, h as usize),
+                (decoded.width(), decoded.height()),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 30, "only {seen} fixtures");
+    }
+
+    /// A GIF whose first frame reaches past its 2×2 logical screen: the decoder's canvas (and
+    /// Pillow's) is the frame's extent, so that is what the pixel limit must see.
+    #[test]
+    fn a_gif_frame_past_the_screen_counts() {
+        let mut bytes = Vec::new();
+        {
+            let mut encoder =
+                gif::Encoder::new(&mut bytes, 2, 2, &[0, 0, 0, 255, 255, 255]).unwrap();
+            let mut frame = gif::Frame::from_indexed_pixels(300, 200, vec![1u8; 300 * 200], None);
+            frame.left = 10;
+            frame.top = 5;
+            encoder.write_frame(&frame).unwrap();
+        }
+        assert_eq!(header_dimensions(&bytes), Ok((310, 205)));
+        let decoded = cnclip_model::preprocess::decode_named(&bytes, "gif").unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (310, 205));
+    }
+
+    #[test]
+    fn the_page_checkbox_follows_the_default() {
+        assert!(INDEX_HTML.contains(PROMPT_CHECKBOX));
+        assert!(index_html(true).contains(r#"type="checkbox" checked>"#));
+        assert!(!index_html(false).contains("checked>"));
+    }
 }

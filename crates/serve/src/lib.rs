@@ -9,7 +9,11 @@
 //!
 //! One model lives on one thread ([`engine`]); requests reach it through a bounded queue, and
 //! concurrent text queries are micro-batched into one text-tower call and one top-k scan
-//! (`retrieval`'s exact ranking over a resident gallery tensor). Shutdown on Ctrl-C/SIGTERM lets requests in flight finish.
+//! (`retrieval`'s exact ranking over a resident gallery tensor). Connections are hyper's HTTP/1
+//! server with a header-read timeout (which also closes idle keep-alive connections) and a
+//! connection cap; uploads are bounded in bytes, pixels (from the header, before decoding) and
+//! concurrent decodes ([`Limits`]). Shutdown on Ctrl-C/SIGTERM lets requests in flight finish for
+//! at most a window, then closes what is left.
 //!
 //! May depend on `cnclip-model`, `muge-data`, `retrieval`, `torch-ext`. Must not depend on
 //! training (`cnclip-train`), LoRA or soup: serving a finished checkpoint compiles no training loop.

@@ -3,11 +3,18 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cnclip_model::Precision;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use retrieval::{FeatureKind, NativeFeatures};
 use tch::Device;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use crate::encoder::{Encoder, ModelSpec};
 use crate::engine::{Engine, EngineOptions};
@@ -85,6 +92,7 @@ impl App {
     /// [`App::build`] with a model already loaded (`config.model.checkpoint` still names the file
     /// it came from, for the feature cache's key).
     pub fn with_encoder(config: &ServeConfig, encoder: Encoder) -> Result<App, ServeError> {
+        config.limits.validate().map_err(ServeError::Invalid)?;
         let gallery = config.gallery.as_ref().map(Gallery::open).transpose()?;
         let (features, origin) = match (&config.features, &gallery) {
             (Some(path), _) => {
@@ -123,8 +131,10 @@ impl App {
             other => format!("{other:?}").to_lowercase(),
         };
         let preprocessor = *encoder.preprocessor();
+        check_logit_scale(&encoder, &config.model.checkpoint)?;
         let index = GalleryIndex::new(Arc::new(features), encoder.device())?;
         let (engine, handle) = Engine::start(encoder, index, config.engine)?;
+        let (decode_slots, upload_slots) = Shared::slots(&config.limits);
         let shared = Arc::new(Shared {
             engine: handle,
             gallery,
@@ -135,6 +145,8 @@ impl App {
             preprocessor,
             limits: config.limits,
             text_prompt: config.text_prompt,
+            decode_slots,
+            upload_slots,
         });
         Ok(App {
             shared,
@@ -158,24 +170,114 @@ impl App {
         router(self.shared.clone())
     }
 
-    /// Serves on `listener` until `shutdown` resolves, then lets requests in flight finish, stops
-    /// the model thread after its queue drains, and returns.
+    /// Serves on `listener` until `shutdown` resolves, then lets requests in flight finish (for at
+    /// most [`Limits::shutdown_timeout`]; connections still open then are closed), stops the model
+    /// thread after its queue drains, and returns.
+    ///
+    /// Connections are hyper's HTTP/1 server: a request's header must arrive within
+    /// [`Limits::header_read_timeout`] (hyper's timer also runs while a kept-alive connection
+    /// waits for its next request, so idle connections close after it too), and at most
+    /// [`Limits::max_connections`] are open at once; further ones wait in the listen backlog
+    /// until a connection closes.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let App { shared, engine, .. } = self;
+        let limits = shared.limits;
         let app = router(shared);
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = serve_connections(listener, app, &limits, shutdown).await;
         // Every handle to the model thread is gone with the router: the thread ends.
         tokio::task::spawn_blocking(move || engine.join())
             .await
             .map_err(std::io::Error::other)?;
         served
     }
+}
+
+/// Most header lines hyper itself parses; [`Limits::max_headers`] (checked by the router, with a
+/// JSON 431) is meant to stay below it. Beyond it hyper answers a bare 431 and closes.
+const HYPER_MAX_HEADERS: usize = 1024;
+
+/// The accept loop: hyper's HTTP/1 connection per socket, a connection cap (a semaphore permit
+/// per open connection, taken before `accept`), and hyper-util's graceful shutdown bounded by
+/// `limits.shutdown_timeout`.
+async fn serve_connections(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: &Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true)
+        .max_headers(HYPER_MAX_HEADERS);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.map_err(std::io::Error::other)?,
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // The peer gave up before we accepted: nothing to serve.
+                Err(e) if is_connection_error(&e) => continue,
+                // Out of descriptors or memory: back off, as hyper's and axum's loops do; the
+                // connections already open keep being served and freed.
+                Err(_) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        () = &mut shutdown => break,
+                    }
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        connections.spawn(async move {
+            // A connection error (a reset, a header timeout) ends this connection only.
+            let _ = connection.await;
+            drop(permit);
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    // Idle connections close at once; the others after their current response, or when the
+    // window ends (a half-sent request must not hold the process).
+    let _ = tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown()).await;
+    connections.shutdown().await;
+    Ok(())
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Zero-shot probabilities are `softmax(exp(logit_scale) · cos)`: a non-finite temperature makes
+/// every one NaN (JSON `null`), so such a checkpoint is refused at start.
+fn check_logit_scale(encoder: &Encoder, checkpoint: &std::path::Path) -> Result<(), ServeError> {
+    let scale = encoder.logit_scale()?;
+    if scale.is_finite() {
+        return Ok(());
+    }
+    Err(ServeError::Invalid(format!(
+        "{}: exp(logit_scale) is {scale}, so zero-shot probabilities would be NaN; the checkpoint's \
+         `logit_scale` must be a finite number below ~88 (cn_clip clamps it at ln 100 = 4.6052)",
+        checkpoint.display()
+    )))
 }
 
 /// A feature file given with `--features` must be image features of the model's dimension and,
@@ -247,7 +349,8 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| ServeError::Invalid(format!("starting the async runtime: {e}")))?;
-    runtime.block_on(async move {
+    let window = config.limits.shutdown_timeout;
+    let served = runtime.block_on(async move {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(ServeError::io(addr))?;
@@ -256,5 +359,8 @@ pub fn run(
         app.serve(listener, shutdown_signal())
             .await
             .map_err(ServeError::io(addr))
-    })
+    });
+    // Decodes of abandoned uploads may still run on the blocking pool: do not wait past the window.
+    runtime.shutdown_timeout(window);
+    served
 }

@@ -43,16 +43,46 @@ async fn typed_query_renders_result_images() -> Result<()> {
     let checkpoint = tiny_checkpoint(&dir, 11)?;
     let gallery = folder_gallery(&dir, 6)?;
     let server = TestServer::start(config(&dir, &checkpoint, &gallery)).await?;
+    // Issue 18.1: a second service started with `--text-prompt`.
+    let mut prompted = config(&dir, &checkpoint, &gallery);
+    prompted.text_prompt = true;
+    let prompted = TestServer::start(prompted).await?;
     let base = server.url("");
+    let prompted_base = prompted.url("");
     let profile = dir.join("profile");
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-browser.png");
-    let outcome =
-        tokio::task::spawn_blocking(move || drive(&chromium, &profile, &base, &shot)).await?;
+    let outcome = tokio::task::spawn_blocking(move || {
+        drive(&chromium, &profile, &base, &prompted_base, &shot)
+    })
+    .await?;
     server.stop().await?;
+    prompted.stop().await?;
     outcome
 }
 
-fn drive(chromium: &Path, profile: &Path, base: &str, shot: &Path) -> Result<()> {
+/// The `prompt=` of every `/api/search` request the page has made, in order.
+const SEARCH_PROMPTS: &str = r#"performance.getEntriesByType('resource')
+    .map(e => new URL(e.name))
+    .filter(u => u.pathname === '/api/search')
+    .map(u => u.searchParams.get('prompt'))"#;
+
+/// Types `query` into the search box as a person would and presses Enter.
+fn type_and_submit(browser: &mut Browser, page: &str, query: &str) -> Result<()> {
+    browser.eval(page, "document.getElementById('q').value = ''")?;
+    browser.eval(page, "document.getElementById('q').focus()")?;
+    browser.call("Input.insertText", json!({"text": query}), Some(page))?;
+    for kind in ["keyDown", "keyUp"] {
+        let mut key = json!({"type": kind, "key": "Enter", "code": "Enter",
+                             "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13});
+        if kind == "keyDown" {
+            key["text"] = json!("\r");
+        }
+        browser.call("Input.dispatchKeyEvent", key, Some(page))?;
+    }
+    Ok(())
+}
+
+fn drive(chromium: &Path, profile: &Path, base: &str, prompted: &str, shot: &Path) -> Result<()> {
     let mut browser = Browser::launch(chromium, profile)?;
     let result = (|| -> Result<()> {
         let page = browser.open(&format!("{base}/"))?;
@@ -103,6 +133,35 @@ fn drive(chromium: &Path, profile: &Path, base: &str, shot: &Path) -> Result<()>
         )?;
         let state = browser.wait_for_images(&page, 3)?;
         assert_eq!(state["query"], "蓝色", "{state}");
+        // Without --text-prompt the page's queries went without the prompt.
+        let prompts = browser.eval(&page, SEARCH_PROMPTS)?;
+        assert_eq!(prompts, json!(["0"]), "{prompts}");
+
+        // With --text-prompt the checkbox starts ticked and queries send prompt=1; unticked by
+        // hand, the next query sends prompt=0.
+        let page = browser.open(&format!("{prompted}/"))?;
+        browser.wait_for(
+            &page,
+            "document.readyState === 'complete' && document.getElementById('q') !== null",
+            "the prompted service's page to load",
+        )?;
+        assert_eq!(
+            browser.eval(&page, "document.getElementById('prompt').checked")?,
+            json!(true),
+            "the prompt checkbox must start ticked on a --text-prompt service"
+        );
+        type_and_submit(&mut browser, &page, "红色连衣裙")?;
+        browser.wait_for_images(&page, 6)?;
+        browser.eval(&page, "document.getElementById('prompt').click()")?;
+        type_and_submit(&mut browser, &page, "绿色")?;
+        browser.wait_for(
+            &page,
+            &format!("{SEARCH_PROMPTS}.length === 2"),
+            "the second query",
+        )?;
+        browser.wait_for_images(&page, 6)?;
+        let prompts = browser.eval(&page, SEARCH_PROMPTS)?;
+        assert_eq!(prompts, json!(["1", "0"]), "{prompts}");
         Ok(())
     })();
     browser.close();

@@ -590,3 +590,241 @@ async fn a_feature_file_alone_is_searchable() -> Result<()> {
     assert!(e.to_string().contains("has image 7000"), "{e}");
     Ok(())
 }
+
+/// Issue 18.1: a service started with `--text-prompt` serves a page whose prompt checkbox starts
+/// ticked (the page's queries send what the checkbox says: `browser.rs` checks that in Chromium).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_starts_with_the_services_prompt_default() -> Result<()> {
+    let dir = temp_dir("page-prompt");
+    let checkpoint = tiny_checkpoint(&dir, 13)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    for text_prompt in [true, false] {
+        let mut config = config(&dir, &checkpoint, &gallery);
+        config.text_prompt = text_prompt;
+        let server = TestServer::start(config).await?;
+        let html = client().get(server.url("/")).send().await?.text().await?;
+        let checkbox = html
+            .split('<')
+            .find(|tag| tag.starts_with("input id=\"prompt\""))
+            .unwrap_or_else(|| panic!("no prompt checkbox in the page:\n{html}"));
+        assert_eq!(
+            checkbox.contains(" checked"),
+            text_prompt,
+            "text_prompt={text_prompt}: <{checkbox}"
+        );
+        let (_, health) = get_json(&server.url("/healthz")).await?;
+        assert_eq!(health["text_prompt"], text_prompt);
+        server.stop().await?;
+    }
+    Ok(())
+}
+
+/// A PNG whose header says `width`×`height` (8-bit RGB) followed by one IDAT of a few bytes: the
+/// pixels are never there, only a decoder that trusts the header would allocate for them.
+fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let mut crc_input = kind.to_vec();
+        crc_input.extend_from_slice(data);
+        out.extend_from_slice(&crc32(&crc_input).to_be_bytes());
+    }
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00]);
+    png
+}
+
+/// Issue 18.2/18.4: an upload over the pixel limit is refused with 413 from its header (before
+/// decoding), with an English message that names the size and the limit (not the old
+/// "image the uploaded image is too large").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_over_the_pixel_limit_are_refused_413() -> Result<()> {
+    let dir = temp_dir("pixels");
+    let checkpoint = tiny_checkpoint(&dir, 14)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let server = TestServer::start(config(&dir, &checkpoint, &gallery)).await?;
+    let search_image = server.url("/api/search/image");
+    let default_limit = cnclip_serve::Limits::default().max_image_pixels;
+    // 13000×13000 (the issue's bomb) and 20000×20000 (past the decoder's own limit too).
+    for side in [13_000u32, 20_000] {
+        let form = Form::new().part(
+            "image",
+            Part::bytes(png_header_claiming(side, side)).file_name("bomb.png"),
+        );
+        let answer = post_json(&search_image, form).await?;
+        assert_error(
+            &format!("{side}² PNG"),
+            &answer,
+            413,
+            &format!(
+                "{side}x{side} ({} pixels)",
+                u64::from(side) * u64::from(side)
+            ),
+        );
+        let message = answer.1["error"].as_str().unwrap_or_default();
+        assert!(message.contains(&default_limit.to_string()), "{message}");
+        assert!(!message.contains("image the"), "{message}");
+    }
+    server.stop().await?;
+
+    // A lower limit applies to real images too, and to /api/classify; smaller ones still pass.
+    let mut config = config(&dir, &checkpoint, &gallery);
+    config.limits.max_image_pixels = 48 * 40 - 1;
+    let server = TestServer::start(config).await?;
+    let form = Form::new().part("image", image_part(0));
+    assert_error(
+        "48x40 over a limit of 1919",
+        &post_json(&server.url("/api/search/image"), form).await?,
+        413,
+        "48x40 (1920 pixels); at most 1919 pixels",
+    );
+    let form = Form::new()
+        .part("image", image_part(1))
+        .text("labels", "猫\n狗");
+    assert_error(
+        "classify 48x40 JPEG",
+        &post_json(&server.url("/api/classify"), form).await?,
+        413,
+        "1920 pixels",
+    );
+    server.stop().await?;
+    let mut config = common::config(&dir, &checkpoint, &gallery);
+    config.limits.max_image_pixels = 48 * 40;
+    let server = TestServer::start(config).await?;
+    let form = Form::new().part("image", image_part(0));
+    let (status, body) = post_json(&server.url("/api/search/image"), form).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await
+}
+
+/// Issue 18.4: refusals made by the HTTP layer rather than a handler are JSON too: too many or
+/// too large headers get a JSON 431 (hyper's own 431 has an empty body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_limits_answer_json_431() -> Result<()> {
+    let dir = temp_dir("headers");
+    let checkpoint = tiny_checkpoint(&dir, 15)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let server = TestServer::start(config(&dir, &checkpoint, &gallery)).await?;
+    let limits = cnclip_serve::Limits::default();
+    let send = |headers: Vec<(String, String)>| {
+        let mut request = client().get(server.url("/api/search?q=包&k=1"));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        async move {
+            let response = request.send().await?;
+            let status = response.status();
+            let text = response.text().await?;
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{status}: body {text:?} is not JSON: {e}"));
+            anyhow::Ok((status, body))
+        }
+    };
+    // 150 header lines (hyper's default limit is 100) and a 20 KiB cookie.
+    let many = (0..150)
+        .map(|i| (format!("x-h{i}"), "1".to_string()))
+        .collect();
+    assert_error("150 headers", &send(many).await?, 431, "header lines");
+    let large = vec![("cookie".to_string(), "a".repeat(20 << 10))];
+    assert_error(
+        "20 KiB header",
+        &send(large).await?,
+        431,
+        &format!("at most {} are accepted", limits.max_header_bytes),
+    );
+    let (status, body) = send(vec![("x-ok".into(), "1".into())]).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await
+}
+
+/// Issue 18.4: a checkpoint whose `exp(logit_scale)` is not finite would answer every
+/// classification with `"probability": null`; it is refused at start with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_finite_logit_scale_is_refused_at_start() -> Result<()> {
+    let dir = temp_dir("logit-scale");
+    let gallery = folder_gallery(&dir, 2)?;
+    // exp(100) overflows float32 to inf; NaN stays NaN.
+    for value in [100f32, f32::NAN] {
+        let checkpoint = tiny_checkpoint_with(&dir, 16, |state| {
+            state.insert("logit_scale", tch::Tensor::from(value));
+        })?;
+        let config = config(&dir, &checkpoint, &gallery);
+        let Err(e) = tokio::task::spawn_blocking(move || App::build(&config)).await? else {
+            panic!("logit_scale {value} accepted")
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains("logit_scale") && message.contains("tiny.safetensors"),
+            "{message}"
+        );
+    }
+    Ok(())
+}
+
+/// Issue 18.2: at most `max_concurrent_uploads` upload bodies are read at once; a further upload
+/// waits for a slot (within its request timeout) instead of adding its body to memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_wait_for_a_slot() -> Result<()> {
+    let dir = temp_dir("upload-slots");
+    let checkpoint = tiny_checkpoint(&dir, 17)?;
+    let gallery = folder_gallery(&dir, 2)?;
+    let mut config = config(&dir, &checkpoint, &gallery);
+    config.limits.max_concurrent_uploads = 1;
+    let timeout = Duration::from_secs(3);
+    config.limits.request_timeout = timeout;
+    let server = TestServer::start(config).await?;
+
+    // A holds the only slot: its body never completes, so it ends with 408 after `timeout`,
+    // counted from when its request reached the service (after `sent`).
+    let addr = server.addr;
+    let sent = std::time::Instant::now();
+    let holder = tokio::task::spawn_blocking(move || -> Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.write_all(
+            b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n\
+              Content-Length: 1000\r\nConnection: close\r\n\r\n\x89PNG",
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B is complete and small, but can only be read once A's slot is free.
+    let form = Form::new().part("image", image_part(1));
+    let (status, body) = post_json(&server.url("/api/search/image"), form).await?;
+    let answered = sent.elapsed();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let holder = holder.await??;
+    assert!(holder.starts_with("HTTP/1.1 408"), "{holder}");
+    // A's slot is free no earlier than `timeout` after `sent`; B cannot have been read before.
+    assert!(
+        answered >= timeout,
+        "B was answered {answered:?} after A was sent, while A held the only upload slot ({timeout:?})"
+    );
+    // Text search does not take upload slots.
+    let (status, body) = get_json(&server.url("/api/search?q=包&k=1")).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await
+}

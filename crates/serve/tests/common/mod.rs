@@ -53,6 +53,15 @@ impl Drop for TempDir {
 
 /// A random tiny model saved as a native checkpoint.
 pub fn tiny_checkpoint(dir: &Path, seed: i64) -> Result<PathBuf> {
+    tiny_checkpoint_with(dir, seed, |_| {})
+}
+
+/// [`tiny_checkpoint`] with its state dict changed by `edit` before saving.
+pub fn tiny_checkpoint_with(
+    dir: &Path,
+    seed: i64,
+    edit: impl FnOnce(&mut StateDict),
+) -> Result<PathBuf> {
     tch::manual_seed(seed);
     let config = tiny_config();
     let clip = Clip::new(&config, tch::Device::Cpu);
@@ -60,6 +69,7 @@ pub fn tiny_checkpoint(dir: &Path, seed: i64) -> Result<PathBuf> {
     for (key, tensor) in clip.named_tensors() {
         state.insert(key, tensor);
     }
+    edit(&mut state);
     let path = dir.join("tiny.safetensors");
     save_native(&path, &config, &state)?;
     Ok(path)
