@@ -129,10 +129,21 @@ fn main() -> Result<()> {
             v.loss, v.score.r1, v.score.r5, v.score.r10, v.score.mean_recall
         );
     }
-    println!(
-        "trained {} steps ({} epochs), last loss {:.6}",
-        summary.steps, summary.epochs, summary.last_loss
-    );
+    match summary.last_loss {
+        Some(loss) => println!(
+            "trained {} steps ({} epochs), last loss {loss:.6}",
+            summary.steps, summary.epochs
+        ),
+        None => println!(
+            "nothing to train: this run's checkpoint is already at the end of its schedule \
+             (--max-epochs {}{}); raise it, or choose another --name, to train more",
+            config.max_epochs,
+            config
+                .max_steps
+                .map(|s| format!(", --max-steps {s}"))
+                .unwrap_or_default()
+        ),
+    }
     if let Some(dir) = config.run_dir() {
         println!(
             "run directory: {} (checkpoints/, metrics.jsonl, curves.png)",

@@ -23,6 +23,10 @@ const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.
     "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
 
 fn command(dir: &Path, logs: &Path) -> Command {
+    command_for_epochs(dir, logs, 4)
+}
+
+fn command_for_epochs(dir: &Path, logs: &Path, epochs: u32) -> Command {
     let mut cmd = Command::new(example_bin("finetune"));
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
     cmd.args([
@@ -45,7 +49,7 @@ fn command(dir: &Path, logs: &Path) -> Command {
         "--warmup",
         "2",
         "--max-epochs",
-        "4",
+        &epochs.to_string(),
         "--context-length",
         "24",
         "--precision",
@@ -120,6 +124,60 @@ fn final_weights(logs: &Path) -> Clip {
     Clip::load(&path, &LoadOptions::default(), tch::Device::Cpu).unwrap()
 }
 
+/// `.NAME.tmp-…` files (the atomic writers' temporaries) in a run directory and its checkpoints.
+fn temporaries(run_dir: &Path) -> Vec<String> {
+    [run_dir.to_path_buf(), run_dir.join("checkpoints")]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n.contains(".tmp-"))
+        .collect()
+}
+
+/// Two runs on the same `--logs/--name`: the second is refused, naming the first one's pid, and
+/// writes nothing; once the first is killed (the OS releases its lock) the same command runs.
+#[test]
+fn a_second_run_on_the_same_directory_is_refused() {
+    let dir = std::env::temp_dir().join(format!("cnclip-run-lock-{}", std::process::id()));
+    prepare(&dir);
+    let logs = dir.join("logs");
+    // Long enough (400 epochs) that it is still running when the second starts; killed below.
+    let mut first = command_for_epochs(&dir, &logs, 400).spawn().unwrap();
+    let lock = logs.join("run").join(".lock");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run ended early"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took its lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = command(&dir, &logs).output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run must still hold the directory"
+    );
+    assert!(!second.status.success(), "the second run must be refused");
+    assert!(
+        stderr.contains(&format!("pid {}", first.id())) && stderr.contains("in use by another run"),
+        "the refusal names the holder: {stderr}"
+    );
+    let _ = first.kill(); // SIGKILL: no chance to unlock; the OS must release it
+    let _ = first.wait();
+    // The lock died with its holder: the same command now starts (and finishes) normally.
+    run_to_end(&dir, &logs);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
     let dir = std::env::temp_dir().join(format!("cnclip-crash-training-{}", std::process::id()));
@@ -148,10 +206,24 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
         if !finished_first && latest.is_file() {
             resumed_mid_run += 1;
         }
+        // A dead writer's temporary is planted too, so that removal is checked on every restart
+        // and not only when a kill happened to land inside a write.
+        let checkpoints = logs.join("run").join("checkpoints");
+        std::fs::create_dir_all(&checkpoints).unwrap();
+        std::fs::write(
+            checkpoints.join(".epoch_latest.safetensors.tmp-999999-0"),
+            b"partial",
+        )
+        .unwrap();
         // Restart with the same command until it completes (it resumes from epoch_latest).
         let deadline = Instant::now() + Duration::from_secs(300);
         run_to_end(&dir, &logs);
         assert!(Instant::now() < deadline);
+        let left = temporaries(&logs.join("run"));
+        assert!(
+            left.is_empty(),
+            "kill at {fraction}: temporary files of killed writers remain: {left:?}"
+        );
         let resumed = final_weights(&logs).named_tensors();
         for (key, tensor) in &reference {
             assert!(

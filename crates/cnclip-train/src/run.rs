@@ -77,6 +77,30 @@ pub enum RunError {
     Distributed(#[from] DdpError),
     #[error(transparent)]
     Observer(#[from] ObserverError),
+    #[error(transparent)]
+    RunDir(#[from] crate::run_lock::RunLockError),
+}
+
+/// Takes the run directory's lock for the main process of a run that saves (before anything in it
+/// is read or written: the resume decision reads `epoch_latest`), then removes the temporary files
+/// that writers killed mid-write left there — with the lock held no live writer can own them.
+/// Returns the lock to hold for the run's life and the temporaries removed.
+pub fn lock_run_dir(
+    config: &RunConfig,
+    main: bool,
+) -> Result<(Option<crate::run_lock::RunDirLock>, Vec<PathBuf>), RunError> {
+    let Some(dir) = config.run_dir().filter(|_| main) else {
+        return Ok((None, Vec::new()));
+    };
+    let lock = crate::run_lock::RunDirLock::acquire(&dir)?;
+    let mut removed = crate::run_lock::remove_stale_temporaries(&lock, &dir)?;
+    if let Some(checkpoints) = config.checkpoint_dir() {
+        removed.extend(crate::run_lock::remove_stale_temporaries(
+            &lock,
+            &checkpoints,
+        )?);
+    }
+    Ok((Some(lock), removed))
 }
 
 fn setting(flag: &'static str, message: String) -> RunError {
@@ -89,7 +113,9 @@ pub struct RunSummary {
     pub steps: u64,
     /// Epochs begun (the last may be partial when `max_steps` ends the run).
     pub epochs: u64,
-    pub last_loss: f64,
+    /// The loss of the last step this run trained; `None` when it trained none (a finished run
+    /// started again).
+    pub last_loss: Option<f64>,
     /// The last validation, when `val_data` was given.
     pub last_validation: Option<crate::validate::Validation>,
     /// `None` when the run saves nothing (`--logs None`).
@@ -121,6 +147,7 @@ pub fn train(
     config: &RunConfig,
     resume: Option<&str>,
 ) -> Result<RunSummary, RunError> {
+    let (_lock, _) = lock_run_dir(config, true)?;
     let resume = own_checkpoint(config, resume)?;
     run(
         model,
@@ -140,6 +167,7 @@ pub fn train_distributed(
     resume: Option<&str>,
     ddp: &Ddp,
 ) -> Result<RunSummary, RunError> {
+    let (_lock, _) = lock_run_dir(config, ddp.is_main())?;
     let resume = own_checkpoint(config, resume)?;
     let mut observers = if ddp.is_main() {
         file_observers(config)?
@@ -446,7 +474,7 @@ fn train_with<T: ImageTransform + 'static>(
         run_dir: config.run_dir(),
     })?;
     let device = trainer.model().device();
-    let mut last_loss = f64::NAN;
+    let mut last_loss = None;
     let validation = match &config.val_data {
         Some(path) => {
             let size = u32::try_from(trainer.model().config().vision.image_resolution)
@@ -557,7 +585,7 @@ fn train_with<T: ImageTransform + 'static>(
                 continue;
             };
             position.step = report.step;
-            last_loss = report.loss;
+            last_loss = Some(report.loss);
             let control = observer.on_step(&StepEvent {
                 report,
                 epoch: position.epoch,

@@ -54,6 +54,8 @@ pub struct Session {
     resume: Option<Resume>,
     ddp: Option<Ddp>,
     notes: Vec<String>,
+    /// The run directory's lock (main process of a run that saves), held until the run ends.
+    _lock: Option<crate::run_lock::RunDirLock>,
 }
 
 impl std::fmt::Debug for Session {
@@ -81,6 +83,20 @@ impl Session {
     pub fn prepare_in(config: RunConfig, dist: Option<&DistEnv>) -> Result<Self, RunError> {
         config.check()?;
         let mut notes = Vec::new();
+        // Before anything in the run directory is read or written (the resume decision reads
+        // `epoch_latest`); another run on the same --logs/--name is refused naming its pid.
+        let (lock, removed) = crate::run::lock_run_dir(&config, dist.is_none_or(|d| d.rank == 0))?;
+        if !removed.is_empty() {
+            notes.push(format!(
+                "removed {} temporary file(s) of a run killed while writing: {}",
+                removed.len(),
+                removed
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let mut device =
             torch_ext::parse_device(&config.device).map_err(|e| setup(format!("--device: {e}")))?;
         if let (Some(env), tch::Device::Cuda(_)) = (dist, device) {
@@ -185,6 +201,7 @@ impl Session {
             resume,
             ddp,
             notes,
+            _lock: lock,
         })
     }
 
@@ -213,6 +230,7 @@ impl Session {
 
     /// Trains, reporting to `observer` (rank 0 only).
     pub fn run(self, observer: &mut dyn Observer) -> Result<RunSummary, RunError> {
+        // `self._lock` lives until this returns.
         crate::run::run(
             self.model,
             &self.config,

@@ -177,3 +177,54 @@ fn validation_reports_loss_accuracy_and_recall() {
     );
     assert!(valid.iter().all(|v| v.1.is_some()));
 }
+
+/// A run directory held by another run is refused before anything is read or written there,
+/// naming the holder; once free, a run removes what killed writers left and trains.
+#[test]
+fn a_held_run_directory_is_refused_and_dead_writers_temporaries_are_removed() {
+    let data = lmdb("parity");
+    let logs = temp("locked");
+    let mut config = config(data, logs.clone());
+    config.max_steps = Some(1);
+    let run_dir = config.run_dir().unwrap();
+    let other = cnclip_train::run_lock::RunDirLock::acquire(&run_dir).unwrap();
+    let err = train(tiny_model(), &config, None).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            cnclip_train::run::RunError::RunDir(cnclip_train::run_lock::RunLockError::Busy { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {} on", std::process::id())),
+        "{err}"
+    );
+    assert!(
+        !run_dir.join("metrics.jsonl").exists(),
+        "nothing is written"
+    );
+    drop(other);
+
+    let checkpoints = config.checkpoint_dir().unwrap();
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    let stale = [
+        checkpoints.join(".epoch_latest.safetensors.tmp-999999-0"),
+        run_dir.join(".metrics.jsonl.tmp-999999-3"),
+    ];
+    for path in &stale {
+        std::fs::write(path, b"cut short").unwrap();
+    }
+    let kept = checkpoints.join("notes.txt");
+    std::fs::write(&kept, b"mine").unwrap();
+    assert_eq!(train(tiny_model(), &config, None).unwrap().steps, 1);
+    for path in &stale {
+        assert!(!path.exists(), "{} remains", path.display());
+    }
+    assert!(kept.exists(), "only temporaries are removed");
+    // Started again, the finished run trains nothing and says so (no NaN "last loss").
+    let again = train(tiny_model(), &config, Some("epoch_latest")).unwrap();
+    // `steps` is the global step reached, which the checkpoint already had.
+    assert_eq!((again.steps, again.last_loss), (1, None));
+}
