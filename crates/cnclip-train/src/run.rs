@@ -81,6 +81,15 @@ pub enum RunError {
     RunDir(#[from] crate::run_lock::RunLockError),
 }
 
+/// The refusals that need no training state, before the run directory is touched: a refused run
+/// writes nothing.
+fn refuse_early(config: &RunConfig, model: &Clip, world: u64) -> Result<(), RunError> {
+    config.check()?;
+    check_model(config, model)?;
+    check_data(config, world)?;
+    Ok(())
+}
+
 /// Takes the run directory's lock for the main process of a run that saves (before anything in it
 /// is read or written: the resume decision reads `epoch_latest`), then removes the temporary files
 /// that writers killed mid-write left there — with the lock held no live writer can own them.
@@ -147,6 +156,7 @@ pub fn train(
     config: &RunConfig,
     resume: Option<&str>,
 ) -> Result<RunSummary, RunError> {
+    refuse_early(config, &model, 1)?;
     let (_lock, _) = lock_run_dir(config, true)?;
     let resume = own_checkpoint(config, resume)?;
     run(
@@ -167,6 +177,7 @@ pub fn train_distributed(
     resume: Option<&str>,
     ddp: &Ddp,
 ) -> Result<RunSummary, RunError> {
+    refuse_early(config, &model, ddp.world_size() as u64)?;
     let (_lock, _) = lock_run_dir(config, ddp.is_main())?;
     let resume = own_checkpoint(config, resume)?;
     let mut observers = if ddp.is_main() {

@@ -83,20 +83,6 @@ impl Session {
     pub fn prepare_in(config: RunConfig, dist: Option<&DistEnv>) -> Result<Self, RunError> {
         config.check()?;
         let mut notes = Vec::new();
-        // Before anything in the run directory is read or written (the resume decision reads
-        // `epoch_latest`); another run on the same --logs/--name is refused naming its pid.
-        let (lock, removed) = crate::run::lock_run_dir(&config, dist.is_none_or(|d| d.rank == 0))?;
-        if !removed.is_empty() {
-            notes.push(format!(
-                "removed {} temporary file(s) of a run killed while writing: {}",
-                removed.len(),
-                removed
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
         let mut device =
             torch_ext::parse_device(&config.device).map_err(|e| setup(format!("--device: {e}")))?;
         if let (Some(env), tch::Device::Cuda(_)) = (dist, device) {
@@ -120,6 +106,21 @@ impl Session {
             }));
         }
         crate::run::check_data(&config, dist.map_or(1, |d| d.world_size as u64))?;
+        // After the checks that refuse settings (a refused run writes nothing), before anything
+        // in the run directory is read or written (the resume decision reads `epoch_latest`):
+        // another run on the same --logs/--name is refused, naming its pid.
+        let (lock, removed) = crate::run::lock_run_dir(&config, dist.is_none_or(|d| d.rank == 0))?;
+        if !removed.is_empty() {
+            notes.push(format!(
+                "removed {} temporary file(s) of a run killed while writing: {}",
+                removed.len(),
+                removed
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         let ddp = match dist {
             Some(env) => {
                 let backend = match config.dist_backend.as_deref() {
