@@ -182,7 +182,8 @@ fn validation_reports_loss_accuracy_and_recall() {
 /// naming the holder; once free, a run removes what killed writers left and trains.
 #[test]
 fn a_held_run_directory_is_refused_and_dead_writers_temporaries_are_removed() {
-    let data = lmdb("parity");
+    // Its own LMDB: tests of this file run concurrently and each builds the split it names.
+    let data = lmdb("locked");
     let logs = temp("locked");
     let mut config = config(data, logs.clone());
     config.max_steps = Some(1);
