@@ -8,15 +8,17 @@
 //! # A flat folder of images: each image's most likely labels
 //! cargo run --release --example zero_shot -- --datapath photos/ --label-file labels.txt --resume model.safetensors
 //! ```
-//! The templates default to cn_clip's `openai_templates` (what the script uses for ImageNet and any
-//! data set without its own list); `--templates FILE` (one per line, `{}` for the label) takes any
-//! other set.
+//! The templates are cn_clip's for `--dataset` (its own list for fgvc-aircraft-2013b-variants102,
+//! food-101, oxford-flower-102, eurosat_clip, resisc45_clip and country211; `openai_templates` for
+//! any other name, ImageNet included); `--templates FILE` (one per line, `{}` for the label) takes
+//! any other set. `--index FILE` (a JSON list of row numbers, as `zeroshot_eval.sh` passes it)
+//! reorders the saved predictions as cn_clip does; the accuracy is computed before.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cnclip::model::preprocess::Preprocessor;
 use cnclip::model::tokenizer::Tokenizer;
-use cnclip::model::zeroshot::{Templates, classifier, probabilities};
+use cnclip::model::zeroshot::{Templates, classifier, parse_index, probabilities};
 use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision, WeightFormat};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -32,7 +34,7 @@ struct Args {
     /// One Chinese class name per line.
     #[arg(long = "label-file")]
     label_file: PathBuf,
-    /// Prompt templates, one per line with `{}` for the label (default: cn_clip's 183 openai_templates).
+    /// Prompt templates, one per line with `{}` for the label (default: cn_clip's for `--dataset`).
     #[arg(long)]
     templates: Option<PathBuf>,
     /// Official `.pt`, Hugging Face directory or native `.safetensors`.
@@ -45,8 +47,13 @@ struct Args {
     /// cn_clip's `amp` here is exact fp32 (spec §1.6); fp16/bf16 run reduced precision.
     #[arg(long, default_value = "amp", value_parser = ["amp", "fp32", "fp16", "bf16"])]
     precision: String,
+    /// Names the output file and picks cn_clip's templates for the data set.
     #[arg(long, default_value = "imagenet")]
     dataset: String,
+    /// cn_clip's `--index`: a JSON file with a list of row numbers; the saved predictions are
+    /// `predictions[index]` (empty: none, as `zeroshot_eval.sh` passes it without a 7th argument).
+    #[arg(long, default_value = "")]
+    index: String,
     /// Where `{dataset}.json` with every image's probabilities goes (none if empty).
     #[arg(long = "save-dir", default_value = "")]
     save_dir: String,
@@ -81,7 +88,12 @@ fn main() -> Result<()> {
                 .with_context(|| format!("cannot read {}", path.display()))?;
             Templates::from_lines(&text, &path.display().to_string())?
         }
-        None => Templates::default(),
+        None => {
+            let (templates, own) = Templates::for_dataset(&args.dataset);
+            let which = if own { "its own" } else { "openai_templates" };
+            println!("--dataset {}: cn_clip's templates ({which})", args.dataset);
+            templates
+        }
     };
     let (images, targets) = list_images(&args.datapath, labels.len())?;
     let model = load_model(&args, device)?;
@@ -104,7 +116,7 @@ fn main() -> Result<()> {
         all.push(probs.to_device(tch::Device::Cpu));
     }
     let probs = Tensor::cat(&all, 0);
-    let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs).context("probabilities")?;
+    let mut rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs).context("probabilities")?;
 
     if let Some(targets) = &targets {
         let correct = rows
@@ -128,6 +140,13 @@ fn main() -> Result<()> {
             println!("{}: {}", path.display(), top.join(", "));
         }
     }
+    if !args.index.is_empty() {
+        let text = std::fs::read_to_string(&args.index)
+            .with_context(|| format!("cannot read the --index file {}", args.index))?;
+        let order = parse_index(&text, rows.len(), &args.index)?;
+        rows = order.iter().map(|&i| rows[i].clone()).collect();
+        println!("rows rearranged by {} ({} rows)", args.index, rows.len());
+    }
     if !args.save_dir.is_empty() {
         let dir = PathBuf::from(&args.save_dir);
         std::fs::create_dir_all(&dir)?;
@@ -140,14 +159,25 @@ fn main() -> Result<()> {
                     .collect()
             })
             .collect();
+        let tensors = model.named_tensors();
+        let count = |visual: bool| -> usize {
+            tensors
+                .iter()
+                .filter(|(k, _)| !visual || k.starts_with("visual."))
+                .map(|(_, t)| t.numel())
+                .sum()
+        };
+        // cn_clip's keys and shape: `predictions` is a list holding the one [N, C] matrix.
         let json = serde_json::json!({
             "model_name": format!("CN-CLIP-{}", args.vision_model),
             "dataset_name": args.dataset,
             "num_trainable_params": 0,
-            "num_params": model.named_tensors().values().map(|t| t.numel()).sum::<usize>(),
+            "num_params": count(false),
+            "num_visual_params": count(true),
+            "num_backbone_params": count(false),
             "n_shot": 0,
             "rnd_seeds": [123],
-            "predictions": predictions,
+            "predictions": [predictions],
         });
         std::fs::write(&out, serde_json::to_string(&json)?)
             .with_context(|| format!("cannot write {}", out.display()))?;

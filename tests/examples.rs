@@ -337,7 +337,9 @@ fn the_pipeline_examples_write_what_cn_clip_would() {
     assert!(out.contains("zeroshot-top1:"), "{out}");
     let zs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(save.join("mini.json")).unwrap()).unwrap();
-    let rows = zs["predictions"].as_array().unwrap();
+    // cn_clip writes `[probs.tolist()]`: a list holding the [N, C] matrix.
+    let rows = zs["predictions"][0].as_array().unwrap();
+    assert_eq!(zs["predictions"].as_array().unwrap().len(), 1);
     assert_eq!(rows.len(), 4);
     for row in rows {
         let p: f64 = row
@@ -360,5 +362,100 @@ fn the_pipeline_examples_write_what_cn_clip_would() {
         ],
     );
     assert!(err.contains("missing.txt"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A randomly initialised tiny model saved as native safetensors (what the config files describe).
+fn tiny_model(dir: &Path) -> PathBuf {
+    let (vision, text) = (dir.join("vision.json"), dir.join("text.json"));
+    std::fs::write(&vision, VISION).unwrap();
+    std::fs::write(&text, TEXT).unwrap();
+    let config = cnclip::model::ClipConfig::from_tower_args(s(&vision), s(&text)).unwrap();
+    let path = dir.join("tiny.safetensors");
+    cnclip::model::Clip::new(&config, tch::Device::Cpu)
+        .save_native(&path)
+        .unwrap();
+    path
+}
+
+#[test]
+fn zero_shot_takes_cn_clips_index_and_per_dataset_templates() {
+    // Not under tempdir(): that one is the pipeline test's, which runs at the same time.
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-zs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(&dir);
+    let folder = dir.join("classes");
+    for (class, combo) in [("000", 0usize), ("001", 5)] {
+        let class_dir = folder.join(class);
+        std::fs::create_dir_all(&class_dir).unwrap();
+        for k in 0..2 {
+            cnclip::data::synth::render_product(combo, 1, k, 32)
+                .save(class_dir.join(format!("{k}.png")))
+                .unwrap();
+        }
+    }
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, "圆形抱枕\n菱形杯垫\n").unwrap();
+    let zs = |dataset: &str, index: &str| {
+        let save = dir.join(format!("save-{dataset}-{}", index.len()));
+        // zeroshot_eval.sh's spelling: `--flag=value`, and `--index=` when no index is given.
+        let out = run(
+            "zero_shot",
+            &[
+                &format!("--datapath={}", s(&folder)),
+                &format!("--label-file={}", s(&labels)),
+                &format!("--save-dir={}", s(&save)),
+                &format!("--dataset={dataset}"),
+                &format!("--index={index}"),
+                "--img-batch-size=64",
+                &format!("--resume={}", s(&model)),
+                "--context-length=24",
+                "--device=cpu",
+            ],
+        );
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(save.join(format!("{dataset}.json"))).unwrap(),
+        )
+        .unwrap();
+        let rows: Vec<Vec<f64>> = serde_json::from_value(json["predictions"][0].clone()).unwrap();
+        (out, rows)
+    };
+    // cn_clip's template_dict: food-101 has its own 21 templates, imagenet the 183 openai ones.
+    let (out, plain) = zs("food-101", "");
+    assert!(out.contains("2 classes × 21 templates"), "{out}");
+    let (out, _) = zs("imagenet", "");
+    assert!(out.contains("2 classes × 183 templates"), "{out}");
+
+    // --index: the saved rows are predictions[index] (torch indexing: repeats, negatives).
+    let index = dir.join("index.json");
+    std::fs::write(&index, "[3, 0, -1]").unwrap();
+    let (out, reordered) = zs("food-101", s(&index));
+    assert!(out.contains("zeroshot-top1:"), "{out}");
+    assert_eq!(
+        reordered,
+        vec![plain[3].clone(), plain[0].clone(), plain[3].clone()]
+    );
+
+    std::fs::write(&index, "[0, 4]").unwrap();
+    let err = fails(
+        "zero_shot",
+        &[
+            "--datapath",
+            s(&folder),
+            "--label-file",
+            s(&labels),
+            "--resume",
+            s(&model),
+            "--index",
+            s(&index),
+            "--context-length=24",
+            "--device=cpu",
+        ],
+    );
+    assert!(
+        err.contains("index.json") && err.contains("entry 1 is 4"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
