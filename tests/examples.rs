@@ -459,3 +459,37 @@ fn zero_shot_takes_cn_clips_index_and_per_dataset_templates() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn transform_ir_annotation_to_tr_writes_what_cn_clips_script_writes() {
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-tr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The eval crate's fixture: an annotation and the file cn_clip's script wrote from it
+    // (crates/eval/tests/fixtures/make_fixtures.py; a text on two lines, an image twice on one).
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/eval/tests/fixtures/transform");
+    let input = dir.join("valid_texts.jsonl");
+    std::fs::copy(fixtures.join("valid_texts.jsonl"), &input).unwrap();
+    let out = run(
+        "transform_ir_annotation_to_tr",
+        &[&format!("--input={}", s(&input))],
+    );
+    assert!(out.contains("Done!"), "{out}");
+    let written = std::fs::read(dir.join("valid_texts.tr.jsonl")).unwrap();
+    assert_eq!(
+        written,
+        std::fs::read(fixtures.join("valid_texts.tr.jsonl")).unwrap()
+    );
+
+    // A bad line names the file and line.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"text_id\": 1, \"image_ids\": [2]}\n{\"text_id\": 2}\n",
+    )
+    .unwrap();
+    let err = fails("transform_ir_annotation_to_tr", &["--input", s(&bad)]);
+    assert!(err.contains("bad.jsonl") && err.contains("line 2"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
