@@ -15,6 +15,7 @@
 
 mod error;
 mod hf;
+mod infer;
 mod native;
 mod pickle;
 mod pt;
@@ -22,6 +23,7 @@ mod state_dict;
 
 pub use error::WeightsError;
 pub use hf::{hf_config_to_clip, hf_module_name, import_hf};
+pub use infer::{ArchShapes, TextShapes, VisionShapes};
 pub use native::{
     NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
     dtype_of, kind_of, load_native, read_safetensors, read_safetensors_metadata, save_native,
