@@ -4,7 +4,7 @@
 //! ```sh
 //! # ImageFolder layout (class sub-directories 000/, 001/, … in label-file order): top-1 accuracy
 //! cargo run --release --example zero_shot -- --datapath data/test --label-file label_cn.txt \
-//!     --resume clip_cn_vit-b-16.pt --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese
+//!     --resume clip_cn_vit-b-16.pt   # a .pt's architecture is read from its shapes
 //! # A flat folder of images: each image's most likely labels
 //! cargo run --release --example zero_shot -- --datapath photos/ --label-file labels.txt --resume model.safetensors
 //! ```
@@ -19,7 +19,7 @@ use clap::Parser;
 use cnclip::model::preprocess::Preprocessor;
 use cnclip::model::tokenizer::Tokenizer;
 use cnclip::model::zeroshot::{Templates, classifier, parse_index, probabilities};
-use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision, WeightFormat};
+use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -40,10 +40,12 @@ struct Args {
     /// Official `.pt`, Hugging Face directory or native `.safetensors`.
     #[arg(long)]
     resume: PathBuf,
-    #[arg(long = "vision-model", default_value = "ViT-B-16")]
-    vision_model: String,
-    #[arg(long = "text-model", default_value = "RoBERTa-wwm-ext-base-chinese")]
-    text_model: String,
+    /// A shipped vision config name or a JSON file (default: read from the checkpoint; an
+    /// official `.pt`'s architecture is inferred from its tensor shapes).
+    #[arg(long = "vision-model")]
+    vision_model: Option<String>,
+    #[arg(long = "text-model")]
+    text_model: Option<String>,
     /// cn_clip's `amp` here is exact fp32 (spec §1.6); fp16/bf16 run reduced precision.
     #[arg(long, default_value = "amp", value_parser = ["amp", "fp32", "fp16", "bf16"])]
     precision: String,
@@ -159,6 +161,11 @@ fn main() -> Result<()> {
                     .collect()
             })
             .collect();
+        let vision = match (&args.vision_model, model.config().shipped_pair()) {
+            (Some(v), _) => v.clone(),
+            (None, Some((v, _))) => v.to_string(),
+            (None, None) => "custom".to_string(),
+        };
         let tensors = model.named_tensors();
         let count = |visual: bool| -> usize {
             tensors
@@ -169,7 +176,7 @@ fn main() -> Result<()> {
         };
         // cn_clip's keys and shape: `predictions` is a list holding the one [N, C] matrix.
         let json = serde_json::json!({
-            "model_name": format!("CN-CLIP-{}", args.vision_model),
+            "model_name": format!("CN-CLIP-{vision}"),
             "dataset_name": args.dataset,
             "num_trainable_params": 0,
             "num_params": count(false),
@@ -245,15 +252,12 @@ fn list_images(root: &Path, classes: usize) -> Result<(Vec<PathBuf>, Option<Vec<
 }
 
 fn load_model(args: &Args, device: tch::Device) -> Result<Clip> {
-    let options = match WeightFormat::detect(&args.resume)? {
-        WeightFormat::Pt => LoadOptions {
-            config: Some(ClipConfig::from_tower_args(
-                &args.vision_model,
-                &args.text_model,
-            )?),
-            ..Default::default()
-        },
-        _ => LoadOptions::default(),
+    let options = LoadOptions {
+        config: ClipConfig::from_optional_tower_args(
+            args.vision_model.as_deref(),
+            args.text_model.as_deref(),
+        )?,
+        ..Default::default()
     };
     let mut model = Clip::load(&args.resume, &options, device)
         .with_context(|| format!("loading {}", args.resume.display()))?;

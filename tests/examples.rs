@@ -493,3 +493,185 @@ fn transform_ir_annotation_to_tr_writes_what_cn_clips_script_writes() {
     assert!(err.contains("bad.jsonl") && err.contains("line 2"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn misused_inputs_get_messages_that_say_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-misuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(&dir);
+    let config = cnclip::model::ClipConfig::from_tower_args(
+        s(&dir.join("vision.json")),
+        s(&dir.join("text.json")),
+    )
+    .unwrap();
+    let pt = dir.join("tiny.pt");
+    cnclip::model::Clip::load(&model, &Default::default(), tch::Device::Cpu)
+        .unwrap()
+        .export_pt(
+            &pt,
+            &cnclip::model::weights::PtHeader {
+                epoch: 0,
+                step: 0,
+                name: "tiny".into(),
+            },
+        )
+        .unwrap();
+    assert!(config.shipped_pair().is_none());
+
+    // An official .pt without flags whose shapes match no shipped model: its sizes and what to
+    // pass, once — not the keys that would not load.
+    let err = fails(
+        "convert",
+        &["--input", s(&pt), "--output", s(&dir.join("o.safetensors"))],
+    );
+    assert!(
+        err.contains("ViT width 32, 1 layers, patch 16, 32 px, embed_dim 16")
+            && err.contains("match no model cn_clip ships")
+            && err.contains("--vision-model"),
+        "{err}"
+    );
+    assert_eq!(err.matches("match no model").count(), 1, "{err}");
+    assert!(!err.contains("missing"), "{err}");
+    // Flags that do not fit the shapes: the differing sizes.
+    let err = fails(
+        "extract_features",
+        &[
+            "--extract-text-feats",
+            "--text-data",
+            "x.jsonl",
+            "--resume",
+            s(&pt),
+            "--vision-model",
+            "ViT-B-16",
+            "--text-model",
+            "RoBERTa-wwm-ext-base-chinese",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        err.contains("do not fit the requested model")
+            && err.contains(
+                "shape mismatch for visual.conv1.weight: the model expects [768, 3, 16, 16], the \
+                 weights have [32, 3, 16, 16]"
+            ),
+        "{err}"
+    );
+    // Flags that fit, one tensor missing: the key named once (no second copy as "Caused by").
+    let mut sd = cnclip::model::Clip::load(&model, &Default::default(), tch::Device::Cpu)
+        .unwrap()
+        .state_dict();
+    assert!(sd.remove("visual.ln_post.weight").is_some());
+    let holed = dir.join("holed.pt");
+    cnclip::model::weights::write_pt(
+        &holed,
+        &sd,
+        &cnclip::model::weights::PtHeader {
+            epoch: 0,
+            step: 0,
+            name: "holed".into(),
+        },
+    )
+    .unwrap();
+    let err = fails(
+        "convert",
+        &[
+            "--input",
+            s(&holed),
+            "--output",
+            s(&dir.join("h.safetensors")),
+            "--vision-model",
+            s(&dir.join("vision.json")),
+            "--text-model",
+            s(&dir.join("text.json")),
+        ],
+    );
+    assert_eq!(err.matches("visual.ln_post.weight").count(), 1, "{err}");
+
+    // The split directory instead of its imgs LMDB.
+    let split = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("crates/muge-data/tests/fixtures/cnclip_lmdb/train");
+    let err = fails(
+        "extract_features",
+        &[
+            "--extract-image-feats",
+            "--image-data",
+            s(&split),
+            "--text-data",
+            "x_texts.jsonl",
+            "--image-feat-output-path",
+            s(&dir.join("i.jsonl")),
+            "--resume",
+            s(&model),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        err.contains(&format!(
+            "give its imgs directory, {}",
+            split.join("imgs").display()
+        )),
+        "{err}"
+    );
+
+    // An empty text file: a warning naming it, and an empty feature file.
+    let empty = dir.join("empty_texts.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let txt = dir.join("empty.txt_feat.jsonl");
+    let out = run(
+        "extract_features",
+        &[
+            "--extract-text-feats",
+            "--text-data",
+            s(&empty),
+            "--text-feat-output-path",
+            s(&txt),
+            "--resume",
+            s(&model),
+            "--context-length",
+            "24",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        out.contains(&format!("warning: {} holds no texts", s(&empty))),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&txt).unwrap(), "");
+
+    // predict with that empty text feature file: no "dimension 0 does not match 16", a warning and
+    // an empty predictions file (as cn_clip's script writes).
+    let img = dir.join("imgs.img_feat.jsonl");
+    std::fs::write(
+        &img,
+        format!(
+            "{{\"image_id\": 1, \"feature\": {:?}}}\n",
+            vec![0.25f32; 16]
+        ),
+    )
+    .unwrap();
+    let predictions = dir.join("p.jsonl");
+    let out = run(
+        "predict",
+        &[
+            "--image-feats",
+            s(&img),
+            "--text-feats",
+            s(&txt),
+            "--top-k",
+            "1",
+            "--output",
+            s(&predictions),
+        ],
+    );
+    assert!(
+        out.contains(&format!("warning: {} holds no text features", s(&txt))),
+        "{out}"
+    );
+    assert!(!out.contains("dimension"), "{out}");
+    assert_eq!(std::fs::read_to_string(&predictions).unwrap(), "");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
