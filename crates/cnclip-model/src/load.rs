@@ -126,8 +126,10 @@ pub fn pt_config(
                 return Ok((config.clone(), name));
             }
             let hint = match single {
+                // finetune requires the flags; the other tools infer the config without them.
                 Some((v, t, _)) => format!(
-                    "the weights are {v}@{t}: pass --vision-model {v} --text-model {t}, or neither"
+                    "the weights are {v}@{t}: pass --vision-model {v} --text-model {t}, or leave \
+                     both out where they are optional"
                 ),
                 None if matches.len() > 1 => format!(
                     "the weights fit several shipped models ({}): pass the flags of one",

@@ -785,7 +785,7 @@ fn official_architectures_are_inferred_from_shapes() {
         "shape mismatch for text_projection: the model expects [768, 512], the weights have \
          [1024, 1024] (the config's text_hidden_size, embed_dim)",
         "the weights are ViT-H-14@RoBERTa-wwm-ext-large-chinese: pass --vision-model ViT-H-14 \
-         --text-model RoBERTa-wwm-ext-large-chinese, or neither",
+         --text-model RoBERTa-wwm-ext-large-chinese, or leave both out where they are optional",
     ] {
         assert!(msg.contains(line), "{line}\nnot in\n{msg}");
     }
