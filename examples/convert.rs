@@ -5,8 +5,8 @@
 //! `ChineseCLIPModel` + `ChineseCLIPProcessor`) or a PEFT adapter directory out.
 //!
 //! ```sh
-//! cargo run --release --example convert -- --input clip_cn_vit-b-16.pt --vision-model ViT-B-16 \
-//!     --text-model RoBERTa-wwm-ext-base-chinese --output vit-b-16.safetensors
+//! # the architecture of an official .pt is read from its tensor shapes (ViT-B-16@RoBERTa-…-base)
+//! cargo run --release --example convert -- --input clip_cn_vit-b-16.pt --output vit-b-16.safetensors
 //! cargo run --release --example convert -- --input OFA-Sys/chinese-clip-vit-base-patch16 --output b16.safetensors
 //! cargo run --release --example convert -- --input soup.safetensors --output soup.pt --format pt
 //! cargo run --release --example convert -- --input epoch3.safetensors --output my-clip --format hf
@@ -40,7 +40,8 @@ struct Args {
     /// The weights a LoRA adapter `--input` was trained on (any format read here).
     #[arg(long = "lora-base")]
     lora_base: Option<PathBuf>,
-    /// Needed for an official `.pt` (a shipped name or a JSON file in cn_clip's schema).
+    /// For an official `.pt` whose shapes match no shipped model (a shipped name or a JSON file in
+    /// cn_clip's schema); otherwise read from the weights.
     #[arg(long = "vision-model")]
     vision_model: Option<String>,
     #[arg(long = "text-model")]
@@ -52,18 +53,12 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let config = match (&args.vision_model, &args.text_model) {
-        (Some(v), Some(t)) => Some(ClipConfig::from_tower_args(v, t)?),
-        (None, None) => None,
-        _ => bail!("give both --vision-model and --text-model, or neither"),
-    };
+    // A .pt carries no config: without the flags its architecture is read from its shapes.
+    let config = ClipConfig::from_optional_tower_args(
+        args.vision_model.as_deref(),
+        args.text_model.as_deref(),
+    )?;
     let load = |path: &PathBuf| -> Result<Clip> {
-        if WeightFormat::detect(path)? == WeightFormat::Pt && config.is_none() {
-            bail!(
-                "{} is an official .pt, which carries no config: give --vision-model and --text-model",
-                path.display()
-            );
-        }
         let options = LoadOptions {
             config: config.clone(),
             ..Default::default()

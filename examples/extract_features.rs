@@ -6,6 +6,8 @@
 //!     --image-data LMDB/valid/imgs --text-data DATA/valid_texts.jsonl --resume clip_cn_vit-b-16.pt \
 //!     --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese
 //! ```
+//! Without `--vision-model`/`--text-model`, an official `.pt`'s architecture is read from its
+//! tensor shapes (the shipped config they match); the other formats carry their config.
 //! `--precision amp|fp32` is cn_clip's fp32 path; `fp16` its GPU fp16 path; `bf16` ours. Images are
 //! decoded and preprocessed on a separate thread while the previous batch is encoded.
 
@@ -14,7 +16,7 @@ use clap::Parser;
 use cnclip::data::files::BadRecordPolicy;
 use cnclip::data::{LmdbImages, TextPipeline};
 use cnclip::model::preprocess::Preprocessor;
-use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision, WeightFormat};
+use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision};
 use cnclip::retrieval::{FeatureKind, Features, write_jsonl, write_native};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -54,12 +56,13 @@ struct Args {
     resume: PathBuf,
     #[arg(long, default_value = "amp", value_parser = ["amp", "fp32", "fp16", "bf16"])]
     precision: String,
-    /// A shipped vision config name, or a path to a JSON file in cn_clip's schema.
-    #[arg(long = "vision-model", default_value = "ViT-B-16")]
-    vision_model: String,
+    /// A shipped vision config name, or a path to a JSON file in cn_clip's schema (default: read
+    /// from the checkpoint).
+    #[arg(long = "vision-model")]
+    vision_model: Option<String>,
     /// A shipped text config name, or a path to a JSON file in cn_clip's schema.
-    #[arg(long = "text-model", default_value = "RoBERTa-wwm-ext-base-chinese")]
-    text_model: String,
+    #[arg(long = "text-model")]
+    text_model: Option<String>,
     /// Prefix every text with the product prompt `这是一张图片，里面存在商品：` (the seed's recipe).
     #[arg(long = "text-prompt")]
     text_prompt: bool,
@@ -80,14 +83,14 @@ fn main() -> Result<()> {
     if !args.extract_image_feats && !args.extract_text_feats {
         bail!("--extract-image-feats and --extract-text-feats cannot both be false");
     }
-    let config = ClipConfig::from_tower_args(&args.vision_model, &args.text_model)?;
-    // Only an official .pt needs the tower names; the other formats carry their config.
-    let options = match WeightFormat::detect(&args.resume)? {
-        WeightFormat::Pt => LoadOptions {
-            config: Some(config),
-            ..Default::default()
-        },
-        _ => LoadOptions::default(),
+    let config = ClipConfig::from_optional_tower_args(
+        args.vision_model.as_deref(),
+        args.text_model.as_deref(),
+    )?;
+    // The other formats carry their config (checked against the flags when given).
+    let options = LoadOptions {
+        config,
+        ..Default::default()
     };
     let mut model = Clip::load(&args.resume, &options, device)?;
     model.set_precision(match args.precision.as_str() {
@@ -112,6 +115,13 @@ fn main() -> Result<()> {
             pipeline = pipeline.with_product_prompt();
         }
         let encoded = pipeline.encode_texts_file(&args.text_data, BadRecordPolicy::Fail)?;
+        if encoded.text_ids.is_empty() {
+            eprintln!(
+                "warning: {} holds no texts; {} will be empty",
+                args.text_data,
+                output.display()
+            );
+        }
         let dim = model.config().vision.embed_dim as usize;
         let mut features = Features::new(FeatureKind::Text, dim);
         let n = encoded.text_ids.len();
@@ -124,7 +134,14 @@ fn main() -> Result<()> {
             bar.inc(len as u64);
         }
         bar.finish();
-        write_outputs(&features, &output, FeatureKind::Text, args.native, &args)?;
+        write_outputs(
+            &features,
+            &output,
+            FeatureKind::Text,
+            args.native,
+            &args,
+            model.config(),
+        )?;
         println!("{n} text features are stored in {}", output.display());
     }
 
@@ -186,7 +203,14 @@ fn main() -> Result<()> {
                 ids.len()
             );
         }
-        write_outputs(&features, &output, FeatureKind::Image, args.native, &args)?;
+        write_outputs(
+            &features,
+            &output,
+            FeatureKind::Image,
+            args.native,
+            &args,
+            model.config(),
+        )?;
         println!(
             "{} image features are stored in {}",
             ids.len(),
@@ -226,11 +250,16 @@ fn write_outputs(
     kind: FeatureKind,
     native: bool,
     args: &Args,
+    config: &ClipConfig,
 ) -> Result<()> {
     write_jsonl(output, &features.view(), kind)?;
     if native {
         let path = output.with_extension("safetensors");
-        let model = format!("{}@{}", args.vision_model, args.text_model);
+        let model = match (&args.vision_model, &args.text_model, config.shipped_pair()) {
+            (Some(v), Some(t), _) => format!("{v}@{t}"),
+            (_, _, Some((v, t))) => format!("{v}@{t}"),
+            _ => args.resume.display().to_string(),
+        };
         write_native(&path, &features.view(), kind, Some(&model))?;
         println!("native features: {}", path.display());
     }

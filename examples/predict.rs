@@ -67,6 +67,23 @@ fn main() -> Result<()> {
     let texts = load_features(&args.text_feats, FeatureKind::Text)
         .with_context(|| format!("loading {}", args.text_feats.display()))?;
     let (iv, tv) = (images.view(), texts.view());
+    // cn_clip's script writes an empty file for no queries and fails on no gallery; say why.
+    for (view, path, what) in [
+        (&iv, &args.image_feats, "image"),
+        (&tv, &args.text_feats, "text"),
+    ] {
+        if view.is_empty() {
+            let role = if (what == "text") != args.image_to_text {
+                "queries: the predictions file will be empty"
+            } else {
+                "gallery: there is nothing to search"
+            };
+            eprintln!(
+                "warning: {} holds no {what} features (an empty file?); they are the {role}",
+                path.display()
+            );
+        }
+    }
     let (queries, gallery, direction) = if args.image_to_text {
         (iv, tv, Direction::ImageToText)
     } else {

@@ -34,10 +34,11 @@ struct Args {
     /// Where the gallery feature cache goes (default: next to the gallery).
     #[arg(long = "cache-dir")]
     cache_dir: Option<PathBuf>,
-    /// Vision config name or JSON file; needed for an official `.pt` (default ViT-B-16).
+    /// Vision config name or JSON file (default: an official `.pt`'s architecture is inferred
+    /// from its tensor shapes; other formats carry their config).
     #[arg(long = "vision-model")]
     vision_model: Option<String>,
-    /// Text config name or JSON file; needed for an official `.pt` (default RoBERTa-wwm-ext-base-chinese).
+    /// Text config name or JSON file (default: inferred, as --vision-model).
     #[arg(long = "text-model")]
     text_model: Option<String>,
     #[arg(long = "context-length", default_value_t = 52)]

@@ -4,20 +4,22 @@
 //! ```sh
 //! # ImageFolder layout (class sub-directories 000/, 001/, … in label-file order): top-1 accuracy
 //! cargo run --release --example zero_shot -- --datapath data/test --label-file label_cn.txt \
-//!     --resume clip_cn_vit-b-16.pt --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese
+//!     --resume clip_cn_vit-b-16.pt   # a .pt's architecture is read from its shapes
 //! # A flat folder of images: each image's most likely labels
 //! cargo run --release --example zero_shot -- --datapath photos/ --label-file labels.txt --resume model.safetensors
 //! ```
-//! The templates default to cn_clip's `openai_templates` (what the script uses for ImageNet and any
-//! data set without its own list); `--templates FILE` (one per line, `{}` for the label) takes any
-//! other set.
+//! The templates are cn_clip's for `--dataset` (its own list for fgvc-aircraft-2013b-variants102,
+//! food-101, oxford-flower-102, eurosat_clip, resisc45_clip and country211; `openai_templates` for
+//! any other name, ImageNet included); `--templates FILE` (one per line, `{}` for the label) takes
+//! any other set. `--index FILE` (a JSON list of row numbers, as `zeroshot_eval.sh` passes it)
+//! reorders the saved predictions as cn_clip does; the accuracy is computed before.
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cnclip::model::preprocess::Preprocessor;
 use cnclip::model::tokenizer::Tokenizer;
-use cnclip::model::zeroshot::{Templates, classifier, probabilities};
-use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision, WeightFormat};
+use cnclip::model::zeroshot::{Templates, classifier, parse_index, probabilities};
+use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -32,21 +34,28 @@ struct Args {
     /// One Chinese class name per line.
     #[arg(long = "label-file")]
     label_file: PathBuf,
-    /// Prompt templates, one per line with `{}` for the label (default: cn_clip's 183 openai_templates).
+    /// Prompt templates, one per line with `{}` for the label (default: cn_clip's for `--dataset`).
     #[arg(long)]
     templates: Option<PathBuf>,
     /// Official `.pt`, Hugging Face directory or native `.safetensors`.
     #[arg(long)]
     resume: PathBuf,
-    #[arg(long = "vision-model", default_value = "ViT-B-16")]
-    vision_model: String,
-    #[arg(long = "text-model", default_value = "RoBERTa-wwm-ext-base-chinese")]
-    text_model: String,
+    /// A shipped vision config name or a JSON file (default: read from the checkpoint; an
+    /// official `.pt`'s architecture is inferred from its tensor shapes).
+    #[arg(long = "vision-model")]
+    vision_model: Option<String>,
+    #[arg(long = "text-model")]
+    text_model: Option<String>,
     /// cn_clip's `amp` here is exact fp32 (spec §1.6); fp16/bf16 run reduced precision.
     #[arg(long, default_value = "amp", value_parser = ["amp", "fp32", "fp16", "bf16"])]
     precision: String,
+    /// Names the output file and picks cn_clip's templates for the data set.
     #[arg(long, default_value = "imagenet")]
     dataset: String,
+    /// cn_clip's `--index`: a JSON file with a list of row numbers; the saved predictions are
+    /// `predictions[index]` (empty: none, as `zeroshot_eval.sh` passes it without a 7th argument).
+    #[arg(long, default_value = "")]
+    index: String,
     /// Where `{dataset}.json` with every image's probabilities goes (none if empty).
     #[arg(long = "save-dir", default_value = "")]
     save_dir: String,
@@ -61,7 +70,7 @@ struct Args {
     device: String,
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -81,7 +90,12 @@ fn main() -> Result<()> {
                 .with_context(|| format!("cannot read {}", path.display()))?;
             Templates::from_lines(&text, &path.display().to_string())?
         }
-        None => Templates::default(),
+        None => {
+            let (templates, own) = Templates::for_dataset(&args.dataset);
+            let which = if own { "its own" } else { "openai_templates" };
+            println!("--dataset {}: cn_clip's templates ({which})", args.dataset);
+            templates
+        }
     };
     let (images, targets) = list_images(&args.datapath, labels.len())?;
     let model = load_model(&args, device)?;
@@ -104,7 +118,7 @@ fn main() -> Result<()> {
         all.push(probs.to_device(tch::Device::Cpu));
     }
     let probs = Tensor::cat(&all, 0);
-    let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs).context("probabilities")?;
+    let mut rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs).context("probabilities")?;
 
     if let Some(targets) = &targets {
         let correct = rows
@@ -128,6 +142,13 @@ fn main() -> Result<()> {
             println!("{}: {}", path.display(), top.join(", "));
         }
     }
+    if !args.index.is_empty() {
+        let text = std::fs::read_to_string(&args.index)
+            .with_context(|| format!("cannot read the --index file {}", args.index))?;
+        let order = parse_index(&text, rows.len(), &args.index)?;
+        rows = order.iter().map(|&i| rows[i].clone()).collect();
+        println!("rows rearranged by {} ({} rows)", args.index, rows.len());
+    }
     if !args.save_dir.is_empty() {
         let dir = PathBuf::from(&args.save_dir);
         std::fs::create_dir_all(&dir)?;
@@ -140,14 +161,30 @@ fn main() -> Result<()> {
                     .collect()
             })
             .collect();
+        let vision = match (&args.vision_model, model.config().shipped_pair()) {
+            (Some(v), _) => v.clone(),
+            (None, Some((v, _))) => v.to_string(),
+            (None, None) => "custom".to_string(),
+        };
+        let tensors = model.named_tensors();
+        let count = |visual: bool| -> usize {
+            tensors
+                .iter()
+                .filter(|(k, _)| !visual || k.starts_with("visual."))
+                .map(|(_, t)| t.numel())
+                .sum()
+        };
+        // cn_clip's keys and shape: `predictions` is a list holding the one [N, C] matrix.
         let json = serde_json::json!({
-            "model_name": format!("CN-CLIP-{}", args.vision_model),
+            "model_name": format!("CN-CLIP-{vision}"),
             "dataset_name": args.dataset,
             "num_trainable_params": 0,
-            "num_params": model.named_tensors().values().map(|t| t.numel()).sum::<usize>(),
+            "num_params": count(false),
+            "num_visual_params": count(true),
+            "num_backbone_params": count(false),
             "n_shot": 0,
             "rnd_seeds": [123],
-            "predictions": predictions,
+            "predictions": [predictions],
         });
         std::fs::write(&out, serde_json::to_string(&json)?)
             .with_context(|| format!("cannot write {}", out.display()))?;
@@ -215,15 +252,12 @@ fn list_images(root: &Path, classes: usize) -> Result<(Vec<PathBuf>, Option<Vec<
 }
 
 fn load_model(args: &Args, device: tch::Device) -> Result<Clip> {
-    let options = match WeightFormat::detect(&args.resume)? {
-        WeightFormat::Pt => LoadOptions {
-            config: Some(ClipConfig::from_tower_args(
-                &args.vision_model,
-                &args.text_model,
-            )?),
-            ..Default::default()
-        },
-        _ => LoadOptions::default(),
+    let options = LoadOptions {
+        config: ClipConfig::from_optional_tower_args(
+            args.vision_model.as_deref(),
+            args.text_model.as_deref(),
+        )?,
+        ..Default::default()
     };
     let mut model = Clip::load(&args.resume, &options, device)
         .with_context(|| format!("loading {}", args.resume.display()))?;

@@ -337,7 +337,9 @@ fn the_pipeline_examples_write_what_cn_clip_would() {
     assert!(out.contains("zeroshot-top1:"), "{out}");
     let zs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(save.join("mini.json")).unwrap()).unwrap();
-    let rows = zs["predictions"].as_array().unwrap();
+    // cn_clip writes `[probs.tolist()]`: a list holding the [N, C] matrix.
+    let rows = zs["predictions"][0].as_array().unwrap();
+    assert_eq!(zs["predictions"].as_array().unwrap().len(), 1);
     assert_eq!(rows.len(), 4);
     for row in rows {
         let p: f64 = row
@@ -360,5 +362,316 @@ fn the_pipeline_examples_write_what_cn_clip_would() {
         ],
     );
     assert!(err.contains("missing.txt"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A randomly initialised tiny model saved as native safetensors (what the config files describe).
+fn tiny_model(dir: &Path) -> PathBuf {
+    let (vision, text) = (dir.join("vision.json"), dir.join("text.json"));
+    std::fs::write(&vision, VISION).unwrap();
+    std::fs::write(&text, TEXT).unwrap();
+    let config = cnclip::model::ClipConfig::from_tower_args(s(&vision), s(&text)).unwrap();
+    let path = dir.join("tiny.safetensors");
+    cnclip::model::Clip::new(&config, tch::Device::Cpu)
+        .save_native(&path)
+        .unwrap();
+    path
+}
+
+#[test]
+fn zero_shot_takes_cn_clips_index_and_per_dataset_templates() {
+    // Not under tempdir(): that one is the pipeline test's, which runs at the same time.
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-zs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(&dir);
+    let folder = dir.join("classes");
+    for (class, combo) in [("000", 0usize), ("001", 5)] {
+        let class_dir = folder.join(class);
+        std::fs::create_dir_all(&class_dir).unwrap();
+        for k in 0..2 {
+            cnclip::data::synth::render_product(combo, 1, k, 32)
+                .save(class_dir.join(format!("{k}.png")))
+                .unwrap();
+        }
+    }
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, "圆形抱枕\n菱形杯垫\n").unwrap();
+    let zs = |dataset: &str, index: &str| {
+        let save = dir.join(format!("save-{dataset}-{}", index.len()));
+        // zeroshot_eval.sh's spelling: `--flag=value`, and `--index=` when no index is given.
+        let out = run(
+            "zero_shot",
+            &[
+                &format!("--datapath={}", s(&folder)),
+                &format!("--label-file={}", s(&labels)),
+                &format!("--save-dir={}", s(&save)),
+                &format!("--dataset={dataset}"),
+                &format!("--index={index}"),
+                "--img-batch-size=64",
+                &format!("--resume={}", s(&model)),
+                "--context-length=24",
+                "--device=cpu",
+            ],
+        );
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(save.join(format!("{dataset}.json"))).unwrap(),
+        )
+        .unwrap();
+        let rows: Vec<Vec<f64>> = serde_json::from_value(json["predictions"][0].clone()).unwrap();
+        (out, rows)
+    };
+    // cn_clip's template_dict: food-101 has its own 21 templates, imagenet the 183 openai ones.
+    let (out, plain) = zs("food-101", "");
+    assert!(out.contains("2 classes × 21 templates"), "{out}");
+    let (out, _) = zs("imagenet", "");
+    assert!(out.contains("2 classes × 183 templates"), "{out}");
+
+    // --index: the saved rows are predictions[index] (torch indexing: repeats, negatives).
+    let index = dir.join("index.json");
+    std::fs::write(&index, "[3, 0, -1]").unwrap();
+    let (out, reordered) = zs("food-101", s(&index));
+    assert!(out.contains("zeroshot-top1:"), "{out}");
+    assert_eq!(
+        reordered,
+        vec![plain[3].clone(), plain[0].clone(), plain[3].clone()]
+    );
+
+    std::fs::write(&index, "[0, 4]").unwrap();
+    let err = fails(
+        "zero_shot",
+        &[
+            "--datapath",
+            s(&folder),
+            "--label-file",
+            s(&labels),
+            "--resume",
+            s(&model),
+            "--index",
+            s(&index),
+            "--context-length=24",
+            "--device=cpu",
+        ],
+    );
+    assert!(
+        err.contains("index.json") && err.contains("entry 1 is 4"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn transform_ir_annotation_to_tr_writes_what_cn_clips_script_writes() {
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-tr-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The eval crate's fixture: an annotation and the file cn_clip's script wrote from it
+    // (crates/eval/tests/fixtures/make_fixtures.py; a text on two lines, an image twice on one).
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/eval/tests/fixtures/transform");
+    let input = dir.join("valid_texts.jsonl");
+    std::fs::copy(fixtures.join("valid_texts.jsonl"), &input).unwrap();
+    let out = run(
+        "transform_ir_annotation_to_tr",
+        &[&format!("--input={}", s(&input))],
+    );
+    assert!(out.contains("Done!"), "{out}");
+    let written = std::fs::read(dir.join("valid_texts.tr.jsonl")).unwrap();
+    assert_eq!(
+        written,
+        std::fs::read(fixtures.join("valid_texts.tr.jsonl")).unwrap()
+    );
+
+    // A bad line names the file and line.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"text_id\": 1, \"image_ids\": [2]}\n{\"text_id\": 2}\n",
+    )
+    .unwrap();
+    let err = fails("transform_ir_annotation_to_tr", &["--input", s(&bad)]);
+    assert!(err.contains("bad.jsonl") && err.contains("line 2"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn misused_inputs_get_messages_that_say_what_to_do() {
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-misuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny_model(&dir);
+    let config = cnclip::model::ClipConfig::from_tower_args(
+        s(&dir.join("vision.json")),
+        s(&dir.join("text.json")),
+    )
+    .unwrap();
+    let pt = dir.join("tiny.pt");
+    cnclip::model::Clip::load(&model, &Default::default(), tch::Device::Cpu)
+        .unwrap()
+        .export_pt(
+            &pt,
+            &cnclip::model::weights::PtHeader {
+                epoch: 0,
+                step: 0,
+                name: "tiny".into(),
+            },
+        )
+        .unwrap();
+    assert!(config.shipped_pair().is_none());
+
+    // An official .pt without flags whose shapes match no shipped model: its sizes and what to
+    // pass, once — not the keys that would not load.
+    let err = fails(
+        "convert",
+        &["--input", s(&pt), "--output", s(&dir.join("o.safetensors"))],
+    );
+    assert!(
+        err.contains("ViT width 32, 1 layers, patch 16, 32 px, embed_dim 16")
+            && err.contains("match no model cn_clip ships")
+            && err.contains("--vision-model"),
+        "{err}"
+    );
+    assert_eq!(err.matches("match no model").count(), 1, "{err}");
+    assert!(!err.contains("missing"), "{err}");
+    // Flags that do not fit the shapes: the differing sizes.
+    let err = fails(
+        "extract_features",
+        &[
+            "--extract-text-feats",
+            "--text-data",
+            "x.jsonl",
+            "--resume",
+            s(&pt),
+            "--vision-model",
+            "ViT-B-16",
+            "--text-model",
+            "RoBERTa-wwm-ext-base-chinese",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        err.contains("do not fit the requested model")
+            && err.contains(
+                "shape mismatch for visual.conv1.weight: the model expects [768, 3, 16, 16], the \
+                 weights have [32, 3, 16, 16]"
+            ),
+        "{err}"
+    );
+    // Flags that fit, one tensor missing: the key named once (no second copy as "Caused by").
+    let mut sd = cnclip::model::Clip::load(&model, &Default::default(), tch::Device::Cpu)
+        .unwrap()
+        .state_dict();
+    assert!(sd.remove("visual.ln_post.weight").is_some());
+    let holed = dir.join("holed.pt");
+    cnclip::model::weights::write_pt(
+        &holed,
+        &sd,
+        &cnclip::model::weights::PtHeader {
+            epoch: 0,
+            step: 0,
+            name: "holed".into(),
+        },
+    )
+    .unwrap();
+    let err = fails(
+        "convert",
+        &[
+            "--input",
+            s(&holed),
+            "--output",
+            s(&dir.join("h.safetensors")),
+            "--vision-model",
+            s(&dir.join("vision.json")),
+            "--text-model",
+            s(&dir.join("text.json")),
+        ],
+    );
+    assert_eq!(err.matches("visual.ln_post.weight").count(), 1, "{err}");
+
+    // The split directory instead of its imgs LMDB.
+    let split = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("crates/muge-data/tests/fixtures/cnclip_lmdb/train");
+    let err = fails(
+        "extract_features",
+        &[
+            "--extract-image-feats",
+            "--image-data",
+            s(&split),
+            "--text-data",
+            "x_texts.jsonl",
+            "--image-feat-output-path",
+            s(&dir.join("i.jsonl")),
+            "--resume",
+            s(&model),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        err.contains(&format!(
+            "give its imgs directory, {}",
+            split.join("imgs").display()
+        )),
+        "{err}"
+    );
+
+    // An empty text file: a warning naming it, and an empty feature file.
+    let empty = dir.join("empty_texts.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let txt = dir.join("empty.txt_feat.jsonl");
+    let out = run(
+        "extract_features",
+        &[
+            "--extract-text-feats",
+            "--text-data",
+            s(&empty),
+            "--text-feat-output-path",
+            s(&txt),
+            "--resume",
+            s(&model),
+            "--context-length",
+            "24",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(
+        out.contains(&format!("warning: {} holds no texts", s(&empty))),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&txt).unwrap(), "");
+
+    // predict with that empty text feature file: no "dimension 0 does not match 16", a warning and
+    // an empty predictions file (as cn_clip's script writes).
+    let img = dir.join("imgs.img_feat.jsonl");
+    std::fs::write(
+        &img,
+        format!(
+            "{{\"image_id\": 1, \"feature\": {:?}}}\n",
+            vec![0.25f32; 16]
+        ),
+    )
+    .unwrap();
+    let predictions = dir.join("p.jsonl");
+    let out = run(
+        "predict",
+        &[
+            "--image-feats",
+            s(&img),
+            "--text-feats",
+            s(&txt),
+            "--top-k",
+            "1",
+            "--output",
+            s(&predictions),
+        ],
+    );
+    assert!(
+        out.contains(&format!("warning: {} holds no text features", s(&txt))),
+        "{out}"
+    );
+    assert!(!out.contains("dimension"), "{out}");
+    assert_eq!(std::fs::read_to_string(&predictions).unwrap(), "");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -429,6 +429,14 @@ impl TextConfig {
     }
 }
 
+/// The names of the tower configs shipped with cn_clip (vision, then text), in cn_clip's order.
+pub fn shipped_tower_names() -> (Vec<&'static str>, Vec<&'static str>) {
+    (
+        VISION_CONFIGS.iter().map(|(n, _)| *n).collect(),
+        TEXT_CONFIGS.iter().map(|(n, _)| *n).collect(),
+    )
+}
+
 impl ClipConfig {
     /// A released model by name (`ViT-B-16`, `ViT-L-14`, `ViT-L-14-336`, `ViT-H-14`, `RN50`), or any
     /// pairing of shipped towers written as cn_clip's `VISION@TEXT` (e.g. `ViT-B-32@RBT3-chinese`).
@@ -492,6 +500,43 @@ impl ClipConfig {
         config.vision.check(origin)?;
         config.text.check(origin)?;
         Ok(config)
+    }
+
+    /// The shipped `(vision, text)` tower names this config equals, if any (for naming a model
+    /// whose config was read from a file or inferred from its shapes).
+    pub fn shipped_pair(&self) -> Option<(&'static str, &'static str)> {
+        let (visions, texts) = shipped_tower_names();
+        let vision = visions
+            .into_iter()
+            .find(|v| VisionConfig::from_name(v).is_ok_and(|c| c == self.vision))?;
+        let text = texts
+            .into_iter()
+            .find(|t| TextConfig::from_name(t).is_ok_and(|c| c == self.text))?;
+        Some((vision, text))
+    }
+
+    /// The config from the examples' optional `--vision-model` / `--text-model` flags: both or
+    /// neither (then an official `.pt`'s architecture is inferred from its tensor shapes).
+    pub fn from_optional_tower_args(
+        vision: Option<&str>,
+        text: Option<&str>,
+    ) -> Result<Option<Self>, ConfigError> {
+        match (vision, text) {
+            (Some(v), Some(t)) => Self::from_tower_args(v, t).map(Some),
+            (None, None) => Ok(None),
+            (given, _) => Err(ConfigError::Invalid {
+                origin: "--vision-model / --text-model".to_string(),
+                field: if given.is_some() {
+                    "--text-model"
+                } else {
+                    "--vision-model"
+                },
+                reason:
+                    "is missing: give both flags, or neither to read the architecture from the \
+                         weights"
+                        .to_string(),
+            }),
+        }
     }
 
     pub fn to_json(&self) -> String {

@@ -9,7 +9,7 @@ use crate::Clip;
 use crate::tokenizer::{Tokenizer, TokenizerError, preprocess_dataset_text};
 use tch::{Kind, Tensor};
 
-pub use crate::zeroshot_templates::OPENAI_TEMPLATES;
+pub use crate::zeroshot_templates::{DATASET_TEMPLATES, OPENAI_TEMPLATES};
 
 /// The fixed logit scale of cn_clip's zero-shot script.
 pub const ZERO_SHOT_SCALE: f64 = 100.0;
@@ -28,6 +28,10 @@ pub enum ZeroShotError {
     },
     #[error("{origin}: no templates")]
     NoTemplates { origin: String },
+    #[error(
+        "{origin}: expected a JSON list of row indices (cn_clip's --index), e.g. [2, 0, 1]: {reason}"
+    )]
+    BadIndex { origin: String, reason: String },
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
@@ -70,6 +74,17 @@ impl Templates {
             });
         }
         Ok(Self(templates))
+    }
+
+    /// The templates cn_clip's `zeroshot_evaluation.py` uses for `--dataset name`: the data set's
+    /// own list for the six names of its `template_dict` (aircraft, food, flowers, EuroSAT and
+    /// RESISC45, Country211, `openai`), `openai_templates` for every other name, ImageNet included.
+    /// The second value says whether the name had its own list.
+    pub fn for_dataset(name: &str) -> (Self, bool) {
+        match DATASET_TEMPLATES.iter().find(|(n, _)| *n == name) {
+            Some((_, list)) => (Self(list.iter().map(|t| t.to_string()).collect()), true),
+            None => (Self::default(), false),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -125,6 +140,33 @@ pub fn probabilities(image_features: &Tensor, classifier: &Tensor) -> Tensor {
         .softmax(-1, Kind::Float)
 }
 
+/// cn_clip's `--index` (`zeroshot_evaluation.py` `run`): a JSON list of row numbers, applied as
+/// `outputs[index]` to the probabilities after accuracy is computed. As torch indexing does, it
+/// may repeat or drop rows and counts negative numbers from the end; a number outside
+/// `-rows..rows` is an error naming its position. `origin` names the file in errors.
+pub fn parse_index(json: &str, rows: usize, origin: &str) -> Result<Vec<usize>, ZeroShotError> {
+    let bad = |reason: String| ZeroShotError::BadIndex {
+        origin: origin.to_string(),
+        reason,
+    };
+    let values: Vec<i64> = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    let n = i64::try_from(rows).map_err(|e| bad(e.to_string()))?;
+    values
+        .iter()
+        .enumerate()
+        .map(|(at, &v)| {
+            let i = if v < 0 { v + n } else { v };
+            if (0..n).contains(&i) {
+                Ok(i as usize)
+            } else {
+                Err(bad(format!(
+                    "entry {at} is {v}, outside the {rows} images (-{rows}..{rows})"
+                )))
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -135,6 +177,52 @@ mod tests {
         let t = Templates::default();
         assert_eq!(t.len(), 183);
         assert_eq!(t.prompts("猫")[0], "猫的照片");
+    }
+
+    #[test]
+    fn each_dataset_gets_cn_clips_templates() {
+        // zeroshot_evaluation.py's template_dict, with the list lengths of cvinw_zeroshot_templates.
+        for (name, len, first) in [
+            ("fgvc-aircraft-2013b-variants102", 100, "{}，飞机的照片"),
+            ("food-101", 21, "一种叫{}的食物的照片"),
+            ("oxford-flower-102", 32, "一种叫{}的花的照片"),
+            ("eurosat_clip", 24, "一张{}的卫星照片"),
+            ("resisc45_clip", 24, "一张{}的卫星照片"),
+            ("country211", 4, "一张在{}拍的照片"),
+            ("openai", 183, "{}的照片"),
+        ] {
+            let (t, own) = Templates::for_dataset(name);
+            assert!(own, "{name}");
+            assert_eq!(t.len(), len, "{name}");
+            assert_eq!(t.0[0], first, "{name}");
+        }
+        for other in ["imagenet", "cifar-10", "Food-101", ""] {
+            assert_eq!(
+                Templates::for_dataset(other),
+                (Templates::default(), false),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_reorders_like_torch_indexing() {
+        assert_eq!(
+            parse_index("[2, 0, -1, 1]", 3, "i.json").unwrap(),
+            [2, 0, 2, 1]
+        );
+        assert_eq!(
+            parse_index(" [] ", 3, "i.json").unwrap(),
+            Vec::<usize>::new()
+        );
+        let e = parse_index("[0, 3]", 3, "i.json").unwrap_err().to_string();
+        assert!(e.contains("i.json") && e.contains("entry 1 is 3"), "{e}");
+        let e = parse_index("[0, -4]", 3, "i.json").unwrap_err().to_string();
+        assert!(e.contains("entry 1 is -4"), "{e}");
+        let e = parse_index("{\"a\": 1}", 3, "i.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("i.json: expected a JSON list"), "{e}");
     }
 
     #[test]

@@ -367,3 +367,46 @@ fn damaged_checkpoints_name_file_and_key() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A 16-bit RGBA PNG of `w`×`h` pixels, one colour, encoded row by row (the source is never held).
+fn solid_rgba16_png(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgba);
+        enc.set_depth(png::BitDepth::Sixteen);
+        enc.set_compression(png::Compression::Fast);
+        let mut writer = enc.write_header().unwrap();
+        let mut stream = writer.stream_writer().unwrap();
+        let row: Vec<u8> = [0x12u8, 0x34, 0xAB, 0xCD, 0x56, 0x78, 0xFF, 0xFF]
+            .iter()
+            .copied()
+            .cycle()
+            .take(w as usize * 8)
+            .collect();
+        for _ in 0..h {
+            std::io::Write::write_all(&mut stream, &row).unwrap();
+        }
+        stream.finish().unwrap();
+    }
+    out
+}
+
+#[test]
+fn images_pillow_opens_are_not_refused_by_a_stricter_limit() {
+    // 9000×9000 = 81 Mpx is under Pillow's MAX_IMAGE_PIXELS (89,478,485), so Pillow opens it; at
+    // 8 bytes per pixel it needs 648 MB, more than the `image` crate's default 512 MiB allocation
+    // limit. Peak memory of this test: the decoded u16 buffer (648 MB) plus its 8-bit copy (324 MB).
+    let png = solid_rgba16_png(9000, 9000);
+    let img = cnclip_model::preprocess::decode_named(&png, "big/rgba16.png")
+        .unwrap_or_else(|e| panic!("Pillow opens this image: {e}"));
+    assert_eq!((img.width(), img.height()), (9000, 9000));
+    assert_eq!(img.mode(), cnclip_model::preprocess::Mode::Rgba);
+    // Pillow's `RGBA;16B` unpacker keeps the high byte of each sample.
+    let rgb = img.resize_rgb(4, 4).unwrap();
+    assert!(
+        rgb.as_raw().chunks(3).all(|p| p == [0x12, 0xAB, 0x56]),
+        "{:?}",
+        &rgb.as_raw()[..3]
+    );
+}

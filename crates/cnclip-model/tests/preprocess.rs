@@ -21,8 +21,10 @@ struct Case {
     tensor: Option<String>,
 }
 
+/// Cases of `manifest.tsv` and of `tiff_manifest.tsv` (by `make_tiff_fixtures.py`).
 fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(fixtures().join("manifest.tsv")).unwrap();
+    let mut text = std::fs::read_to_string(fixtures().join("manifest.tsv")).unwrap();
+    text += &std::fs::read_to_string(fixtures().join("tiff_manifest.tsv")).unwrap();
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
@@ -98,6 +100,8 @@ fn pixels_match_pillow_for_every_fixture() {
     }
     println!("{}", report.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let tiffs = report.iter().filter(|r| r.starts_with("tiff_")).count();
+    assert!(tiffs >= 20, "only {tiffs} TIFF cases");
 }
 
 #[test]
@@ -353,4 +357,14 @@ fn general_non_square_resizes_match_pillow() {
         n += 1;
     }
     assert!(n >= 10);
+}
+
+#[test]
+fn damaged_tiffs_are_errors_naming_the_image() {
+    let good = read("tiff_rgb_lzw_30x20.tif");
+    for cut in [8, good.len() / 2, good.len() - 3] {
+        let e = err_of(&good[..cut], "scans/7.tif");
+        assert!(e.to_string().starts_with("image scans/7.tif "), "{e}");
+    }
+    assert_eq!(decode(&read("tiff_p_30x20.tif")).unwrap().mode(), Mode::P);
 }

@@ -717,3 +717,151 @@ fn large_checkpoint_read_write_speed() {
     assert_eq!(back.len(), sd.len());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A state dict with cn_clip's keys and shapes for the shipped towers `vision` and `text`, from
+/// `fixtures/arch/shapes.json` (made by make_arch_fixtures.py from cn_clip's own `CLIP`). The
+/// tensors are zero-stride views of one element: only their shapes matter here.
+fn shipped_shapes(vision: &str, text: &str) -> StateDict {
+    let all: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("arch/shapes.json")).unwrap(),
+    )
+    .unwrap();
+    let embed = ClipConfig::from_tower_names(vision, "RBT3-chinese")
+        .unwrap()
+        .vision
+        .embed_dim;
+    let mut sd = StateDict::new();
+    let towers = [&all["vision"][vision], &all["text"][text]];
+    for (key, shape) in towers.iter().flat_map(|t| t.as_object().unwrap()) {
+        let mut shape: Vec<i64> = serde_json::from_value(shape.clone()).unwrap();
+        if key == "text_projection" {
+            shape[1] = embed; // its output is the vision tower's embed_dim
+        }
+        let one = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+        sd.insert(key.clone(), one.reshape([]).expand(shape.as_slice(), false));
+    }
+    sd
+}
+
+#[test]
+fn official_architectures_are_inferred_from_shapes() {
+    use cnclip_model::load::{LoadError, pt_config};
+    let path = Path::new("clip_cn.pt");
+    let (visions, texts) = cnclip_model::config::shipped_tower_names();
+    // cn_clip 1.6.0 ships these towers; the five released models are among the pairings.
+    assert_eq!((visions.len(), texts.len()), (6, 3));
+    for v in &visions {
+        for t in &texts {
+            let sd = shipped_shapes(v, t);
+            let want = ClipConfig::from_tower_names(v, t).unwrap();
+            // Unique, with the heads of the shipped config (not in the shapes).
+            let (config, name) =
+                pt_config(path, &sd, None, false).unwrap_or_else(|e| panic!("{v}@{t}: {e}"));
+            assert_eq!(config, want, "{v}@{t}");
+            assert_eq!(name.as_deref(), Some(format!("{v}@{t}").as_str()));
+            // The right flags pass too.
+            assert_eq!(pt_config(path, &sd, Some(&want), false).unwrap().0, want);
+        }
+    }
+    for released in ["RN50", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14"] {
+        let want = ClipConfig::from_name(released).unwrap();
+        let (v, t) = want.shipped_pair().unwrap();
+        let (config, _) = pt_config(path, &shipped_shapes(v, t), None, false).unwrap();
+        assert_eq!(config, want, "{released}");
+    }
+
+    // Wrong flags (the examples' old default for a ViT-H-14 file): each tensor whose shape
+    // differs, both shapes and the fields behind them, and the flags that fit.
+    let sd = shipped_shapes("ViT-H-14", "RoBERTa-wwm-ext-large-chinese");
+    let b16 = ClipConfig::from_name("ViT-B-16").unwrap();
+    let e = pt_config(path, &sd, Some(&b16), false).unwrap_err();
+    assert!(matches!(e, LoadError::ShapeMismatch { .. }), "{e}");
+    let msg = e.to_string();
+    for line in [
+        "shape mismatch for visual.conv1.weight: the model expects [768, 3, 16, 16], the weights \
+         have [1280, 3, 14, 14] (the config's vision_width, vision_patch_size)",
+        "layer count mismatch for visual.transformer.resblocks.N: the model expects 12, the \
+         weights have 32 (the config's vision_layers)",
+        "shape mismatch for text_projection: the model expects [768, 512], the weights have \
+         [1024, 1024] (the config's text_hidden_size, embed_dim)",
+        "the weights are ViT-H-14@RoBERTa-wwm-ext-large-chinese: pass --vision-model ViT-H-14 \
+         --text-model RoBERTa-wwm-ext-large-chinese, or leave both out where they are optional",
+    ] {
+        assert!(msg.contains(line), "{line}\nnot in\n{msg}");
+    }
+    // A ResNet file asked to load as a ViT: says which tower each is.
+    let sd = shipped_shapes("RN50", "RBT3-chinese");
+    let msg = pt_config(path, &sd, Some(&b16), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("the model is a ViT, the weights hold a ModifiedResNet")
+            && msg.contains("pass --vision-model RN50 --text-model RBT3-chinese"),
+        "{msg}"
+    );
+
+    // ViT-L-14 weights fine-tuned at 336 px (cn_clip's resume resizes the positional embedding):
+    // only the grid differs, which is an error unless resizing was asked for.
+    let sd = shipped_shapes("ViT-L-14", "RoBERTa-wwm-ext-base-chinese");
+    let l336 =
+        ClipConfig::from_tower_names("ViT-L-14-336", "RoBERTa-wwm-ext-base-chinese").unwrap();
+    let msg = pt_config(path, &sd, Some(&l336), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(
+            "shape mismatch for visual.positional_embedding: the model expects [577, 1024], the \
+             weights have [257, 1024]"
+        ),
+        "{msg}"
+    );
+    assert_eq!(pt_config(path, &sd, Some(&l336), true).unwrap().0, l336);
+
+    // A custom size: no shipped match, and heads are not in the shapes, so the configs are needed;
+    // a tower that does match a shipped one is named.
+    let tiny = ClipConfig::from_json_str(
+        r#"{"embed_dim":16,"image_resolution":32,"vision_layers":2,"vision_width":32,
+            "vision_head_width":16,"vision_patch_size":16,"vocab_size":21128,
+            "text_attention_probs_dropout_prob":0.0,"text_hidden_act":"gelu",
+            "text_hidden_dropout_prob":0.0,"text_hidden_size":16,"text_initializer_range":0.02,
+            "text_intermediate_size":32,"text_max_position_embeddings":64,
+            "text_num_attention_heads":2,"text_num_hidden_layers":1,"text_type_vocab_size":2}"#,
+        "tiny",
+    )
+    .unwrap();
+    let sd = cnclip_model::Clip::new(&tiny, tch::Device::Cpu).state_dict();
+    let e = pt_config(path, &sd, None, false).unwrap_err();
+    assert!(matches!(e, LoadError::ConfigRequired { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("ViT width 32, 2 layers, patch 16, 32 px, embed_dim 16")
+            && msg.contains("match no model cn_clip ships")
+            && msg.contains(
+                "pass --vision-model <a JSON file in cn_clip's schema> --text-model <a JSON file \
+                 in cn_clip's schema> (attention head counts are not in the weights)"
+            ),
+        "{msg}"
+    );
+    assert_eq!(
+        pt_config(path, &sd, Some(&tiny), false).unwrap(),
+        (tiny, None)
+    );
+    // ViT-B-16 with a custom text tower: the vision flag is a shipped name.
+    let mut sd = shipped_shapes("ViT-B-16", "RBT3-chinese");
+    let words = sd
+        .get("bert.embeddings.word_embeddings.weight")
+        .unwrap()
+        .size();
+    sd.insert(
+        "bert.embeddings.word_embeddings.weight",
+        Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))
+            .reshape([])
+            .expand([30000, words[1]], false),
+    );
+    let msg = pt_config(path, &sd, None, false).unwrap_err().to_string();
+    assert!(
+        msg.contains("vocab 30000")
+            && msg.contains("pass --vision-model ViT-B-16 --text-model <a JSON file"),
+        "{msg}"
+    );
+}

@@ -65,6 +65,12 @@ pub enum LmdbError {
     #[error("{} does not exist or is not a directory (expected {what})", path.display())]
     MissingDir { path: PathBuf, what: &'static str },
     #[error(
+        "{} is a split directory (it holds imgs/ and pairs/), not an LMDB: give its {part} directory, {}",
+        path.display(),
+        path.join(part).display()
+    )]
+    SplitNotPart { path: PathBuf, part: &'static str },
+    #[error(
         "LMDB {}: data.mdb is truncated: its meta page records {needed} bytes of pages, the file has {found} (an interrupted copy?)",
         path.display()
     )]
@@ -601,6 +607,17 @@ fn file_id(path: &Path) -> Result<FileId, LmdbError> {
     Ok((m.dev(), m.ino()))
 }
 
+/// A split directory (`lmdb/valid`) given where one of its LMDBs (`lmdb/valid/imgs`) belongs.
+fn not_a_split(path: &Path, part: &'static str) -> Result<(), LmdbError> {
+    if !path.join("data.mdb").is_file() && path.join(part).join("data.mdb").is_file() {
+        return Err(LmdbError::SplitNotPart {
+            path: path.to_path_buf(),
+            part,
+        });
+    }
+    Ok(())
+}
+
 fn open_read(path: &Path, what: &'static str) -> Result<Arc<ReadEnv>, LmdbError> {
     if !path.join("data.mdb").is_file() {
         return Err(LmdbError::MissingDir {
@@ -709,6 +726,7 @@ impl std::fmt::Debug for LmdbImages {
 impl LmdbImages {
     /// Opens an `imgs/` directory (cn_clip's `--image-data`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LmdbError> {
+        not_a_split(path.as_ref(), "imgs")?;
         let env = open_read(
             path.as_ref(),
             "an LMDB imgs directory (data.mdb) built by build_lmdb_dataset.py",
@@ -850,6 +868,7 @@ impl std::fmt::Debug for LmdbPairs {
 
 impl LmdbPairs {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LmdbError> {
+        not_a_split(path.as_ref(), "pairs")?;
         let env = open_read(
             path.as_ref(),
             "an LMDB pairs directory (data.mdb) built by build_lmdb_dataset.py",

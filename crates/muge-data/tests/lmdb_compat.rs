@@ -248,6 +248,30 @@ fn reading_errors_name_the_database_and_key() {
     assert!(parse_splits("train,../x").is_err());
 }
 
+#[test]
+fn a_split_directory_given_for_its_imgs_names_the_imgs_directory() {
+    // `extract_features --image-data lmdb/test` instead of `lmdb/test/imgs`.
+    let split = cnclip_lmdb().join("train");
+    let e = LmdbImages::open(&split).unwrap_err();
+    assert!(
+        matches!(e, LmdbError::SplitNotPart { part: "imgs", .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string().ends_with(&format!(
+            "give its imgs directory, {}",
+            split.join("imgs").display()
+        )),
+        "{e}"
+    );
+    let e = muge_data::lmdb::LmdbPairs::open(&split).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&split.join("pairs").display().to_string()),
+        "{e}"
+    );
+}
+
 /// Runs cn_clip's own `LMDBDataset` over an LMDB we built and checks it sees every pair and
 /// decodes every image to the same pixels it decodes from its own build.
 #[test]

@@ -170,7 +170,8 @@ fn validate(queries: &FeatureView<'_>, gallery: &FeatureView<'_>, k: usize) -> R
     if gallery.is_empty() {
         return Err(RetrievalError::Param("the gallery is empty".into()));
     }
-    if queries.dim() != gallery.dim() {
+    // No queries (an empty features file reads as dimension 0): nothing to compare.
+    if !queries.is_empty() && queries.dim() != gallery.dim() {
         return Err(RetrievalError::Dim {
             what: "queries vs gallery".into(),
             expected: gallery.dim(),

@@ -126,7 +126,8 @@ impl<'a> FeatureView<'a> {
 
     /// Fails on the first NaN or infinite value, naming its id.
     pub fn check_finite(&self, what: &str) -> Result<()> {
-        for (i, row) in self.data.chunks_exact(self.dim).enumerate() {
+        // `max(1)`: an empty set read from an empty file has dimension 0 and no data.
+        for (i, row) in self.data.chunks_exact(self.dim.max(1)).enumerate() {
             if let Some(position) = row.iter().position(|v| !v.is_finite()) {
                 return Err(RetrievalError::NonFinite {
                     what: what.to_string(),

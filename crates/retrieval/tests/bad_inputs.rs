@@ -179,6 +179,18 @@ fn searches_over_mismatched_or_non_finite_features_are_refused() {
 }
 
 #[test]
+fn an_empty_query_file_is_no_queries_not_a_dimension_mismatch() {
+    // An empty jsonl reads as an empty set of dimension 0 (cn_clip's script writes an empty
+    // predictions file for it); it used to fail as "feature dimension 0 does not match 3".
+    let path = tmp("empty.txt_feat.jsonl");
+    std::fs::write(&path, "").unwrap();
+    let queries = load_features(&path, FeatureKind::Text).unwrap();
+    let gallery = features(FeatureKind::Image, 3, &[(1, vec![1.0, 0.0, 0.0])]);
+    let hits = search(&queries.view(), &gallery.view(), &SearchOptions::default()).unwrap();
+    assert!(hits.is_empty());
+}
+
+#[test]
 fn a_failed_native_write_keeps_the_previous_file() {
     let path = tmp("keep.safetensors");
     let good = features(FeatureKind::Image, 2, &[(1, vec![3.0, 4.0])]);

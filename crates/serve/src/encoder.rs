@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use cnclip_model::preprocess::Preprocessor;
-use cnclip_model::{Clip, ClipConfig, LoadOptions, Precision, WeightFormat};
+use cnclip_model::{Clip, ClipConfig, LoadOptions, Precision};
 use muge_data::TextPipeline;
 use tch::{Device, Kind, Tensor};
 
@@ -17,10 +17,11 @@ use crate::error::ServeError;
 pub struct ModelSpec {
     /// Official `.pt`, Hugging Face directory or native `.safetensors`.
     pub checkpoint: PathBuf,
-    /// A shipped vision config name or a JSON file in cn_clip's schema. Needed for `.pt` only
-    /// (default `ViT-B-16`, cn_clip's); for the other formats it is checked against the file.
+    /// A shipped vision config name or a JSON file in cn_clip's schema. Without it (and
+    /// `text_model`), an official `.pt`'s architecture is inferred from its tensor shapes (the
+    /// shipped config they match); given, it is checked against the shapes or the file's config.
     pub vision_model: Option<String>,
-    /// As `vision_model`, for the text tower (default `RoBERTa-wwm-ext-base-chinese`).
+    /// As `vision_model`, for the text tower.
     pub text_model: Option<String>,
     /// Token context length (cn_clip's `--context-length`).
     pub context_length: usize,
@@ -53,14 +54,10 @@ impl Encoder {
         device: Device,
         precision: Precision,
     ) -> Result<Self, ServeError> {
-        let format = WeightFormat::detect(&spec.checkpoint)?;
-        let config = match (format, &spec.vision_model, &spec.text_model) {
-            (WeightFormat::Pt, v, t) => Some(ClipConfig::from_tower_args(
-                v.as_deref().unwrap_or("ViT-B-16"),
-                t.as_deref().unwrap_or("RoBERTa-wwm-ext-base-chinese"),
-            )?),
-            (_, Some(v), Some(t)) => Some(ClipConfig::from_tower_args(v, t)?),
-            (_, None, None) => None,
+        // An official .pt without the flags: its architecture is read from its tensor shapes.
+        let config = match (&spec.vision_model, &spec.text_model) {
+            (Some(v), Some(t)) => Some(ClipConfig::from_tower_args(v, t)?),
+            (None, None) => None,
             _ => {
                 return Err(ServeError::Invalid(
                     "give both --vision-model and --text-model, or neither".into(),

@@ -24,7 +24,7 @@ use muge_data::{LmdbError, LmdbImages};
 use crate::error::ServeError;
 
 /// File extensions a folder gallery takes (the content is sniffed again when served).
-const IMAGE_EXTENSIONS: [&str; 6] = ["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
 /// An image store with a fixed id order.
 #[derive(Debug)]
@@ -107,7 +107,7 @@ impl Gallery {
             return Err(gallery_err(
                 path,
                 "is neither an LMDB (data.mdb or imgs/data.mdb), nor a .tsv, nor a folder with \
-                 .jpg/.jpeg/.png/.webp/.gif/.bmp files",
+                 .jpg/.jpeg/.png/.webp/.gif/.bmp/.tif/.tiff files",
             ));
         }
         files.sort();

@@ -513,6 +513,7 @@ pub fn content_type(format: Option<Format>) -> &'static str {
         Some(Format::WebP) => "image/webp",
         Some(Format::Gif) => "image/gif",
         Some(Format::Bmp) => "image/bmp",
+        Some(Format::Tiff) => "image/tiff",
         None => "application/octet-stream",
     }
 }

@@ -178,16 +178,12 @@ impl Candidate {
             return Ok(out);
         }
         std::fs::create_dir_all(work_dir).map_err(io_err(work_dir))?;
+        // An official .pt takes the flags' config, checked against its shapes, or without them
+        // the shipped config its shapes match; the other formats carry their own.
         let options = |path: &Path| -> Result<LoadOptions, SoupError> {
             Ok(match WeightFormat::detect(path)? {
                 WeightFormat::Pt => LoadOptions {
-                    config: Some(config.cloned().ok_or_else(|| {
-                        SoupError::Invalid(format!(
-                            "{} is an official .pt checkpoint, which does not record its \
-                             architecture: pass --vision-model and --text-model",
-                            path.display()
-                        ))
-                    })?),
+                    config: config.cloned(),
                     ..Default::default()
                 },
                 _ => LoadOptions::default(),

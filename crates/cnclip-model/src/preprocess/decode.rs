@@ -3,7 +3,13 @@
 //! JPEG goes through libjpeg-turbo (the `mozjpeg` crate, default ISLOW IDCT and fancy upsampling),
 //! which is what Pillow bundles, so JPEG pixels are bit-identical to Pillow's. PNG, WebP, GIF and
 //! BMP go through the `image`/`gif` crates; the mode Pillow would report is read from the file
-//! header, because resizing depends on it (see [`super::DecodedImage::resize_rgb`]).
+//! header, because resizing depends on it (see [`super::DecodedImage::resize_rgb`]). TIFF goes
+//! through the `tiff` crate (the one `image` uses), read directly so that Pillow's mode (CMYK,
+//! palette, 1-bit, associated alpha) survives.
+//!
+//! The only size limit is Pillow's pixel limit ([`MAX_PIXELS`], checked from the header before
+//! anything is allocated); the decoders' own allocation limits are raised to what an image of that
+//! many pixels needs, so nothing Pillow opens is refused for its byte size.
 
 use std::cell::Cell;
 use std::io::{self, BufRead, Read};
@@ -14,6 +20,11 @@ use super::{DecodedImage, Mode, Pixels, PreprocessError};
 /// Pillow refuses images above `2 * Image.MAX_IMAGE_PIXELS` (`DecompressionBombError`); so do we.
 pub const MAX_PIXELS: u64 = 2 * 89_478_485;
 
+/// Bytes the decoders may allocate: [`MAX_PIXELS`] at 16 bytes a pixel (RGBA with 32-bit
+/// samples, the widest layout the `image`/`tiff` decoders produce), so an image within Pillow's
+/// pixel limit is never refused for its memory; anything larger was refused by its header first.
+const MAX_DECODE_BYTES: u64 = MAX_PIXELS * 16;
+
 /// File formats recognised by their leading bytes (as Pillow does; the file name is ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -22,6 +33,7 @@ pub enum Format {
     Gif,
     WebP,
     Bmp,
+    Tiff,
 }
 
 impl Format {
@@ -33,6 +45,7 @@ impl Format {
             Format::Gif => "GIF",
             Format::WebP => "WebP",
             Format::Bmp => "BMP",
+            Format::Tiff => "TIFF",
         }
     }
 
@@ -48,6 +61,12 @@ impl Format {
             Some(Format::WebP)
         } else if bytes.starts_with(b"BM") {
             Some(Format::Bmp)
+        } else if bytes.starts_with(b"II*\0")
+            || bytes.starts_with(b"MM\0*")
+            || bytes.starts_with(b"II+\0")
+            || bytes.starts_with(b"MM\0+")
+        {
+            Some(Format::Tiff)
         } else {
             None
         }
@@ -83,6 +102,7 @@ pub fn decode_named(bytes: &[u8], id: &str) -> Result<DecodedImage, PreprocessEr
         Format::Gif => decode_gif(bytes, id),
         Format::WebP => decode_webp(bytes, id),
         Format::Bmp => decode_bmp(bytes, id),
+        Format::Tiff => decode_tiff(bytes, id),
     }));
     match decoded {
         Ok(result) => result,
@@ -315,6 +335,7 @@ fn load_with_image(
         Format::Bmp => image::ImageFormat::Bmp,
         Format::Gif => image::ImageFormat::Gif,
         Format::Jpeg => image::ImageFormat::Jpeg,
+        Format::Tiff => image::ImageFormat::Tiff,
     };
     // The header's size first: a bomb is refused by Pillow's limit (naming its size) before the
     // decoder allocates, instead of surfacing as the `image` crate's generic memory-limit error.
@@ -322,8 +343,11 @@ fn load_with_image(
         .into_dimensions()
         .map_err(|e| image_error(id, format, e))?;
     check_size(id, format, u64::from(w), u64::from(h))?;
-    let img =
-        image::load_from_memory_with_format(bytes, fmt).map_err(|e| image_error(id, format, e))?;
+    let mut limits = image::Limits::no_limits();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    let mut reader = image::ImageReader::with_format(io::Cursor::new(bytes), fmt);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| image_error(id, format, e))?;
     check_size(id, format, u64::from(img.width()), u64::from(img.height()))?;
     Ok(img)
 }
@@ -610,4 +634,279 @@ fn decode_gif(bytes: &[u8], id: &str) -> Result<DecodedImage, PreprocessError> {
         }
         None => DecodedImage::new(Mode::L, w, h, Pixels::U8(idx)),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// TIFF through `tiff` (the first page, as Pillow's `open`)
+
+/// Unpacks `bits`-bit samples (1, 2 or 4; rows padded to a byte, most significant bits first)
+/// into one byte each.
+fn unpack_bits(packed: &[u8], w: usize, h: usize, bits: usize) -> Option<Vec<u8>> {
+    let row_bytes = (w * bits).div_ceil(8);
+    let per_byte = 8 / bits;
+    let mask = (1u8 << bits) - 1;
+    let mut out = Vec::with_capacity(w * h);
+    for row in packed.chunks(row_bytes).take(h) {
+        for x in 0..w {
+            let byte = *row.get(x / per_byte)?;
+            let shift = 8 - bits * (x % per_byte + 1);
+            out.push((byte >> shift) & mask);
+        }
+    }
+    (out.len() == w * h).then_some(out)
+}
+
+/// Pillow's `RGBa` unpacker (associated alpha): `c * 255 / a` with integer division, clipped;
+/// black where `a` is 0.
+fn unpremultiply_rgba(px: &mut [u8]) {
+    for p in px.chunks_exact_mut(4) {
+        let a = u32::from(p[3]);
+        for c in &mut p[..3] {
+            *c = match a {
+                0 => 0,
+                255 => *c,
+                a => (u32::from(*c) * 255 / a).min(255) as u8,
+            };
+        }
+    }
+}
+
+/// A copy of a classic (not Big) TIFF whose first directory's PhotometricInterpretation is
+/// changed from RGB palette (3) to BlackIsZero (1), so the indices decode as grayscale.
+fn palette_as_gray(bytes: &[u8]) -> Option<Vec<u8>> {
+    let little = bytes.starts_with(b"II");
+    let u16_at = |at: usize| -> Option<u16> {
+        let b: [u8; 2] = bytes.get(at..at + 2)?.try_into().ok()?;
+        Some(if little {
+            u16::from_le_bytes(b)
+        } else {
+            u16::from_be_bytes(b)
+        })
+    };
+    let ifd = if little {
+        le_u32(bytes, 4)?
+    } else {
+        be_u32(bytes, 4)?
+    } as usize;
+    let entries = usize::from(u16_at(ifd)?);
+    let mut out = bytes.to_vec();
+    for e in 0..entries {
+        let at = ifd + 2 + e * 12;
+        // Tag 262, type SHORT (3), count 1: the value sits in the entry's first two value bytes.
+        if u16_at(at)? == 262 && u16_at(at + 2)? == 3 && u16_at(at + 8)? == 3 {
+            let one = if little {
+                1u16.to_le_bytes()
+            } else {
+                1u16.to_be_bytes()
+            };
+            out.get_mut(at + 8..at + 10)?.copy_from_slice(&one);
+            return Some(out);
+        }
+    }
+    None
+}
+
+fn decode_tiff(bytes: &[u8], id: &str) -> Result<DecodedImage, PreprocessError> {
+    use tiff::ColorType as C;
+    use tiff::decoder::{Decoder, DecodingResult};
+    use tiff::tags::Tag;
+
+    let fail = |e: tiff::TiffError| match e {
+        tiff::TiffError::IoError(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
+            PreprocessError::Truncated {
+                id: id.to_owned(),
+                format: "TIFF",
+            }
+        }
+        tiff::TiffError::UnsupportedError(u) => PreprocessError::Unsupported {
+            id: id.to_owned(),
+            format: "TIFF",
+            reason: u.to_string(),
+        },
+        other => PreprocessError::Decode {
+            id: id.to_owned(),
+            format: "TIFF",
+            reason: other.to_string(),
+        },
+    };
+    let unsupported = |reason: String| PreprocessError::Unsupported {
+        id: id.to_owned(),
+        format: "TIFF",
+        reason,
+    };
+    let open = |data: &[u8]| -> Result<Decoder<io::Cursor<Vec<u8>>>, PreprocessError> {
+        let mut limits = tiff::decoder::Limits::default();
+        limits.decoding_buffer_size = usize::try_from(MAX_DECODE_BYTES).unwrap_or(usize::MAX);
+        limits.intermediate_buffer_size = limits.decoding_buffer_size;
+        Ok(Decoder::new(io::Cursor::new(data.to_vec()))
+            .map_err(fail)?
+            .with_limits(limits))
+    };
+    let mut dec = open(bytes)?;
+    let (w32, h32) = dec.dimensions().map_err(fail)?;
+    check_size(id, Format::Tiff, u64::from(w32), u64::from(h32))?;
+    let (w, h) = (w32 as usize, h32 as usize);
+    let photometric: Option<u16> = dec
+        .find_tag_unsigned(Tag::PhotometricInterpretation)
+        .map_err(fail)?;
+    // The `tiff` crate does not decode palette images: read the ColorMap here, then decode the
+    // indices as grayscale from a copy whose PhotometricInterpretation says BlackIsZero.
+    let mut colour_map: Option<Vec<u16>> = None;
+    if photometric == Some(3) {
+        colour_map = Some(
+            dec.find_tag_unsigned_vec(Tag::ColorMap)
+                .map_err(fail)?
+                .ok_or_else(|| unsupported("palette image without a ColorMap".to_owned()))?,
+        );
+        let patched = palette_as_gray(bytes)
+            .ok_or_else(|| unsupported("palette image whose header cannot be read".to_owned()))?;
+        dec = open(&patched)?;
+    }
+    let colour = match (dec.colortype().map_err(fail)?, &colour_map) {
+        (C::Gray(bits), Some(_)) => C::Palette(bits),
+        (c, _) => c,
+    };
+    let planar: Option<u16> = dec
+        .find_tag_unsigned(Tag::PlanarConfiguration)
+        .map_err(fail)?;
+    if planar == Some(2) && !matches!(colour, C::Gray(_) | C::Palette(_)) {
+        return Err(unsupported(
+            "planar (separate-plane) sample layout".to_owned(),
+        ));
+    }
+    let extra: Vec<u16> = dec
+        .find_tag_unsigned_vec(Tag::ExtraSamples)
+        .map_err(fail)?
+        .unwrap_or_default();
+    let decoded = dec.read_image().map_err(fail)?;
+    let n = w * h;
+    let truncated = || PreprocessError::Truncated {
+        id: id.to_owned(),
+        format: "TIFF",
+    };
+    // 16-bit samples keep their high byte, as Pillow's `*;16L`/`*;16B` unpackers do.
+    let to_u8 = |d: DecodingResult| -> Result<Vec<u8>, PreprocessError> {
+        match d {
+            DecodingResult::U8(v) => Ok(v),
+            DecodingResult::U16(v) => Ok(v.into_iter().map(|s| (s >> 8) as u8).collect()),
+            _ => Err(unsupported(format!("{colour:?} samples"))),
+        }
+    };
+    // The decoder sizes its buffer from the header; a short one is a file that ends early.
+    let make = |mode: Mode, px: Vec<u8>| {
+        if px.len() == n * mode.channels() {
+            Ok(DecodedImage::new(mode, w, h, Pixels::U8(px)))
+        } else {
+            Err(truncated())
+        }
+    };
+    let image = match colour {
+        C::Gray(1) | C::Gray(2) | C::Gray(4) => {
+            let DecodingResult::U8(packed) = decoded else {
+                return Err(unsupported(format!("{colour:?} samples")));
+            };
+            let bits = match colour {
+                C::Gray(b) => usize::from(b),
+                _ => 1,
+            };
+            let levels = unpack_bits(&packed, w, h, bits).ok_or_else(truncated)?;
+            if bits == 1 {
+                let px = levels.into_iter().map(|v| v * 255).collect();
+                make(Mode::One, px)?
+            } else {
+                // Pillow's `L;2`/`L;4` unpackers scale to 0..255.
+                let scale = 255 / ((1u8 << bits) - 1);
+                let px = levels.into_iter().map(|v| v * scale).collect();
+                make(Mode::L, px)?
+            }
+        }
+        C::Gray(8) => make(Mode::L, to_u8(decoded)?)?,
+        C::Gray(16) => {
+            let DecodingResult::U16(px) = decoded else {
+                return Err(unsupported(format!("{colour:?} samples")));
+            };
+            if px.len() != n {
+                return Err(truncated());
+            }
+            DecodedImage::new(Mode::I16, w, h, Pixels::U16(px))
+        }
+        C::Palette(bits @ (1 | 2 | 4 | 8)) => {
+            let map = colour_map.unwrap_or_default();
+            let entries = map.len() / 3;
+            let idx = if bits == 8 {
+                to_u8(decoded)?
+            } else {
+                let DecodingResult::U8(packed) = decoded else {
+                    return Err(unsupported(format!("{colour:?} samples")));
+                };
+                unpack_bits(&packed, w, h, usize::from(bits)).ok_or_else(truncated)?
+            };
+            // The ColorMap holds all reds, then all greens, then all blues, 16 bits each;
+            // Pillow keeps the high byte.
+            let mut rgb = Vec::with_capacity(n * 3);
+            for &i in &idx {
+                let i = usize::from(i);
+                for plane in 0..3 {
+                    let v = if i < entries {
+                        map[plane * entries + i]
+                    } else {
+                        0
+                    };
+                    rgb.push((v >> 8) as u8);
+                }
+            }
+            make(Mode::P, rgb)?
+        }
+        C::Multiband {
+            bit_depth: 8 | 16,
+            num_samples: 2,
+        } => {
+            // Grayscale with an extra sample: Pillow's `LA` (alpha) or `L` (unspecified).
+            let px = to_u8(decoded)?;
+            if extra.first() == Some(&0) {
+                let px = take_channels(id, Format::Tiff, Mode::L, px, 2)?;
+                make(Mode::L, px)?
+            } else {
+                make(Mode::La, px)?
+            }
+        }
+        C::RGB(8 | 16) | C::RGBA(8 | 16) => {
+            let depth_is_8 = matches!(colour, C::RGB(8) | C::RGBA(8));
+            let mut px = to_u8(decoded)?;
+            let have = px.len() / n.max(1);
+            match (have, extra.first()) {
+                (3, _) => make(Mode::Rgb, px)?,
+                // An unspecified extra sample: Pillow opens it as RGB (rawmode `RGBX`).
+                (4, Some(0)) => {
+                    let px = take_channels(id, Format::Tiff, Mode::Rgb, px, 4)?;
+                    make(Mode::Rgb, px)?
+                }
+                (4, Some(1)) if depth_is_8 => {
+                    unpremultiply_rgba(&mut px);
+                    make(Mode::Rgba, px)?
+                }
+                (4, Some(1)) => {
+                    return Err(unsupported("16-bit RGB with associated alpha".to_owned()));
+                }
+                (4, _) => make(Mode::Rgba, px)?,
+                _ => {
+                    return Err(unsupported(format!(
+                        "{have} samples per pixel for {colour:?}"
+                    )));
+                }
+            }
+        }
+        // Pillow's TIFF CMYK is not inverted (rawmode `CMYK`), unlike Adobe JPEGs.
+        C::CMYK(8 | 16) => {
+            let px = to_u8(decoded)?;
+            make(Mode::Cmyk, px)?
+        }
+        other => {
+            return Err(unsupported(format!(
+                "colour type {other:?} (Pillow's common TIFF kinds are supported: 1/2/4/8/16-bit \
+                 grayscale, palette, RGB, RGBA, CMYK)"
+            )));
+        }
+    };
+    Ok(image)
 }

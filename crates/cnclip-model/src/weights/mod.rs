@@ -16,6 +16,7 @@
 
 mod error;
 mod hf;
+mod infer;
 mod native;
 mod pickle;
 mod pt;
@@ -26,6 +27,7 @@ pub use hf::{
     HF_TRANSFORMERS_VERSION, clip_to_hf_config, export_hf, hf_config_to_clip, hf_module_name,
     hf_state_dict, import_hf,
 };
+pub use infer::{ArchShapes, TextShapes, VisionShapes};
 pub use native::{
     NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
     dtype_of, kind_of, load_native, read_safetensors, read_safetensors_metadata, save_native,

@@ -29,8 +29,8 @@ use std::path::PathBuf;
 )]
 struct Args {
     /// Checkpoints to merge: native .safetensors (training runs write these), official .pt
-    /// (with --vision-model/--text-model), Hugging Face directories, or LoRA adapter files (with
-    /// --lora-base).
+    /// (architecture inferred from the shapes, or --vision-model/--text-model), Hugging Face
+    /// directories, or LoRA adapter files (with --lora-base).
     #[arg(long, num_args = 1.., required = true)]
     candidates: Vec<PathBuf>,
     /// The weights the LoRA adapters among the candidates were trained on.
@@ -71,7 +71,8 @@ struct Args {
     /// auto | cpu | cuda | cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Architecture of official .pt candidates: a shipped vision config name or a JSON file.
+    /// Architecture of official .pt candidates: a shipped vision config name or a JSON file
+    /// (default: inferred from the tensor shapes).
     #[arg(long = "vision-model")]
     vision_model: Option<String>,
     /// Architecture of official .pt candidates: a shipped text config name or a JSON file.
