@@ -33,6 +33,7 @@ fn config(accum_freq: usize, freeze_vision: bool) -> TrainerConfig {
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
+        mask_ratio: 0.0,
     }
 }
 
@@ -289,6 +290,7 @@ fn amp_scaler_steps_like_fp32_and_skips_overflow() {
         amp_model,
         TrainerConfig {
             precision: TrainPrecision::Amp,
+            mask_ratio: 0.0,
             ..config(1, false)
         },
     );
@@ -324,6 +326,7 @@ fn bf16_autocast_trains_with_fp32_master_weights() {
         bf16_model,
         TrainerConfig {
             precision: TrainPrecision::Bf16,
+            mask_ratio: 0.0,
             ..config(1, false)
         },
     );
@@ -424,4 +427,47 @@ fn cuda_amp_and_bf16_steps() {
             assert_eq!(t.isfinite().all().int64_value(&[]), 1, "{key}");
         }
     }
+}
+
+/// `--mask-ratio` (FLIP): the training forward drops patches (the loss differs from the unmasked
+/// one), the kept patches follow the dropout seed (two runs agree bit for bit), and the
+/// checkpointed path re-applies the same mask when it recomputes the embeddings in backward (same
+/// gradients as the recorded path, within the rounding bound of the test above).
+#[test]
+fn flip_masking_is_seeded_and_checkpointing_reuses_the_mask() {
+    let masked = |checkpointing: bool, ratio: f64, seed: i64| {
+        let (model, _) = twins(seed);
+        Trainer::new(
+            model,
+            TrainerConfig {
+                grad_checkpointing: checkpointing,
+                mask_ratio: ratio,
+                dropout_seed: Some(9),
+                ..config(1, false)
+            },
+        )
+    };
+    let (images, texts) = batch(6, 17);
+    let mut plain = masked(false, 0.5, 15);
+    let mut again = masked(false, 0.5, 15);
+    let mut staged = masked(true, 0.5, 15);
+    let mut unmasked = masked(false, 0.0, 15);
+    let a = plain.train_batch(&images, &texts).unwrap().unwrap();
+    let b = again.train_batch(&images, &texts).unwrap().unwrap();
+    let c = staged.train_batch(&images, &texts).unwrap().unwrap();
+    let d = unmasked.train_batch(&images, &texts).unwrap().unwrap();
+    assert_eq!(a.loss, b.loss, "the same seed drew different masks");
+    assert_eq!(max_weight_difference(plain.model(), again.model()), 0.0);
+    let bound = 4.0 * a.logit_scale.exp() * common::tiny_rounding_bound();
+    assert!((a.loss - c.loss).abs() <= bound, "{a:?} vs {c:?}");
+    common::assert_same_gradients(
+        plain.model(),
+        staged.model(),
+        common::tiny_rounding_bound(),
+        |_, g| g,
+        "checkpointed with FLIP",
+    );
+    // Dropping half the patches changes the loss well beyond rounding (measured: by 0.2, 35× the
+    // bound).
+    assert!((a.loss - d.loss).abs() > 10.0 * bound, "{a:?} vs {d:?}");
 }
