@@ -3,7 +3,7 @@
 //! (cn_clip's model with its loss, parameter groups and precision handling, same shapes).
 //!
 //! `cargo bench --bench train_step -- [--model ViT-B-16] [--batch 32] [--iters 5] [--device cpu]
-//!  [--precision fp32|amp|bf16] [--grad-checkpointing] [--threads 2]`
+//!  [--precision fp32|amp|bf16|fp16] [--grad-checkpointing] [--threads 2]`
 
 use cnclip::model::{Clip, ClipConfig};
 use cnclip::train::freeze::Freeze;
@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
         "fp32" => TrainPrecision::Fp32,
         "amp" => TrainPrecision::Amp,
         "bf16" => TrainPrecision::Bf16,
-        other => anyhow::bail!("--precision {other}: expected fp32, amp or bf16"),
+        "fp16" => TrainPrecision::Fp16,
+        other => anyhow::bail!("--precision {other}: expected fp32, amp, bf16 or fp16"),
     };
     let config = ClipConfig::from_name(&model_name)?;
     let model = Clip::new(&config, device);
@@ -65,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         dropout_seed: None,
         grad_checkpointing: checkpointing,
         precision,
+        mask_ratio: 0.0,
     };
     let mut trainer = Trainer::new(model, trainer_config);
     let res = config.vision.image_resolution;

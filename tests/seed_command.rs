@@ -262,8 +262,8 @@ fn bad_settings_are_refused_before_any_work() {
         (vec!["--context-length=65"], "--context-length"),
         (vec![empty_lmdb.as_str()], "--train-data"),
         (vec!["--batch-size=100000"], "--batch-size"),
-        (vec!["--precision=fp16"], "--precision"),
-        (vec!["--mask-ratio=0.5"], "--mask-ratio"),
+        (vec!["--precision=fp16", "--lora-rank=4"], "--precision"),
+        (vec!["--mask-ratio=1"], "--mask-ratio"),
         (vec!["--distillation"], "--distillation"),
     ] {
         let (ok, err) = base(&extra);
@@ -289,5 +289,14 @@ fn bad_settings_are_refused_before_any_work() {
         "--mask-ratio=0",
     ]);
     assert!(ok, "{err}");
+    // cn_clip's pure fp16 and FLIP train (one step of each, and both together).
+    for extra in [
+        &["--precision=fp16", "--logs=None"][..],
+        &["--mask-ratio=0.5", "--logs=None"],
+        &["--precision=fp16", "--mask-ratio=0.75", "--logs=None"],
+    ] {
+        let (ok, err) = base(extra);
+        assert!(ok, "{extra:?}: {err}");
+    }
     let _ = std::fs::remove_dir_all(&fx.dir);
 }

@@ -50,28 +50,44 @@ pub struct ContrastiveOutput {
 }
 
 /// The loss over normalised `image` and `text` features `[B, D]` and `logit_scale` (already
-/// exponentiated, as cn_clip's model returns it).
+/// exponentiated, as cn_clip's model returns it), with the cross-entropies in fp32.
 pub fn contrastive_loss(
     image: &Tensor,
     text: &Tensor,
     logit_scale: &Tensor,
     gather: &dyn FeatureGather,
 ) -> Result<ContrastiveOutput, DistError> {
+    contrastive_loss_in(image, text, logit_scale, gather, true)
+}
+
+/// [`contrastive_loss`], with the cross-entropies in the logits' own dtype when `fp32_ce` is false:
+/// cn_clip's `--precision fp16`, where `nn.CrossEntropyLoss` gets fp16 logits outside autocast.
+/// (Under AMP autocast runs it in fp32, hence `true` there and for fp32/bf16.)
+pub fn contrastive_loss_in(
+    image: &Tensor,
+    text: &Tensor,
+    logit_scale: &Tensor,
+    gather: &dyn FeatureGather,
+    fp32_ce: bool,
+) -> Result<ContrastiveOutput, DistError> {
     let all_image = gather.gather(image)?;
     let all_text = gather.gather(text)?;
-    let scale = logit_scale.mean(Kind::Float).to_kind(all_image.kind());
-    let logits_per_image = all_image.matmul(&all_text.tr()) * scale;
+    // cn_clip: `logit_scale * all_image_features @ all_text_features.t()`, i.e. the features are
+    // scaled first, by `mul(scale, features)` with the 0-dim fp32 scale as the *first* operand
+    // (which matters for fp16 features: libtorch then casts the scale to fp16 before multiplying,
+    // where as the second operand its fp32 value would be used).
+    let scale = logit_scale.mean(Kind::Float);
+    let logits_per_image = (&scale * &all_image).matmul(&all_text.tr());
     let logits_per_text = logits_per_image.tr();
     let rows = logits_per_image.size()[0];
     let truth = Tensor::arange(rows, (Kind::Int64, logits_per_image.device()));
     let ce = |logits: &Tensor| {
-        logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-            &truth,
-            None,
-            Reduction::Mean,
-            -100,
-            0.0,
-        )
+        let logits = if fp32_ce {
+            logits.to_kind(Kind::Float)
+        } else {
+            logits.shallow_clone()
+        };
+        logits.cross_entropy_loss::<Tensor>(&truth, None, Reduction::Mean, -100, 0.0)
     };
     let loss = (ce(&logits_per_image) + ce(&logits_per_text)) / 2.0;
     let accuracy = |logits: &Tensor| {

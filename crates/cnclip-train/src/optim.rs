@@ -155,7 +155,6 @@ impl AdamW {
         let t = self.step as f64;
         let bias_correction1 = 1.0 - beta1.powf(t);
         let bias_correction2_sqrt = (1.0 - beta2.powf(t)).sqrt();
-        let step_size = lr / bias_correction1;
         let on_gpu = self
             .params
             .first()
@@ -196,27 +195,32 @@ impl AdamW {
             }
             return Ok(());
         }
+        // torch's default for CPU parameters: the single-tensor path, parameter by parameter (the
+        // shim passes addcmul_/addcdiv_ their scalar, which matters for fp16 parameters).
+        let constants = torch_ext::AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay: 0.0,
+            bias_correction1,
+            bias_correction2_sqrt,
+        };
         tch::no_grad(|| {
-            for p in &mut self.params {
+            for p in &self.params {
                 let grad = p.param.grad();
                 if !grad.defined() {
                     continue;
                 }
-                if p.decay && weight_decay != 0.0 {
-                    let _ = p.param.g_mul_scalar_(1.0 - lr * weight_decay);
-                }
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - beta1);
-                // torch: exp_avg_sq.mul_(β2).addcmul_(g, g, value=1−β2), i.e. + ((1−β2)·g)·g.
-                let _ = p
-                    .exp_avg_sq
-                    .g_mul_scalar_(beta2)
-                    .addcmul_(&(&grad * (1.0 - beta2)), &grad);
-                let denom = (p.exp_avg_sq.sqrt() / bias_correction2_sqrt) + eps;
-                // torch: param.addcdiv_(exp_avg, denom, value=−step_size), i.e. + (−s·m)/denom.
-                let _ = p.param.addcdiv_(&(&p.exp_avg * -step_size), &denom);
+                let step = torch_ext::AdamWStep {
+                    weight_decay: if p.decay { weight_decay } else { 0.0 },
+                    ..constants
+                };
+                torch_ext::adamw_single(&p.param, &grad, &p.exp_avg, &p.exp_avg_sq, step)
+                    .map_err(OptimError::Foreach)?;
             }
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The moments by `exp_avg.NAME` / `exp_avg_sq.NAME`, plus `step`, for checkpoints.

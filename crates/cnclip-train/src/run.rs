@@ -337,10 +337,9 @@ pub fn trainer_config(
             Precision::Amp => TrainPrecision::Amp,
             Precision::Bf16 => TrainPrecision::Bf16,
             Precision::Fp32 => TrainPrecision::Fp32,
-            Precision::Fp16 => {
-                return Err(setting("precision", "fp16 is not supported yet".into()));
-            }
+            Precision::Fp16 => TrainPrecision::Fp16,
         },
+        mask_ratio: config.mask_ratio,
     })
 }
 

@@ -121,6 +121,13 @@ impl Session {
                     .join(", ")
             ));
         }
+        if config.mask_ratio > 0.0 && clip_config.vision.is_resnet() {
+            notes.push(format!(
+                "--mask-ratio {} is ignored: FLIP drops ViT patches and {} is a ResNet (as in \
+                 cn_clip)",
+                config.mask_ratio, config.vision_model
+            ));
+        }
         let ddp = match dist {
             Some(env) => {
                 let backend = match config.dist_backend.as_deref() {

@@ -9,7 +9,7 @@
 
 use crate::amp::GradScaler;
 use crate::freeze::Freeze;
-use crate::loss::{ContrastiveOutput, FeatureGather, LocalOnly, contrastive_loss};
+use crate::loss::{ContrastiveOutput, FeatureGather, LocalOnly, contrastive_loss_in};
 use crate::optim::{AdamW, AdamWConfig, clamp_logit_scale};
 use crate::schedule::CosineSchedule;
 use cnclip_model::Clip;
@@ -33,8 +33,14 @@ pub struct TrainerConfig {
     /// cn_clip's `--grad-checkpointing`: keep only block inputs and recompute each block in the
     /// backward pass (same gradients, less activation memory).
     pub grad_checkpointing: bool,
-    /// Numerics of the forward and backward; master weights stay fp32 in every mode.
+    /// Numerics of the forward, backward and update; master weights stay fp32 in every mode
+    /// except `Fp16`.
     pub precision: TrainPrecision,
+    /// cn_clip's `--mask-ratio` (FLIP): the share of ViT patch tokens dropped in every training
+    /// forward with gradient (not in the gradient-free caching pass of `--accum-freq`, not in
+    /// validation), from noise drawn after the dropout re-seed, so reproducible. 0 drops nothing;
+    /// ignored by a ResNet tower, as in cn_clip.
+    pub mask_ratio: f64,
 }
 
 /// cn_clip's `--precision` choices that keep fp32 master weights, plus bf16.
@@ -49,6 +55,14 @@ pub enum TrainPrecision {
     /// bf16 autocast on the model's device (GPU, or a CPU with bf16 kernels); bf16 keeps fp32's
     /// range, so no scaler. Not in cn_clip; its `--precision bf16` does not exist.
     Bf16,
+    /// cn_clip's `--precision fp16` (pure fp16, `main.py:106-107,140-141`): the trainer converts the
+    /// model with `convert_weights`' choice of tensors ([`cnclip_model::Precision::Fp16`]: every
+    /// linear/conv/attention projection, all of BERT and both projections to fp16; the vision
+    /// LayerNorms, class and positional embeddings and `logit_scale` stay fp32). No autocast, no
+    /// scaler, and no fp32 master copy: cn_clip never calls `convert_models_to_fp32` in this mode,
+    /// so its AdamW steps the fp16 parameters with fp16 moments (and fp16 gradients), as here. The
+    /// loss is taken in fp16 too (`nn.CrossEntropyLoss` on fp16 logits).
+    Fp16,
 }
 
 /// What one optimizer step did, as cn_clip logs it.
@@ -125,7 +139,15 @@ impl Trainer {
     }
 
     /// A trainer whose loss sees the rows `gather` assembles (DDP plugs in here).
-    pub fn with_gather(model: Clip, config: TrainerConfig, gather: Box<dyn FeatureGather>) -> Self {
+    pub fn with_gather(
+        mut model: Clip,
+        config: TrainerConfig,
+        gather: Box<dyn FeatureGather>,
+    ) -> Self {
+        if config.precision == TrainPrecision::Fp16 {
+            // Before the optimizer exists: its moments are zeros like the (converted) parameters.
+            model.set_precision(cnclip_model::Precision::Fp16);
+        }
         config.freeze.apply(&model);
         let optimizer = AdamW::for_model(&model, config.adamw);
         let scaler =
@@ -287,18 +309,27 @@ impl Trainer {
             Some(scaler) => scaler.scale(loss),
             None => loss.shallow_clone(),
         };
+        // FLIP: drawn here, after the re-seed, from torch's generator (cn_clip draws it in the
+        // forward); `None` at ratio 0 and for a ResNet.
+        let keep = self
+            .model
+            .flip_keep(images.size()[0], self.config.mask_ratio);
         // The backward recomputation of checkpointed blocks must run under the same autocast as
         // their forward, so both sit inside it.
         self.autocast(|| {
             if self.config.grad_checkpointing {
-                let fwd = self.model.forward_checkpointed(images, texts, true);
+                let fwd =
+                    self.model
+                        .forward_checkpointed_masked(images, texts, true, keep.as_ref());
                 let (img, txt) = rows(&fwd.image_features, &fwd.text_features);
                 let (out, seed) = self.loss_and_seed(&img, &txt, &fwd.logit_scale, &scaled)?;
                 check(&out)?;
                 fwd.backward(&self.model, &seed);
                 Ok(out)
             } else {
-                let (img, txt, scale) = self.model.forward_t(images, texts, true);
+                let (img, txt, scale) =
+                    self.model
+                        .forward_masked(images, texts, true, keep.as_ref());
                 let (img, txt) = rows(&img, &txt);
                 let (out, seed) = self.loss_and_seed(&img, &txt, &scale, &scaled)?;
                 check(&out)?;
@@ -322,8 +353,10 @@ impl Trainer {
         scaled: &dyn Fn(&Tensor) -> Tensor,
     ) -> Result<(ContrastiveOutput, Tensor), TrainError> {
         let gather = self.gather.as_ref();
+        // Pure fp16 takes the loss in fp16 as cn_clip does; the other modes in fp32.
+        let fp32_loss = self.config.precision != TrainPrecision::Fp16;
         if !gather.differentiable() {
-            let out = contrastive_loss(image, text, scale, gather)?;
+            let out = contrastive_loss_in(image, text, scale, gather, fp32_loss)?;
             let seed = scaled(&out.loss);
             return Ok((out, seed));
         }
@@ -333,7 +366,7 @@ impl Trainer {
             leaf(&gather.gather(&text.detach())?),
         );
         let scale_leaf = leaf(scale);
-        let out = contrastive_loss(&rows_image, &rows_text, &scale_leaf, &LocalOnly)?;
+        let out = contrastive_loss_in(&rows_image, &rows_text, &scale_leaf, &LocalOnly, fp32_loss)?;
         scaled(&out.loss).backward();
         let grad_image = gather.local_gradient(&rows_image.grad())?;
         let grad_text = gather.local_gradient(&rows_text.grad())?;
@@ -345,7 +378,7 @@ impl Trainer {
     /// Runs `f` under the autocast of the configured precision.
     fn autocast<T>(&self, f: impl FnOnce() -> T) -> Result<T, TrainError> {
         match self.config.precision {
-            TrainPrecision::Fp32 => Ok(f()),
+            TrainPrecision::Fp32 | TrainPrecision::Fp16 => Ok(f()),
             TrainPrecision::Amp => Ok(tch::autocast(true, f)),
             TrainPrecision::Bf16 => {
                 torch_ext::autocast(self.model.device(), tch::Kind::BFloat16, true, f)

@@ -63,6 +63,7 @@ fn five_steps_equal_cn_clip_main_py() {
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
+        mask_ratio: 0.0,
     };
     let mut trainer = Trainer::new(model, trainer_config);
     let (no_decay, decay) = trainer.optimizer().group_sizes();
@@ -221,6 +222,7 @@ fn logit_scale_is_clamped_after_each_step() {
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
+        mask_ratio: 0.0,
     };
     let mut trainer = Trainer::new(model, trainer_config);
     let images = Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, Device::Cpu));

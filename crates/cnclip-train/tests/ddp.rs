@@ -54,6 +54,7 @@ fn trainer_config() -> TrainerConfig {
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
+        mask_ratio: 0.0,
     }
 }
 

@@ -60,6 +60,7 @@ fn trainer_config(total_steps: u64, grad_checkpointing: bool) -> TrainerConfig {
         dropout_seed: Some(7),
         grad_checkpointing,
         precision: TrainPrecision::Fp32,
+        mask_ratio: 0.0,
     }
 }
 

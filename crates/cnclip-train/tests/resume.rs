@@ -35,6 +35,7 @@ fn trainer_config() -> TrainerConfig {
         dropout_seed: Some(2024),
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
+        mask_ratio: 0.0,
     }
 }
 

@@ -229,3 +229,65 @@ fn a_held_run_directory_is_refused_and_dead_writers_temporaries_are_removed() {
     // `steps` is the global step reached, which the checkpoint already had.
     assert_eq!((again.steps, again.last_loss), (1, None));
 }
+
+/// A whole run with `--precision fp16 --mask-ratio 0.5` (and validation): the checkpoints hold the
+/// fp16 weights as cn_clip's fp16 checkpoints do, validation runs on the fp16 model, and resuming
+/// from the step-2 checkpoint ends with the same weights bit for bit (the FLIP masks follow the
+/// position in the run, like dropout).
+#[test]
+fn fp16_flip_run_checkpoints_validates_and_resumes_exactly() {
+    let data = lmdb("fp16-flip");
+    let logs = temp("logs-fp16-flip");
+    let cfg = |logs: PathBuf| RunConfig {
+        precision: Precision::Fp16,
+        mask_ratio: 0.5,
+        // Above fp16's smallest normal number, so Adam's steps are not rounding noise (see
+        // tests/fixtures/make_fp16_loop_fixtures.py).
+        eps: Some(1e-4),
+        val_data: Some(data.clone()),
+        ..config(data.clone(), logs)
+    };
+    let summary = train(tiny_model(), &cfg(logs), None).unwrap();
+    assert_eq!(summary.steps, 5);
+    assert!(summary.last_loss.is_some_and(f64::is_finite));
+    let v = summary.last_validation.unwrap();
+    assert!(v.loss.is_finite() && v.score.r10 >= 80.0, "{v:?}");
+    let dir = summary.checkpoint_dir.clone().unwrap();
+    let saved: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(dir.join("epoch_latest.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(saved["visual.conv1.weight"].kind(), tch::Kind::Half);
+    assert_eq!(
+        saved["bert.embeddings.LayerNorm.weight"].kind(),
+        tch::Kind::Half
+    );
+    assert_eq!(saved["visual.ln_pre.weight"].kind(), tch::Kind::Float);
+    assert_eq!(saved["logit_scale"].kind(), tch::Kind::Float);
+
+    let logs2 = temp("logs-fp16-flip-resumed");
+    let dir2 = logs2.join("loop").join("checkpoints");
+    std::fs::create_dir_all(&dir2).unwrap();
+    for file in ["epoch_1_2.safetensors", "epoch_1_2.state.safetensors"] {
+        std::fs::copy(dir.join(file), dir2.join(file)).unwrap();
+    }
+    let resumed = train(tiny_model(), &cfg(logs2), Some("epoch_1_2")).unwrap();
+    assert_eq!(resumed.steps, 5);
+    let resumed_weights: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(
+            resumed
+                .checkpoint_dir
+                .unwrap()
+                .join("epoch_latest.safetensors"),
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
+    for (key, tensor) in &saved {
+        assert!(
+            tensor.equal(&resumed_weights[key]),
+            "{key} differs after resuming from step 2"
+        );
+    }
+}

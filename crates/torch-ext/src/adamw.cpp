@@ -45,3 +45,24 @@ extern "C" int cnclip_adamw_foreach(at::Tensor** params, at::Tensor** grads, at:
     return -1;
   }
 }
+
+// torch's single-tensor AdamW update, the path torch.optim.AdamW takes by default for CPU parameters:
+// the operations of torch/optim/adam.py `_single_tensor_adam` (decoupled weight decay, not capturable,
+// no amsgrad) on one parameter. `addcmul_`/`addcdiv_` take their `value` here, which tch cannot pass:
+// for fp16 and bf16 tensors the kernels multiply by it in fp32 and round once, so pre-scaling a
+// tensor instead would round one more time than torch does (for fp32 tensors both are the same).
+extern "C" int cnclip_adamw_single(at::Tensor* param, at::Tensor* grad, at::Tensor* exp_avg,
+                                   at::Tensor* exp_avg_sq, double lr, double beta1, double beta2,
+                                   double eps, double weight_decay, double bias_correction1,
+                                   double bias_correction2_sqrt) {
+  try {
+    if (weight_decay != 0) param->mul_(at::Scalar(1 - lr * weight_decay));
+    exp_avg->lerp_(*grad, at::Scalar(1 - beta1));
+    exp_avg_sq->mul_(at::Scalar(beta2)).addcmul_(*grad, *grad, at::Scalar(1 - beta2));
+    auto denom = exp_avg_sq->sqrt().div(at::Scalar(bias_correction2_sqrt)).add_(at::Scalar(eps));
+    param->addcdiv_(*exp_avg, denom, at::Scalar(-(lr / bias_correction1)));
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}

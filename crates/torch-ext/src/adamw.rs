@@ -21,6 +21,19 @@ unsafe extern "C" {
         bias_correction1: f64,
         bias_correction2_sqrt: f64,
     ) -> i32;
+    fn cnclip_adamw_single(
+        param: *mut c_void,
+        grad: *mut c_void,
+        exp_avg: *mut c_void,
+        exp_avg_sq: *mut c_void,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        bias_correction1: f64,
+        bias_correction2_sqrt: f64,
+    ) -> i32;
 }
 
 /// One AdamW step's constants for a parameter group.
@@ -43,6 +56,42 @@ pub enum ForeachError {
     Lengths([usize; 4]),
     #[error("libtorch rejected the foreach AdamW update (mixed devices or dtypes in one group?)")]
     Torch,
+}
+
+/// Updates one parameter and its moments in place from `grad`, as torch's `_single_tensor_adam`
+/// (torch.optim.AdamW's default for CPU parameters) with decoupled weight decay. Unlike a sequence
+/// of tch calls, `addcmul_`/`addcdiv_` get their scalar `value`, so fp16/bf16 tensors (cn_clip's
+/// `--precision fp16`) are rounded exactly where torch rounds them.
+pub fn adamw_single(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    step: AdamWStep,
+) -> Result<(), ForeachError> {
+    let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
+    // SAFETY: four valid `torch::Tensor*` that live across the call; the shim only reads through
+    // them (updates go to the shared storage) and catches every C++ exception.
+    let status = unsafe {
+        cnclip_adamw_single(
+            handle(param),
+            handle(grad),
+            handle(exp_avg),
+            handle(exp_avg_sq),
+            step.lr,
+            step.beta1,
+            step.beta2,
+            step.eps,
+            step.weight_decay,
+            step.bias_correction1,
+            step.bias_correction2_sqrt,
+        )
+    };
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(ForeachError::Torch)
+    }
 }
 
 /// Updates `params`, `exp_avgs` and `exp_avg_sqs` in place from `grads`, as torch's
@@ -100,6 +149,40 @@ pub fn adamw_foreach(
 mod tests {
     use super::*;
     use tch::{Device, Kind};
+
+    /// The single-tensor update is torch's per-parameter path; on the CPU the foreach kernels fall
+    /// back to the same per-tensor ops, so both must agree bit for bit, in fp32 and in fp16 (where
+    /// the scalar `value` of addcmul_/addcdiv_ is applied in fp32 before the one rounding).
+    #[test]
+    fn single_equals_foreach_in_fp32_and_fp16() {
+        for kind in [Kind::Float, Kind::Half] {
+            tch::manual_seed(1);
+            let make = || Tensor::randn([7, 5], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let (param, grad, m, v) = (make(), make() * 1e-3, make() * 1e-4, make().abs() * 1e-7);
+            let (p2, m2, v2, before) = (param.copy(), m.copy(), v.copy(), param.copy());
+            let step = AdamWStep {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.98,
+                eps: 1e-6,
+                weight_decay: 0.1,
+                bias_correction1: 1.0 - 0.9f64.powf(2.0),
+                bias_correction2_sqrt: (1.0 - 0.98f64.powf(2.0)).sqrt(),
+            };
+            adamw_single(&param, &grad, &m, &v, step).unwrap();
+            adamw_foreach(
+                &[p2.shallow_clone()],
+                &[grad.shallow_clone()],
+                &[m2.shallow_clone()],
+                &[v2.shallow_clone()],
+                step,
+            )
+            .unwrap();
+            assert_eq!(param.kind(), kind);
+            assert!(param.equal(&p2) && m.equal(&m2) && v.equal(&v2), "{kind:?}");
+            assert!(!param.equal(&before), "nothing moved");
+        }
+    }
 
     /// On the CPU the foreach kernels fall back to per-tensor ops with the same arithmetic, so the
     /// result must equal a hand-written single-tensor update exactly.

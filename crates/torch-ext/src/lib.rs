@@ -15,7 +15,7 @@ mod device;
 pub mod dist;
 mod view;
 
-pub use adamw::{AdamWStep, ForeachError, adamw_foreach};
+pub use adamw::{AdamWStep, ForeachError, adamw_foreach, adamw_single};
 pub use autocast::{AutocastError, autocast, autocast_state};
 pub use cuda::{cuda_init_error, init_cuda};
 pub use device::{DeviceError, DeviceSpec, parse_device};

@@ -33,7 +33,8 @@ pub enum Precision {
     /// fp32 master weights, fp16 autocast with a GradScaler (cn_clip's default).
     #[default]
     Amp,
-    /// cn_clip's pure fp16 (weights and optimizer in fp16).
+    /// cn_clip's pure fp16: the tensors its `convert_weights` casts are fp16, and AdamW steps
+    /// them with fp16 moments (no fp32 master copy, no scaler).
     Fp16,
     Fp32,
     /// bf16 autocast, fp32 master weights (not in cn_clip).
@@ -207,15 +208,16 @@ pub struct RunConfig {
     /// With --resume: start at epoch 1, step 0 instead of the checkpoint's position [default: off].
     #[arg(long = "reset-data-offset")]
     pub reset_data_offset: bool,
-    /// amp (fp16 autocast + GradScaler), fp32, bf16 (ours); fp16 (cn_clip's pure fp16) is not
-    /// supported yet.
+    /// amp (fp16 autocast + GradScaler), fp16 (cn_clip's pure fp16: fp16 weights as its
+    /// convert_weights, AdamW on them, no scaler; not with LoRA), fp32, bf16 (ours).
     #[arg(long, value_enum, default_value_t = Precision::Amp)]
     pub precision: Precision,
     /// cn_clip vision model name, or a path to a vision config JSON (a file named like a cn_clip
     /// model, e.g. `my/ViT-B-16.json`, gets that model's optimizer defaults).
     #[arg(long = "vision-model", default_value = "ViT-B-16")]
     pub vision_model: String,
-    /// FLIP patch dropping ratio; only 0 is supported yet.
+    /// FLIP: share of ViT patch tokens dropped at random in each training forward (not in
+    /// validation), in [0, 1); ignored by ResNet towers, as in cn_clip.
     #[arg(long = "mask-ratio", default_value_t = 0.0)]
     pub mask_ratio: f64,
     /// Initialise the vision tower from an OpenAI-CLIP state dict: not supported yet
@@ -518,14 +520,11 @@ impl RunConfig {
                 format!("{what} is not supported yet by this implementation"),
             ))
         };
-        if self.precision == Precision::Fp16 {
+        if self.precision == Precision::Fp16 && self.lora.is_some() {
             return unsupported(
                 "precision",
-                "fp16 (cn_clip's pure-fp16 weights; use amp, fp32 or bf16)",
+                "fp16 with LoRA adapters (cn_clip has no LoRA; use amp, fp32 or bf16)",
             );
-        }
-        if self.mask_ratio > 0.0 {
-            return unsupported("mask-ratio", "FLIP patch dropping (mask ratio above 0)");
         }
         if self.clip_weight_path.is_some() {
             return unsupported(
@@ -772,20 +771,36 @@ mod tests {
             }),
             Err("wd")
         );
+        // cn_clip's pure fp16 and FLIP are accepted; fp16 under LoRA (not in cn_clip) is not.
+        for accepted in [
+            RunConfig {
+                precision: Precision::Fp16,
+                ..ok.clone()
+            },
+            RunConfig {
+                mask_ratio: 0.5,
+                ..ok.clone()
+            },
+        ] {
+            assert_eq!(flag_of(accepted), Ok(()));
+        }
         assert_eq!(
             flag_of(RunConfig {
                 precision: Precision::Fp16,
+                lora: Some(LoraSettings::default()),
                 ..ok.clone()
             }),
             Err("precision")
         );
-        assert_eq!(
-            flag_of(RunConfig {
-                mask_ratio: 0.5,
-                ..ok.clone()
-            }),
-            Err("mask-ratio")
-        );
+        for bad_ratio in [1.0, -0.1, f64::NAN] {
+            assert_eq!(
+                flag_of(RunConfig {
+                    mask_ratio: bad_ratio,
+                    ..ok.clone()
+                }),
+                Err("mask-ratio")
+            );
+        }
         assert_eq!(
             flag_of(RunConfig {
                 distillation: true,

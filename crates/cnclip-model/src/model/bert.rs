@@ -53,20 +53,23 @@ impl BertLayer {
     /// Dropout (attention probabilities, and each sub-layer's output before its residual LayerNorm)
     /// is active only when `train` is true, as in cn_clip's `train()` mode.
     fn forward(&self, x: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        let context = multi_head_attention(
-            &self.query.forward_t(x, train),
-            &self.key.forward_t(x, train),
-            &self.value.forward_t(x, train),
-            self.heads,
-            Some(mask),
-            if train { self.attention_dropout } else { 0.0 },
+        let (q, k, v) = (
+            self.query.forward_t(x, train),
+            self.key.forward_t(x, train),
+            self.value.forward_t(x, train),
         );
+        let dropout = if train { self.attention_dropout } else { 0.0 };
+        let context = if x.kind() == Kind::Half {
+            stepwise_attention(&q, &k, &v, self.heads, mask, dropout)
+        } else {
+            multi_head_attention(&q, &k, &v, self.heads, Some(mask), dropout)
+        };
         let projected = self
             .attention_output
             .forward_t(&context, train)
             .dropout(self.hidden_dropout, train);
         let attended = self.attention_norm.forward(&(projected + x));
-        let hidden = self.intermediate.forward_t(&attended, train).gelu("none");
+        let hidden = erf_gelu(&self.intermediate.forward_t(&attended, train));
         let output = self
             .output
             .forward_t(&hidden, train)
@@ -185,5 +188,41 @@ impl Bert {
     pub(crate) fn slot(&self, name: &str) -> Option<&DeltaSlot> {
         let (j, module) = delta::indexed(name, "encoder.layer.")?;
         Some(&self.layers.get(j)?.linear(module)?.delta)
+    }
+}
+
+/// cn_clip's `BertSelfAttention` operation by operation (`modeling_bert.py:118-140`): `q·kᵀ`, then
+/// `/ sqrt(head_dim)`, `+ mask`, softmax, dropout, `· v`. In fp16 every step rounds to fp16, which
+/// the fused kernel (fp32 accumulation inside) does not; cn_clip's fp16 modes (inference on GPU,
+/// `--precision fp16` training) round this way, so fp16 takes this path to match them.
+fn stepwise_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: i64,
+    mask: &Tensor,
+    dropout: f64,
+) -> Tensor {
+    let (b, l, d) = q.size3().unwrap_or_default();
+    let split = |t: &Tensor| t.view([b, l, heads, d / heads]).permute([0, 2, 1, 3]);
+    let scores = split(q).matmul(&split(k).transpose(-1, -2)) / ((d / heads) as f64).sqrt();
+    let probs = (scores + mask)
+        .softmax(-1, None::<Kind>)
+        .dropout(dropout, dropout > 0.0);
+    probs
+        .matmul(&split(v))
+        .permute([0, 2, 1, 3])
+        .contiguous()
+        .view([b, l, d])
+}
+
+/// cn_clip's `gelu` (`modeling_bert.py:39-45`), `x · 0.5 · (1 + erf(x / √2))`: libtorch's exact
+/// GELU kernel in fp32 (same function, one rounding); in fp16 operation by operation, rounding
+/// where cn_clip's fp16 modes round.
+fn erf_gelu(x: &Tensor) -> Tensor {
+    if x.kind() == Kind::Half {
+        (x * 0.5) * ((x / std::f64::consts::SQRT_2).erf() + 1.0)
+    } else {
+        x.gelu("none")
     }
 }

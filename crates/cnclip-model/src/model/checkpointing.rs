@@ -27,6 +27,8 @@ pub struct CheckpointedForward {
     pub logit_scale: Tensor,
     images: Tensor,
     ids: Tensor,
+    /// FLIP's kept patches, re-applied when the embeddings are recomputed.
+    keep: Option<Tensor>,
     train: bool,
     seed_base: i64,
     /// Inputs of the ViT blocks and the leaf standing for the last block's output.
@@ -65,6 +67,18 @@ impl Clip {
         ids: &Tensor,
         train: bool,
     ) -> CheckpointedForward {
+        self.forward_checkpointed_masked(images, ids, train, None)
+    }
+
+    /// [`Clip::forward_checkpointed`] with FLIP's patch dropping (see [`Clip::forward_masked`]).
+    pub fn forward_checkpointed_masked(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        train: bool,
+        keep: Option<&Tensor>,
+    ) -> CheckpointedForward {
+        let keep = keep.map(|k| k.to_device(self.device()));
         let images = images.to_device(self.device());
         let ids = ids.to_device(self.device());
         let seed_base = tch::no_grad(|| {
@@ -75,7 +89,7 @@ impl Clip {
             Visual::Transformer(vit) => {
                 let mut inputs = Vec::with_capacity(vit.num_blocks());
                 let last = tch::no_grad(|| {
-                    let mut x = vit.embed(&images);
+                    let mut x = vit.embed(&images, keep.as_ref());
                     for i in 0..vit.num_blocks() {
                         inputs.push(x.shallow_clone());
                         reseed(seed_base ^ VISION_STREAM, i);
@@ -90,7 +104,7 @@ impl Clip {
                 )
             }
             Visual::ResNet(_) => (
-                super::clip::normalize(&self.encode_image_t(&images, train)),
+                super::clip::normalize(&self.encode_image_masked(&images, train, keep.as_ref())),
                 None,
             ),
         };
@@ -118,6 +132,7 @@ impl Clip {
             logit_scale: self.logit_scale_exp(),
             images,
             ids,
+            keep,
             train,
             seed_base,
             vision,
@@ -150,7 +165,7 @@ impl CheckpointedForward {
                 grad = x.grad();
             }
             if grad.defined() {
-                backward_with(&vit.embed(&self.images), &grad);
+                backward_with(&vit.embed(&self.images, self.keep.as_ref()), &grad);
             }
         }
         let bert = model.bert();

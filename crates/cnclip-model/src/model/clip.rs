@@ -95,9 +95,11 @@ pub enum Visual {
 }
 
 impl Visual {
-    fn forward(&self, image: &Tensor, train: bool) -> Tensor {
+    /// `keep` (FLIP) reaches the ViT only: cn_clip's `encode_image` drops `mask_ratio` for the
+    /// ResNet (`model.py:391-393`).
+    fn forward(&self, image: &Tensor, train: bool, keep: Option<&Tensor>) -> Tensor {
         match self {
-            Visual::Transformer(v) => v.forward(image, train),
+            Visual::Transformer(v) => v.forward(image, train, keep),
             Visual::ResNet(r) => r.forward(image),
         }
     }
@@ -320,7 +322,35 @@ impl Clip {
     /// [`Clip::encode_image`] in training mode when `train` is true. cn_clip's vision towers have
     /// no dropout, so `train` only reaches adapter deltas (e.g. LoRA dropout).
     pub fn encode_image_t(&self, images: &Tensor, train: bool) -> Tensor {
-        self.visual.forward(&images.to_device(self.device()), train)
+        self.encode_image_masked(images, train, None)
+    }
+
+    /// [`Clip::encode_image_t`] with FLIP's patch dropping: the ViT keeps only the class token and
+    /// the patch tokens `keep` names (`[N, len_keep]`, from [`Clip::flip_keep`] or
+    /// [`super::flip_keep_indices`]). Ignored by the ResNet, as in cn_clip.
+    pub fn encode_image_masked(
+        &self,
+        images: &Tensor,
+        train: bool,
+        keep: Option<&Tensor>,
+    ) -> Tensor {
+        self.visual
+            .forward(&images.to_device(self.device()), train, keep)
+    }
+
+    /// FLIP's kept patches for a batch of `batch` images at `mask_ratio`, from noise drawn like
+    /// cn_clip's `random_masking` (`torch.rand(N, L−1)` on the model's device, from torch's global
+    /// generator, which the trainer seeds). `None` when nothing is dropped: a ratio of 0 (cn_clip
+    /// skips the masking then) or a ResNet tower.
+    pub fn flip_keep(&self, batch: i64, mask_ratio: f64) -> Option<Tensor> {
+        match &self.visual {
+            Visual::Transformer(vit) if mask_ratio != 0.0 => {
+                let noise =
+                    Tensor::rand([batch, vit.num_tokens() - 1], (Kind::Float, self.device()));
+                Some(super::flip_keep_indices(&noise, mask_ratio))
+            }
+            _ => None,
+        }
     }
 
     /// `[N, L]` token ids (PAD 0) → `[N, embed_dim]` unnormalised features.
@@ -434,8 +464,20 @@ impl Clip {
         ids: &Tensor,
         train: bool,
     ) -> (Tensor, Tensor, Tensor) {
+        self.forward_masked(images, ids, train, None)
+    }
+
+    /// [`Clip::forward_t`] with FLIP's patch dropping in the vision tower (cn_clip's
+    /// `forward(image, text, mask_ratio)`; see [`Clip::encode_image_masked`]).
+    pub fn forward_masked(
+        &self,
+        images: &Tensor,
+        ids: &Tensor,
+        train: bool,
+        keep: Option<&Tensor>,
+    ) -> (Tensor, Tensor, Tensor) {
         (
-            normalize(&self.encode_image_t(images, train)),
+            normalize(&self.encode_image_masked(images, train, keep)),
             normalize(&self.encode_text_t(ids, train)),
             self.logit_scale_exp(),
         )

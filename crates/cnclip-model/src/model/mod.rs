@@ -12,4 +12,4 @@ mod vit;
 pub use checkpointing::CheckpointedForward;
 pub use clip::{Clip, ModelError, Precision, Visual};
 pub use delta::{DeltaSlot, LinearDelta, LinearSite, WeightLayout};
-pub use vit::resize_positional_embedding;
+pub use vit::{flip_keep_indices, resize_positional_embedding};

@@ -169,17 +169,25 @@ impl VisionTransformer {
     }
 
     /// `[N, 3, R, R]` images → `[N, embed_dim]` unnormalised features.
-    /// `train` only reaches adapter deltas (the tower itself has no dropout).
-    pub fn forward(&self, image: &Tensor, train: bool) -> Tensor {
-        let mut x = self.embed(image);
+    /// `train` only reaches adapter deltas (the tower itself has no dropout). `keep`: FLIP's kept
+    /// patch tokens (see [`flip_keep_indices`]); `None` keeps all of them.
+    pub fn forward(&self, image: &Tensor, train: bool, keep: Option<&Tensor>) -> Tensor {
+        let mut x = self.embed(image, keep);
         for block in &self.blocks {
             x = block.forward(&x, train);
         }
         self.head(&x, train)
     }
 
-    /// Patch embedding, class token, positions and `ln_pre`: the input of block 0.
-    pub(crate) fn embed(&self, image: &Tensor) -> Tensor {
+    /// Tokens per image before masking, the class token included (`L = grid² + 1`).
+    pub fn num_tokens(&self) -> i64 {
+        self.positional_embedding.size()[0]
+    }
+
+    /// Patch embedding, class token, positions, FLIP's patch dropping when `keep` is given (cn_clip
+    /// masks after the positions and before `ln_pre`, `model.py:274-277`), and `ln_pre`: the input
+    /// of block 0.
+    pub(crate) fn embed(&self, image: &Tensor, keep: Option<&Tensor>) -> Tensor {
         let kind = self.dtype();
         let x = image.to_kind(kind).conv2d(
             &self.conv1,
@@ -197,6 +205,10 @@ impl VisionTransformer {
             .view([1, 1, width])
             .expand([n, 1, width], false);
         let x = Tensor::cat(&[cls, x], 1) + self.positional_embedding.to_kind(kind);
+        let x = match keep {
+            Some(keep) => keep_tokens(&x, keep),
+            None => x,
+        };
         self.ln_pre.forward(&x)
     }
 
@@ -231,6 +243,33 @@ impl VisionTransformer {
         let (i, module) = delta::indexed(name, "transformer.resblocks.")?;
         self.blocks.get(i)?.slot(module)
     }
+}
+
+/// FLIP's kept patch tokens from `noise` (`[N, L−1]`, one uniform number per patch), as cn_clip's
+/// `VisualTransformer.random_masking` (`model.py:252-266`) derives them: the
+/// `int((L−1)·(1−mask_ratio))` patches with the smallest noise, in increasing order of noise, as
+/// 1-based token indices (token 0 is the class token, always kept). `[N, len_keep]` int64.
+pub fn flip_keep_indices(noise: &Tensor, mask_ratio: f64) -> Tensor {
+    let patches = noise.size().last().copied().unwrap_or(0);
+    // Python's `int((L - 1) * (1 - mask_ratio))`: a float64 product truncated toward zero.
+    let len_keep = ((patches as f64) * (1.0 - mask_ratio)) as i64;
+    let len_keep = len_keep.clamp(0, patches);
+    // torch.argsort(noise, dim=1): the default, not necessarily stable sort (ties have probability
+    // ~2⁻²⁴ per pair with float32 uniform noise).
+    (noise.argsort(1, false) + 1).narrow(1, 0, len_keep)
+}
+
+/// `[N, L, W]` tokens → `[N, 1 + len_keep, W]`: the class token, then the tokens `keep` names
+/// (`random_masking`'s gather and concatenation).
+fn keep_tokens(x: &Tensor, keep: &Tensor) -> Tensor {
+    let width = x.size()[2];
+    let (n, len_keep) = (keep.size()[0], keep.size()[1]);
+    let index = keep
+        .to_device(x.device())
+        .unsqueeze(-1)
+        .expand([n, len_keep, width], false);
+    let kept = x.gather(1, &index, false);
+    Tensor::cat(&[x.narrow(1, 0, 1), kept], 1)
 }
 
 /// Resizes a `[1 + g_old², W]` positional embedding to `[1 + g_new², W]` as cn_clip's
