@@ -21,6 +21,7 @@ mod pt;
 mod state_dict;
 
 pub use error::WeightsError;
+pub(crate) use hf::read_hf_weights;
 pub use hf::{hf_config_to_clip, hf_module_name, import_hf};
 pub use native::{
     NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
