@@ -263,7 +263,18 @@ fn bad_settings_are_refused_before_any_work() {
         (vec!["--batch-size=100000"], "--batch-size"),
         (vec!["--precision=fp16"], "--precision"),
         (vec!["--mask-ratio=0.5"], "--mask-ratio"),
-        (vec!["--distillation"], "--distillation"),
+        (vec!["--distillation"], "--teacher-model-name"),
+        (
+            vec![
+                "--distillation",
+                "--teacher-model-name=damo/multi-modal_clip-vit-huge-patch14_zh",
+            ],
+            "--teacher-model-name",
+        ),
+        (
+            vec!["--clip-weight-path=no/such/ViT-B-16.pt"],
+            "--clip-weight-path",
+        ),
     ] {
         let (ok, err) = base(&extra);
         assert!(!ok, "{extra:?} should be refused");

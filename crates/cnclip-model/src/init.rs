@@ -133,7 +133,22 @@ pub fn read_init_file(source: InitSource, path: &Path) -> Result<(PathBuf, State
         let (sd, _) = weights::read_safetensors(path).map_err(weights)?;
         return Ok((path.to_path_buf(), sd));
     }
-    let pt = weights::read_pt(path).map_err(weights)?;
+    let pt = weights::read_pt(path).map_err(|e| match e {
+        // torch.load gives cn_clip a ScriptModule here, which restore_model cannot iterate.
+        WeightsError::UnknownGlobal { ref module, .. } if module.starts_with("__torch__") => {
+            InitError::Nothing {
+                flag,
+                path: path.to_path_buf(),
+                reason: format!(
+                    "a TorchScript archive (as OpenAI's released .pt files are), not a state \
+                     dict; extract its weights first: torch.save(torch.jit.load(f, \
+                     map_location=\"cpu\").state_dict(), \"state_dict.pt\"); expected {}",
+                    source.expected()
+                ),
+            }
+        }
+        other => weights(other),
+    })?;
     if !pt.bare_state_dict {
         return Err(InitError::Nothing {
             flag,

@@ -138,6 +138,11 @@ fn mismatched_files_are_refused_naming_file_and_key() {
             && e.contains("bert.*"),
         "{e}"
     );
+    let e = error_of(Some("torchscript.pt"), None);
+    assert!(
+        e.contains("torchscript.pt") && e.contains("TorchScript") && e.contains("torch.jit.load"),
+        "{e}"
+    );
     // The vision file given as the BERT file: nothing in it starts with `bert`.
     let e = error_of(None, Some("openai_clip.pt"));
     assert!(

@@ -111,6 +111,7 @@ impl Session {
                 ),
             }));
         }
+        check_init_files(&config)?;
         crate::run::check_data(&config, dist.map_or(1, |d| d.world_size as u64))?;
         let ddp = match dist {
             Some(env) => {
@@ -259,16 +260,6 @@ fn pretrained_init(
 ) -> Result<(), RunError> {
     let clip = config.clip_weight_path.as_deref();
     let bert = config.bert_weight_path.as_deref();
-    for (flag, path) in [("clip-weight-path", clip), ("bert-weight-path", bert)] {
-        if let Some(path) = path
-            && !path.exists()
-        {
-            return Err(RunError::Setting(crate::run::SettingError {
-                flag,
-                message: format!("{} does not exist", path.display()),
-            }));
-        }
-    }
     if clip.is_none() && bert.is_none() {
         return Ok(());
     }
@@ -306,6 +297,24 @@ fn pretrained_init(
             },
             ignored
         ));
+    }
+    Ok(())
+}
+
+/// cn_clip asserts the init files exist, whatever replaces them later: checked before any work.
+fn check_init_files(config: &RunConfig) -> Result<(), RunError> {
+    for (flag, path) in [
+        ("clip-weight-path", &config.clip_weight_path),
+        ("bert-weight-path", &config.bert_weight_path),
+    ] {
+        if let Some(path) = path
+            && !path.exists()
+        {
+            return Err(RunError::Setting(crate::run::SettingError {
+                flag,
+                message: format!("{} does not exist", path.display()),
+            }));
+        }
     }
     Ok(())
 }

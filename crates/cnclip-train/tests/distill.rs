@@ -73,10 +73,8 @@ fn kd_loss_equals_cn_clips_cosine_similarity_loss() {
     }
 }
 
-#[test]
-fn three_steps_with_a_teacher_equal_cn_clip() {
-    let r = reference();
-    let config = TrainerConfig {
+fn trainer_config(accum_freq: usize) -> TrainerConfig {
+    TrainerConfig {
         schedule: CosineSchedule {
             base_lr: 1e-3,
             warmup: 1,
@@ -88,13 +86,18 @@ fn three_steps_with_a_teacher_equal_cn_clip() {
             eps: 1e-6,
             weight_decay: 0.2,
         },
-        accum_freq: 1,
+        accum_freq,
         freeze: Freeze::NONE,
         dropout_seed: None,
         grad_checkpointing: false,
         precision: TrainPrecision::Fp32,
-    };
-    let mut trainer = Trainer::new(tiny_model(), config);
+    }
+}
+
+#[test]
+fn three_steps_with_a_teacher_equal_cn_clip() {
+    let r = reference();
+    let mut trainer = Trainer::new(tiny_model(), trainer_config(1));
     trainer.set_distillation(Teacher::new(teacher_model()), 0.5);
     let expected = &r["steps.loss"];
     // One forward + backward pass of the tiny models differs between two correct implementations
@@ -157,6 +160,40 @@ fn three_steps_with_a_teacher_equal_cn_clip() {
         (left_out as f64) < 0.02 * total as f64,
         "{left_out} of {total} weights are noise-driven: the comparison would cover too little"
     );
+}
+
+/// cn_clip's `--accum-freq` with a teacher: the teacher's rows of every micro-batch stand beside
+/// the student's, so two micro-batches of 2 give the loss of one batch of 4.
+#[test]
+fn accumulated_micro_batches_distil_like_one_batch() {
+    let r = reference();
+    let mut whole = Trainer::new(tiny_model(), trainer_config(1));
+    let mut split = Trainer::new(tiny_model(), trainer_config(2));
+    whole.set_distillation(Teacher::new(teacher_model()), 0.5);
+    split.set_distillation(Teacher::new(teacher_model()), 0.5);
+    // As in the steps above: one pass's rounding (ρ) per step, weights apart by lr·2ρ.
+    let rho = common::tiny_rounding_bound();
+    for step in 0..3 {
+        let images = &r[&format!("steps.images.{step}")];
+        let texts = &r[&format!("steps.texts.{step}")];
+        let a = whole.train_batch(images, texts).unwrap().unwrap();
+        assert!(
+            split
+                .train_batch(&images.narrow(0, 0, 2), &texts.narrow(0, 0, 2))
+                .unwrap()
+                .is_none()
+        );
+        let b = split
+            .train_batch(&images.narrow(0, 2, 2), &texts.narrow(0, 2, 2))
+            .unwrap()
+            .unwrap();
+        assert!(
+            (a.loss - b.loss).abs() <= 2.0 * rho * a.loss.abs(),
+            "step {step}: {} vs {}",
+            a.loss,
+            b.loss
+        );
+    }
 }
 
 fn run_config(tag: &str, configs: &str) -> RunConfig {
