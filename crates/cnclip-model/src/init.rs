@@ -166,7 +166,9 @@ pub fn read_init_file(source: InitSource, path: &Path) -> Result<(PathBuf, State
 impl Clip {
     /// cn_clip's initialisation from pretrained towers (see the module doc): `clip` and `bert` are
     /// the paths of `--clip-weight-path` and `--bert-weight-path`. Every file is read and checked
-    /// before the model changes; on error the model is as it was.
+    /// before the model changes; on error the model is as it was. With neither, only
+    /// `convert_weights`' fp16 rounding is applied: cn_clip's `main.py` calls `load()` for a
+    /// model from scratch too.
     pub fn init_from_pretrained(
         &mut self,
         clip: Option<&Path>,
@@ -249,9 +251,6 @@ impl Clip {
                 });
             }
             reports.push(report);
-        }
-        if reports.is_empty() {
-            return Ok(reports);
         }
         // convert_weights: the whole model's converted weights become fp16 (and fp32 again).
         self.set_precision(Precision::Fp32Fp16Rounded);

@@ -101,6 +101,28 @@ fn one_tower_alone_leaves_the_other_random() {
     assert!(!after.equal(&before), "the random init was rounded");
 }
 
+#[test]
+fn no_file_still_rounds_like_cn_clips_load() {
+    // main.py calls load(model, clip_path=None, bert_path=None) for a model from scratch.
+    let mut model = tiny();
+    let before = model.named_tensors();
+    let before: Vec<(String, Tensor)> = before.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+    assert!(model.init_from_pretrained(None, None).unwrap().is_empty());
+    let after = model.named_tensors();
+    for (key, t) in before {
+        let rounded = key != "logit_scale"
+            && !key.contains("ln_")
+            && !key.ends_with("embedding")
+            && key.starts_with("visual.");
+        let expected = if rounded || key.starts_with("bert.") || key == "text_projection" {
+            t.to_kind(Kind::Half).to_kind(Kind::Float)
+        } else {
+            t
+        };
+        assert!(after[&key].equal(&expected), "{key}");
+    }
+}
+
 fn error_of(clip: Option<&str>, bert: Option<&str>) -> String {
     let mut model = tiny();
     let before = model.named_tensors()["visual.conv1.weight"].copy();

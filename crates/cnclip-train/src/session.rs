@@ -16,8 +16,9 @@
 //! 3. Otherwise `--resume` names initial weights (official `.pt`, HF directory, native file): a
 //!    `.pt`'s `epoch`/`step`/`optimizer` entries are not read (they hold pretraining's position,
 //!    which cn_clip's finetune scripts reset anyway with both flags).
-//! 4. Nothing: random initial weights drawn from `--seed`, then, with `--clip-weight-path` /
-//!    `--bert-weight-path`, cn_clip's `restore_model` initialisation from those files
+//! 4. Nothing: random initial weights drawn from `--seed`, then cn_clip's `load()`: the weights
+//!    `convert_weights` touches rounded to fp16 and, with `--clip-weight-path` /
+//!    `--bert-weight-path`, `restore_model`'s initialisation from those files
 //!    ([`cnclip_model::init`]). In cn_clip the resume loads after them and replaces every weight,
 //!    so with 1–3 they are not used (only checked to exist, as cn_clip asserts).
 //!
@@ -249,9 +250,11 @@ impl Session {
     }
 }
 
-/// `--clip-weight-path` / `--bert-weight-path`: applied to a model of random weights; with a
-/// resume (explicit or a run's own checkpoint) they are only checked to exist, as in cn_clip,
-/// whose resume then replaces every weight.
+/// `--clip-weight-path` / `--bert-weight-path`: applied to a model of random weights (with
+/// neither, the random weights are still rounded to fp16 where cn_clip's `convert_weights` rounds
+/// them, since main.py calls `load()` for a model from scratch too); with a resume (explicit or a
+/// run's own checkpoint) they are only checked to exist, as in cn_clip, whose resume then replaces
+/// every weight.
 fn pretrained_init(
     config: &RunConfig,
     resume: Option<&Resume>,
@@ -260,15 +263,15 @@ fn pretrained_init(
 ) -> Result<(), RunError> {
     let clip = config.clip_weight_path.as_deref();
     let bert = config.bert_weight_path.as_deref();
-    if clip.is_none() && bert.is_none() {
-        return Ok(());
-    }
     let replaced_by = match (resume, &config.resume) {
         (Some(r), _) => Some(r.dir.join(&r.stem).display().to_string()),
         (None, Some(path)) => Some(path.display().to_string()),
         (None, None) => None,
     };
     if let Some(source) = replaced_by {
+        if clip.is_none() && bert.is_none() {
+            return Ok(());
+        }
         notes.push(format!(
             "--clip-weight-path/--bert-weight-path are not used: the weights of {source} replace              them (cn_clip loads the resume after them)"
         ));
