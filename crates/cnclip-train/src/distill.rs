@@ -4,7 +4,9 @@
 //! `kd_loss_weight · (1 − mean_rows cos(teacher, resize(student)))`, where the student's
 //! normalised image features `[N, D_s]` are resized bilinearly, as a one-channel `N × D_s` image,
 //! to the teacher's `[N, D_t]`. Under data parallelism both are gathered like the contrastive
-//! loss's rows.
+//! loss's rows. (With `--gather-with-grad`, cn_clip gathers the student's rows in rank order but
+//! the teacher's with the local rows first, so on ranks other than 0 its rows are paired with
+//! another rank's teacher features; here both use the same order, so every row meets its own.)
 //!
 //! cn_clip's teachers are ModelScope hub models (a CLIP's `encode_image`: unnormalised image
 //! features). Here the teacher is a local checkpoint of any architecture this program loads, and
