@@ -264,7 +264,18 @@ fn bad_settings_are_refused_before_any_work() {
         (vec!["--batch-size=100000"], "--batch-size"),
         (vec!["--precision=fp16", "--lora-rank=4"], "--precision"),
         (vec!["--mask-ratio=1"], "--mask-ratio"),
-        (vec!["--distillation"], "--distillation"),
+        (vec!["--distillation"], "--teacher-model-name"),
+        (
+            vec![
+                "--distillation",
+                "--teacher-model-name=damo/multi-modal_clip-vit-huge-patch14_zh",
+            ],
+            "--teacher-model-name",
+        ),
+        (
+            vec!["--clip-weight-path=no/such/ViT-B-16.pt"],
+            "--clip-weight-path",
+        ),
     ] {
         let (ok, err) = base(&extra);
         assert!(!ok, "{extra:?} should be refused");

@@ -12,6 +12,7 @@
 //! soup. Everything else builds on this crate, never the other way round.
 
 pub mod config;
+pub mod init;
 pub mod load;
 pub mod model;
 pub mod preprocess;
@@ -21,5 +22,6 @@ pub mod zeroshot;
 mod zeroshot_templates;
 
 pub use config::ClipConfig;
+pub use init::{InitError, InitReport, InitSource};
 pub use load::{LoadError, LoadOptions, WeightFormat};
 pub use model::{Clip, Precision};

@@ -83,6 +83,7 @@
 pub mod amp;
 pub mod checkpoint;
 pub mod ddp;
+pub mod distill;
 pub mod freeze;
 pub mod loss;
 pub mod metrics;

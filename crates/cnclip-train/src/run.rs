@@ -9,6 +9,7 @@
 
 use crate::checkpoint::{self, CheckpointError, RunPosition};
 use crate::ddp::{Ddp, DdpError};
+use crate::distill::Teacher;
 use crate::freeze::{Freeze, TowerFreeze};
 use crate::metrics::MetricsError;
 use crate::observe::{
@@ -201,7 +202,7 @@ fn own_checkpoint(config: &RunConfig, stem: Option<&str>) -> Result<Option<Resum
 
 /// The whole run: `model` trained as `config` says, continuing `resume` when given, as one rank of
 /// `ddp` when given, reporting to `observer` (rank 0 only). Refuses settings that cannot train
-/// before reading any data.
+/// before reading any data. With `--distillation`, the teacher is loaded from the config.
 pub fn run(
     model: Clip,
     config: &RunConfig,
@@ -210,6 +211,31 @@ pub fn run(
     observer: &mut dyn Observer,
 ) -> Result<RunSummary, RunError> {
     config.check()?;
+    let teacher = if config.distillation {
+        Some(Teacher::load(config, model.config(), model.device())?)
+    } else {
+        None
+    };
+    run_with_teacher(model, teacher, config, resume, ddp, observer)
+}
+
+/// [`run`] with the distillation teacher already loaded (`Some` exactly when
+/// `config.distillation`).
+pub fn run_with_teacher(
+    model: Clip,
+    teacher: Option<Teacher>,
+    config: &RunConfig,
+    resume: Option<&Resume>,
+    ddp: Option<&Ddp>,
+    observer: &mut dyn Observer,
+) -> Result<RunSummary, RunError> {
+    config.check()?;
+    if teacher.is_some() != config.distillation {
+        return Err(setting(
+            "distillation",
+            "a teacher is given exactly when --distillation is on".into(),
+        ));
+    }
     let world = ddp.map_or(1, |d| d.world_size());
     config.check_world(world, model.config().vision.is_resnet())?;
     check_model(config, &model)?;
@@ -225,6 +251,7 @@ pub fn run(
         let transform = TrainTransform::new(size, 0).map_err(|e| RunError::Setup(e.to_string()))?;
         train_with(
             model,
+            teacher,
             config,
             resume,
             split,
@@ -237,6 +264,7 @@ pub fn run(
         let transform = Preprocessor::new(size).map_err(|e| RunError::Setup(e.to_string()))?;
         train_with(
             model,
+            teacher,
             config,
             resume,
             split,
@@ -371,6 +399,7 @@ fn write_params(config: &RunConfig, dir: &Path) -> Result<(), RunError> {
 #[allow(clippy::too_many_arguments)]
 fn train_with<T: ImageTransform + 'static>(
     model: Clip,
+    teacher: Option<Teacher>,
     config: &RunConfig,
     resume: Option<&Resume>,
     split: Arc<LmdbSplit>,
@@ -455,6 +484,9 @@ fn train_with<T: ImageTransform + 'static>(
         }
         None => (make_trainer(model), fresh),
     };
+    if let Some(teacher) = teacher {
+        trainer.set_distillation(teacher, config.kd_loss_weight);
+    }
     if let Some(d) = ddp {
         // DDP's constructor: every rank starts from rank 0's weights; resumed ranks must agree.
         d.broadcast_model(trainer.model())?;

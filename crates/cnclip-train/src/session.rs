@@ -16,7 +16,14 @@
 //! 3. Otherwise `--resume` names initial weights (official `.pt`, HF directory, native file): a
 //!    `.pt`'s `epoch`/`step`/`optimizer` entries are not read (they hold pretraining's position,
 //!    which cn_clip's finetune scripts reset anyway with both flags).
-//! 4. Nothing: random initial weights drawn from `--seed`.
+//! 4. Nothing: random initial weights drawn from `--seed`, then cn_clip's `load()`: the weights
+//!    `convert_weights` touches rounded to fp16 and, with `--clip-weight-path` /
+//!    `--bert-weight-path`, `restore_model`'s initialisation from those files
+//!    ([`cnclip_model::init`]). In cn_clip the resume loads after them and replaces every weight,
+//!    so with 1–3 they are not used (only checked to exist, as cn_clip asserts).
+//!
+//! With `--distillation` the teacher (`--teacher-model-name`, a local checkpoint) is loaded here
+//! too, so a wrong path or architecture fails before any data is read.
 //!
 //! A LoRA run trains adapters on top of `--resume`, which is then always its base weights.
 //!
@@ -41,6 +48,7 @@
 
 use crate::checkpoint;
 use crate::ddp::{Ddp, DistEnv, GatherMode};
+use crate::distill::Teacher;
 use crate::observe::Observer;
 use crate::run::{Resume, RunConfig, RunError, RunSummary, check_model};
 use cnclip_model::{Clip, ClipConfig, LoadOptions, WeightFormat};
@@ -53,6 +61,7 @@ pub struct Session {
     model: Clip,
     resume: Option<Resume>,
     ddp: Option<Ddp>,
+    teacher: Option<Teacher>,
     notes: Vec<String>,
     /// The run directory's lock (main process of a run that saves), held until the run ends.
     _lock: Option<crate::run_lock::RunDirLock>,
@@ -105,6 +114,7 @@ impl Session {
                 ),
             }));
         }
+        check_init_files(&config)?;
         crate::run::check_data(&config, dist.map_or(1, |d| d.world_size as u64))?;
         // After the checks that refuse settings (a refused run writes nothing), before anything
         // in the run directory is read or written (the resume decision reads `epoch_latest`):
@@ -193,6 +203,21 @@ impl Session {
             }
             (None, None) => Clip::new(&clip_config, device),
         };
+        pretrained_init(&config, resume.as_ref(), &mut model, &mut notes)?;
+        let teacher = if config.distillation {
+            let teacher = Teacher::load(&config, &clip_config, device)?;
+            let vision = &teacher.model().config().vision;
+            notes.push(format!(
+                "distillation: teacher {} ({}-wide image features, student {}), kd_loss_weight {}",
+                config.teacher_model_name.as_deref().unwrap_or_default(),
+                vision.embed_dim,
+                clip_config.vision.embed_dim,
+                config.kd_loss_weight
+            ));
+            Some(teacher)
+        } else {
+            None
+        };
         if let Some(lora) = &lora {
             let report = cnclip_lora::inject(&mut model, lora).map_err(setup)?;
             notes.push(format!(
@@ -208,6 +233,7 @@ impl Session {
             model,
             resume,
             ddp,
+            teacher,
             notes,
             _lock: lock,
         })
@@ -239,14 +265,87 @@ impl Session {
     /// Trains, reporting to `observer` (rank 0 only).
     pub fn run(self, observer: &mut dyn Observer) -> Result<RunSummary, RunError> {
         // `self._lock` lives until this returns.
-        crate::run::run(
+        crate::run::run_with_teacher(
             self.model,
+            self.teacher,
             &self.config,
             self.resume.as_ref(),
             self.ddp.as_ref(),
             observer,
         )
     }
+}
+
+/// `--clip-weight-path` / `--bert-weight-path`: applied to a model of random weights (with
+/// neither, the random weights are still rounded to fp16 where cn_clip's `convert_weights` rounds
+/// them, since main.py calls `load()` for a model from scratch too); with a resume (explicit or a
+/// run's own checkpoint) they are only checked to exist, as in cn_clip, whose resume then replaces
+/// every weight.
+fn pretrained_init(
+    config: &RunConfig,
+    resume: Option<&Resume>,
+    model: &mut Clip,
+    notes: &mut Vec<String>,
+) -> Result<(), RunError> {
+    let clip = config.clip_weight_path.as_deref();
+    let bert = config.bert_weight_path.as_deref();
+    let replaced_by = match (resume, &config.resume) {
+        (Some(r), _) => Some(r.dir.join(&r.stem).display().to_string()),
+        (None, Some(path)) => Some(path.display().to_string()),
+        (None, None) => None,
+    };
+    if let Some(source) = replaced_by {
+        if clip.is_none() && bert.is_none() {
+            return Ok(());
+        }
+        notes.push(format!(
+            "--clip-weight-path/--bert-weight-path are not used: the weights of {source} replace              them (cn_clip loads the resume after them)"
+        ));
+        return Ok(());
+    }
+    let reports = model.init_from_pretrained(clip, bert).map_err(setup)?;
+    for r in reports {
+        let ignored = if r.ignored.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} key(s) of it not in the model and ignored, as cn_clip: {}",
+                r.ignored.len(),
+                r.ignored.join(", ")
+            )
+        };
+        notes.push(format!(
+            "--{}: {} weights initialised from {}{}{}",
+            r.source.flag(),
+            r.loaded.len(),
+            r.path.display(),
+            if r.resized_positional_embedding {
+                " (positional embedding resized to this model's grid)"
+            } else {
+                ""
+            },
+            ignored
+        ));
+    }
+    Ok(())
+}
+
+/// cn_clip asserts the init files exist, whatever replaces them later: checked before any work.
+fn check_init_files(config: &RunConfig) -> Result<(), RunError> {
+    for (flag, path) in [
+        ("clip-weight-path", &config.clip_weight_path),
+        ("bert-weight-path", &config.bert_weight_path),
+    ] {
+        if let Some(path) = path
+            && !path.exists()
+        {
+            return Err(RunError::Setting(crate::run::SettingError {
+                flag,
+                message: format!("{} does not exist", path.display()),
+            }));
+        }
+    }
+    Ok(())
 }
 
 fn setting(flag: &'static str, message: &str) -> RunError {

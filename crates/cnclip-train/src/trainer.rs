@@ -8,6 +8,7 @@
 //! and the optimizer.
 
 use crate::amp::GradScaler;
+use crate::distill::{Teacher, cosine_similarity_loss};
 use crate::freeze::Freeze;
 use crate::loss::{ContrastiveOutput, FeatureGather, LocalOnly, contrastive_loss_in};
 use crate::optim::{AdamW, AdamWConfig, clamp_logit_scale};
@@ -121,6 +122,10 @@ pub struct Trainer {
     scaler: Option<GradScaler>,
     /// Micro-batches of the current accumulation group: inputs and their gradient-free features.
     pending: Vec<(Tensor, Tensor, Tensor, Tensor)>,
+    /// `--distillation`: the teacher and `--kd_loss_weight`.
+    distillation: Option<(Teacher, f64)>,
+    /// The teacher's features of the pending micro-batches.
+    pending_teacher: Vec<Tensor>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -161,7 +166,20 @@ impl Trainer {
             gather,
             sync: None,
             pending: Vec::new(),
+            distillation: None,
+            pending_teacher: Vec::new(),
         }
+    }
+
+    /// cn_clip's `--distillation`: every step's loss gains `weight ×` the cosine loss between
+    /// `teacher`'s image features and the student's ([`cosine_similarity_loss`]).
+    pub fn set_distillation(&mut self, teacher: Teacher, weight: f64) {
+        self.distillation = Some((teacher, weight));
+    }
+
+    /// The distillation teacher, when set.
+    pub fn teacher(&self) -> Option<&Teacher> {
+        self.distillation.as_ref().map(|(t, _)| t)
     }
 
     pub fn model(&self) -> &Clip {
@@ -218,13 +236,24 @@ impl Trainer {
         let last = if accum == 1 {
             self.reseed(0);
             self.optimizer.zero_grad();
-            self.forward_backward(images, texts, 0, |img, txt| {
+            // cn_clip's get_loss runs the teacher under the step's autocast.
+            let teacher = match &self.distillation {
+                Some((t, _)) => Some(self.autocast(|| t.features(images))?),
+                None => None,
+            };
+            self.forward_backward(images, texts, 0, teacher.as_ref(), |img, txt| {
                 (img.shallow_clone(), txt.shallow_clone())
             })?
         } else {
             self.reseed(self.pending.len());
             let (img, txt, _) =
                 tch::no_grad(|| self.autocast(|| self.model.forward_t(images, texts, true)))?;
+            // cn_clip's caching pass runs the teacher outside autocast; its cached features then
+            // serve every micro-batch (cn_clip recomputes micro-batch j's under autocast: the same
+            // features up to fp16 rounding, for one more teacher forward per micro-batch).
+            if let Some((t, _)) = &self.distillation {
+                self.pending_teacher.push(t.features(images));
+            }
             self.pending
                 .push((images.shallow_clone(), texts.shallow_clone(), img, txt));
             if self.pending.len() < accum {
@@ -290,6 +319,7 @@ impl Trainer {
         images: &Tensor,
         texts: &Tensor,
         micro_batch: usize,
+        teacher: Option<&Tensor>,
         rows: impl Fn(&Tensor, &Tensor) -> (Tensor, Tensor),
     ) -> Result<ContrastiveOutput, TrainError> {
         let check = |out: &ContrastiveOutput| {
@@ -322,7 +352,8 @@ impl Trainer {
                     self.model
                         .forward_checkpointed_masked(images, texts, true, keep.as_ref());
                 let (img, txt) = rows(&fwd.image_features, &fwd.text_features);
-                let (out, seed) = self.loss_and_seed(&img, &txt, &fwd.logit_scale, &scaled)?;
+                let (out, seed) =
+                    self.loss_and_seed(&img, &txt, &fwd.logit_scale, teacher, &scaled)?;
                 check(&out)?;
                 fwd.backward(&self.model, &seed);
                 Ok(out)
@@ -331,7 +362,7 @@ impl Trainer {
                     self.model
                         .forward_masked(images, texts, true, keep.as_ref());
                 let (img, txt) = rows(&img, &txt);
-                let (out, seed) = self.loss_and_seed(&img, &txt, &scale, &scaled)?;
+                let (out, seed) = self.loss_and_seed(&img, &txt, &scale, teacher, &scaled)?;
                 check(&out)?;
                 seed.backward();
                 Ok(out)
@@ -350,13 +381,29 @@ impl Trainer {
         image: &Tensor,
         text: &Tensor,
         scale: &Tensor,
+        teacher: Option<&Tensor>,
         scaled: &dyn Fn(&Tensor) -> Tensor,
     ) -> Result<(ContrastiveOutput, Tensor), TrainError> {
         let gather = self.gather.as_ref();
         // Pure fp16 takes the loss in fp16 as cn_clip does; the other modes in fp32.
         let fp32_loss = self.config.precision != TrainPrecision::Fp16;
+        // cn_clip: total_loss += kd_loss * kd_loss_weight, over the gathered rows of both.
+        let distilled = |mut out: ContrastiveOutput,
+                         rows_image: &Tensor|
+         -> Result<ContrastiveOutput, TrainError> {
+            if let (Some(teacher), Some((_, weight))) = (teacher, &self.distillation) {
+                let rows_teacher = gather.gather(&teacher.detach())?;
+                // Out of place (the loss is part of the graph); addition commutes exactly.
+                let kd = cosine_similarity_loss(&rows_teacher, rows_image) * *weight;
+                out.loss = kd + &out.loss;
+            }
+            Ok(out)
+        };
         if !gather.differentiable() {
-            let out = contrastive_loss_in(image, text, scale, gather, fp32_loss)?;
+            let rows_image = gather.gather(image)?;
+            let rows_text = gather.gather(text)?;
+            let out = contrastive_loss_in(&rows_image, &rows_text, scale, &LocalOnly, fp32_loss)?;
+            let out = distilled(out, &rows_image)?;
             let seed = scaled(&out.loss);
             return Ok((out, seed));
         }
@@ -366,7 +413,9 @@ impl Trainer {
             leaf(&gather.gather(&text.detach())?),
         );
         let scale_leaf = leaf(scale);
-        let out = contrastive_loss_in(&rows_image, &rows_text, &scale_leaf, &LocalOnly, fp32_loss)?;
+        let out =
+            contrastive_loss_in(&rows_image, &rows_text, &scale_leaf, &LocalOnly, fp32_loss)?;
+        let out = distilled(out, &rows_image)?;
         scaled(&out.loss).backward();
         let grad_image = gather.local_gradient(&rows_image.grad())?;
         let grad_text = gather.local_gradient(&rows_text.grad())?;
@@ -392,6 +441,9 @@ impl Trainer {
     /// report is the last j's, as cn_clip logs.
     fn accumulated_backward(&mut self) -> Result<ContrastiveOutput, TrainError> {
         let pending = std::mem::take(&mut self.pending);
+        let pending_teacher = std::mem::take(&mut self.pending_teacher);
+        // All micro-batches' teacher rows, in the order of the student's.
+        let teacher = (!pending_teacher.is_empty()).then(|| Tensor::cat(&pending_teacher, 0));
         self.optimizer.zero_grad();
         let mut last = None;
         for j in 0..pending.len() {
@@ -412,7 +464,7 @@ impl Trainer {
                     .collect();
                 Tensor::cat(&parts, 0)
             };
-            let out = self.forward_backward(images, texts, j, |img, txt| {
+            let out = self.forward_backward(images, texts, j, teacher.as_ref(), |img, txt| {
                 (rows(img, |p| &p.2), rows(txt, |p| &p.3))
             })?;
             last = Some(out);

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cnclip_model::Clip;
 use cnclip_train::ddp::launch::{LaunchConfig, LaunchError, free_port, launch};
 use cnclip_train::ddp::{Ddp, DistEnv, GatherMode};
+use cnclip_train::distill::{Teacher, cosine_similarity_loss};
 use cnclip_train::freeze::Freeze;
 use cnclip_train::loss::{LocalOnly, contrastive_loss};
 use cnclip_train::optim::{AdamW, AdamWConfig, clamp_logit_scale};
@@ -62,6 +63,17 @@ fn model(seed: i64) -> Clip {
     tch::manual_seed(seed);
     Clip::new(&common::tiny_config(0.0), Device::Cpu)
 }
+
+/// The distillation teacher of the `+kd` runs: another tiny model with 24-wide image features (the
+/// student's are 16), so the KD loss resizes them and pairs rows across ranks.
+fn teacher() -> Teacher {
+    tch::manual_seed(99);
+    let mut config = common::tiny_config(0.0);
+    config.vision.embed_dim = 24;
+    Teacher::new(Clip::new(&config, Device::Cpu))
+}
+
+const KD_WEIGHT: f64 = 0.5;
 
 /// The global batch of `step`: `[W·B, 3, 32, 32]` images and `[W·B, 12]` token ids.
 fn global_batch(step: u64) -> (Tensor, Tensor) {
@@ -163,10 +175,15 @@ fn worker(args: &[String]) -> Result<()> {
         // rank's half of each global batch; rank 0 writes the weights to OUT.
         Some("steps") => {
             // MODE may end in "+ckpt": gradient checkpointing (its staged backward) on.
+            // MODE may end in "+kd": distillation from `teacher()`.
             let spec = args.get(1).context("mode")?;
+            let (spec, kd) = match spec.strip_suffix("+kd") {
+                Some(spec) => (spec, true),
+                None => (spec.as_str(), false),
+            };
             let (name, checkpointing) = match spec.strip_suffix("+ckpt") {
                 Some(name) => (name, true),
-                None => (spec.as_str(), false),
+                None => (spec, false),
             };
             let mode = parse_mode(name)?;
             let out = PathBuf::from(args.get(2).context("out")?);
@@ -186,6 +203,9 @@ fn worker(args: &[String]) -> Result<()> {
             };
             let mut trainer = Trainer::with_gather(model, config, ddp.gather());
             trainer.set_gradient_sync(ddp.gradient_sync());
+            if kd {
+                trainer.set_distillation(teacher(), KD_WEIGHT);
+            }
             let mut losses = Vec::new();
             for step in 0..steps {
                 if die_after == Some(step) && env.rank == 1 {
@@ -275,8 +295,9 @@ type StepScales = Vec<(f64, BTreeMap<String, f64>)>;
 
 /// The single-process run of `mode`: final model, logged losses, and each step's rate and
 /// gradient scales for the rounding bound.
-fn reference(mode: GatherMode) -> Result<(Clip, Vec<f64>, StepScales)> {
+fn reference(mode: GatherMode, kd: bool) -> Result<(Clip, Vec<f64>, StepScales)> {
     let model = model(7);
+    let teacher = teacher();
     let config = trainer_config();
     let mut optimizer = AdamW::for_model(&model, config.adamw);
     let logit_scale = model.named_tensors()["logit_scale"].shallow_clone();
@@ -287,7 +308,12 @@ fn reference(mode: GatherMode) -> Result<(Clip, Vec<f64>, StepScales)> {
         optimizer.zero_grad();
         let loss_of = |img: &Tensor, txt: &Tensor| -> Result<Tensor> {
             let (i, t, s) = model.forward_t(img, txt, true);
-            Ok(contrastive_loss(&i, &t, &s, &LocalOnly)?.loss)
+            let loss = contrastive_loss(&i, &t, &s, &LocalOnly)?.loss;
+            Ok(if kd {
+                loss + cosine_similarity_loss(&teacher.features(img), &i) * KD_WEIGHT
+            } else {
+                loss
+            })
         };
         let logged = match mode {
             // One loss over the concatenated batch; DDP's average gives the towers 1/W of it.
@@ -406,27 +432,35 @@ fn temp(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A single-process reference: (mode, distilled), final model, logged losses, gradient scales.
+type Reference = ((GatherMode, bool), Clip, Vec<f64>, StepScales);
+
 /// Two ranks per mode, compared with the single-process equivalent of that mode (and shown to
 /// differ from the other modes' equivalents, so the comparison can tell them apart).
 fn two_ranks_equal_one_process() -> Result<()> {
     let dir = temp("equal")?;
-    let refs: Vec<(GatherMode, Clip, Vec<f64>, StepScales)> = [
+    // Each mode without and with distillation (the teacher's rows gathered like the student's).
+    let refs: Vec<Reference> = [
         GatherMode::Aggregate,
         GatherMode::WithGrad,
         GatherMode::Skip,
     ]
     .into_iter()
-    .map(|m| reference(m).map(|(c, l, s)| (m, c, l, s)))
+    .flat_map(|m| [(m, false), (m, true)])
+    .map(|(m, kd)| reference(m, kd).map(|(c, l, s)| ((m, kd), c, l, s)))
     .collect::<Result<_>>()?;
-    // The last run repeats --gather-with-grad with gradient checkpointing: its staged backward
+    // A --gather-with-grad run repeats with gradient checkpointing: its staged backward
     // carries the gathered rows' gradient through the checkpointed blocks.
     let runs = [
         (&refs[0], "aggregate"),
-        (&refs[1], "with-grad"),
-        (&refs[2], "skip"),
-        (&refs[1], "with-grad+ckpt"),
+        (&refs[2], "with-grad"),
+        (&refs[4], "skip"),
+        (&refs[2], "with-grad+ckpt"),
+        (&refs[1], "aggregate+kd"),
+        (&refs[3], "with-grad+kd"),
+        (&refs[5], "skip+kd"),
     ];
-    for ((mode, want, want_losses, steps), spec) in runs {
+    for (((mode, kd), want, want_losses, steps), spec) in runs {
         let bounds = weight_bounds(steps);
         let out = dir.join(format!("{spec}.safetensors"));
         let port = free_port()?;
@@ -448,8 +482,7 @@ fn two_ranks_equal_one_process() -> Result<()> {
         );
         ensure!(
             diff <= bound,
-            "{}: weights differ by {diff:e} from the single-process equivalent (bound {bound:e})",
-            mode_name(*mode)
+            "{spec}: weights differ by {diff:e} from the single-process equivalent (bound {bound:e})"
         );
         let bound = bounds.values().copied().fold(0.0, f64::max);
         // Each logged loss is a cross-entropy over logits s·cos(image, text), s = e^logit_scale,
@@ -472,13 +505,13 @@ fn two_ranks_equal_one_process() -> Result<()> {
         }
         // The modes must be told apart: every other mode's run is far outside the bound.
         for (other, model, _, _) in &refs {
-            if other != mode {
+            if *other != (*mode, *kd) {
                 let d = max_diff(model, &got)?;
                 ensure!(
                     d > 10.0 * bound,
-                    "{} is indistinguishable from {} ({d:e}, bound {bound:e})",
-                    mode_name(*mode),
-                    mode_name(*other)
+                    "{spec} is indistinguishable from {}{} ({d:e}, bound {bound:e})",
+                    mode_name(other.0),
+                    if other.1 { "+kd" } else { "" }
                 );
             }
         }

@@ -220,8 +220,10 @@ pub struct RunConfig {
     /// validation), in [0, 1); ignored by ResNet towers, as in cn_clip.
     #[arg(long = "mask-ratio", default_value_t = 0.0)]
     pub mask_ratio: f64,
-    /// Initialise the vision tower from an OpenAI-CLIP state dict: not supported yet
-    /// [default: none].
+    /// Initialise the vision tower and logit_scale from an OpenAI-CLIP state dict (`visual.*`,
+    /// `logit_scale`; a .pt of `model.state_dict()`, or .safetensors), as cn_clip's
+    /// `restore_model`. A --resume or a run's epoch_latest replaces these weights, as in cn_clip
+    /// [default: none, random init].
     #[arg(long = "clip-weight-path")]
     pub clip_weight_path: Option<PathBuf>,
     /// Freeze the whole vision tower [default: off].
@@ -230,7 +232,10 @@ pub struct RunConfig {
     /// cn_clip text model name, or a path to a text config JSON.
     #[arg(long = "text-model", default_value = "RoBERTa-wwm-ext-base-chinese")]
     pub text_model: String,
-    /// Initialise the text tower from a BERT checkpoint: not supported yet [default: none].
+    /// Initialise the text tower from a BERT/RoBERTa checkpoint (`bert.*` keys but the pooler):
+    /// pytorch_model.bin, model.safetensors or a Hugging Face directory, as cn_clip's
+    /// `restore_model`. A --resume or a run's epoch_latest replaces these weights, as in cn_clip
+    /// [default: none, random init].
     #[arg(long = "bert-weight-path")]
     pub bert_weight_path: Option<PathBuf>,
     /// Recompute each block in backward (less memory, same gradients) [default: off].
@@ -256,10 +261,15 @@ pub struct RunConfig {
     /// Sampler seed; here also the augmentation, dropout and random-init seed.
     #[arg(long, default_value_t = 123)]
     pub seed: u64,
-    /// Knowledge distillation from a teacher: not supported yet [default: off].
+    /// Knowledge distillation: adds kd_loss_weight × (1 − cosine similarity) between the teacher's
+    /// image features and the student's (bilinearly resized to the teacher's width), as cn_clip
+    /// [default: off].
     #[arg(long)]
     pub distillation: bool,
-    /// The distillation teacher (used only with --distillation) [default: none].
+    /// The distillation teacher: a local checkpoint (official .pt with --teacher-model, Hugging
+    /// Face ChineseCLIPModel directory, or native .safetensors) whose image resolution is the
+    /// student's. cn_clip's ModelScope hub names cannot be downloaded here: download the model
+    /// and pass its path [default: none; required with --distillation].
     #[arg(long = "teacher-model-name")]
     pub teacher_model_name: Option<String>,
     /// Weight of the distillation loss (used only with --distillation).
@@ -279,6 +289,10 @@ pub struct RunConfig {
     /// Freeze the text tower except its last N layers and text_projection [default: none].
     #[arg(long = "train-last-text-layers")]
     pub train_last_text_layers: Option<usize>,
+    /// Architecture of an official-.pt teacher (which does not record it): a cn_clip model name
+    /// (e.g. ViT-H-14, or VISION@TEXT) [default: none; HF and native teachers carry theirs].
+    #[arg(long = "teacher-model")]
+    pub teacher_model: Option<String>,
     /// LoRA adapters instead of full fine-tuning (flags `--lora-*` of `finetune`).
     #[arg(skip)]
     pub lora: Option<LoraSettings>,
@@ -350,6 +364,7 @@ impl Default for RunConfig {
             freeze_text: false,
             train_last_vision_layers: None,
             train_last_text_layers: None,
+            teacher_model: None,
             lora: None,
             device: "auto".into(),
             dropout_seed: None,
@@ -526,17 +541,33 @@ impl RunConfig {
                 "fp16 with LoRA adapters (cn_clip has no LoRA; use amp, fp32 or bf16)",
             );
         }
-        if self.clip_weight_path.is_some() {
-            return unsupported(
-                "clip-weight-path",
-                "initialising from an OpenAI-CLIP state dict",
-            );
-        }
-        if self.bert_weight_path.is_some() {
-            return unsupported("bert-weight-path", "initialising from a BERT checkpoint");
-        }
         if self.distillation {
-            return unsupported("distillation", "knowledge distillation");
+            match self.teacher_model_name.as_deref() {
+                None | Some("") => {
+                    return Err(bad(
+                        "teacher-model-name",
+                        "required with --distillation: the path of a local teacher checkpoint",
+                    ));
+                }
+                Some(name) if MODELSCOPE_TEACHERS.contains(&name) => {
+                    return Err(bad(
+                        "teacher-model-name",
+                        format!(
+                            "{name} is a ModelScope hub model, which this program cannot \
+                             download: download it and pass the path of the local checkpoint \
+                             (an official .pt with --teacher-model, a Hugging Face \
+                             ChineseCLIPModel directory or a native .safetensors)"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if !self.kd_loss_weight.is_finite() {
+                return Err(bad(
+                    "kd_loss_weight",
+                    format!("must be finite, got {}", self.kd_loss_weight),
+                ));
+            }
         }
         if let Some(lora) = &self.lora {
             if lora.rank < 1 {
@@ -586,6 +617,15 @@ impl RunConfig {
     }
 }
 
+/// The teachers cn_clip's `main.py` accepts for `--distillation`: ModelScope hub models, which
+/// this program cannot download (it takes a local checkpoint path instead).
+pub const MODELSCOPE_TEACHERS: [&str; 4] = [
+    "damo/multi-modal_team-vit-large-patch14_multi-modal-similarity",
+    "damo/multi-modal_rleg-vit-large-patch14",
+    "damo/multi-modal_clip-vit-huge-patch14_zh",
+    "damo/multi-modal_clip-vit-large-patch14_zh",
+];
+
 /// Flags whose value cn_clip's scripts may spell `None` (Python's default for an absent value).
 const NONE_MEANS_ABSENT: &[&str] = &[
     "--val-data",
@@ -599,6 +639,7 @@ const NONE_MEANS_ABSENT: &[&str] = &[
     "--clip-weight-path",
     "--bert-weight-path",
     "--teacher-model-name",
+    "--teacher-model",
     "--train-last-vision-layers",
     "--train-last-text-layers",
     "--dropout-seed",
@@ -806,8 +847,39 @@ mod tests {
                 distillation: true,
                 ..ok.clone()
             }),
-            Err("distillation")
+            Err("teacher-model-name")
         );
+        for hub in MODELSCOPE_TEACHERS {
+            let e = RunConfig {
+                distillation: true,
+                teacher_model_name: Some(hub.into()),
+                ..ok.clone()
+            }
+            .check()
+            .unwrap_err();
+            assert!(
+                e.flag == "teacher-model-name" && e.message.contains("local"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            flag_of(RunConfig {
+                distillation: true,
+                teacher_model_name: Some("teacher.safetensors".into()),
+                kd_loss_weight: f64::NAN,
+                ..ok.clone()
+            }),
+            Err("kd_loss_weight")
+        );
+        // Accepted now (checked against the files when the session prepares).
+        let supported = RunConfig {
+            distillation: true,
+            teacher_model_name: Some("teacher.safetensors".into()),
+            clip_weight_path: Some("ViT-B-16.pt".into()),
+            bert_weight_path: Some("chinese-roberta".into()),
+            ..ok.clone()
+        };
+        assert_eq!(flag_of(supported), Ok(()));
         let custom = RunConfig {
             vision_model: "my.json".into(),
             lr: Some(1e-4),

@@ -135,7 +135,7 @@ impl std::fmt::Debug for Clip {
 /// projection matrices; it leaves the vision LayerNorms, class and positional embeddings, the
 /// ResNet's BatchNorms and `logit_scale` in fp32. Decided by key, which is how cn_clip's modules
 /// map onto our variables.
-fn converted_by_cn_clip(key: &str) -> bool {
+pub(crate) fn converted_by_cn_clip(key: &str) -> bool {
     if key == "logit_scale" {
         return false;
     }

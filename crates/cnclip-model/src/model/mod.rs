@@ -10,6 +10,7 @@ mod resnet;
 mod vit;
 
 pub use checkpointing::CheckpointedForward;
+pub(crate) use clip::converted_by_cn_clip;
 pub use clip::{Clip, ModelError, Precision, Visual};
 pub use delta::{DeltaSlot, LinearDelta, LinearSite, WeightLayout};
 pub use vit::{flip_keep_indices, resize_positional_embedding};

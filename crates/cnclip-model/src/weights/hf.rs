@@ -503,7 +503,7 @@ pub fn hf_module_name(module: &str) -> Option<String> {
 }
 
 /// Reads the weights of an HF directory, in whichever of its formats it has.
-fn read_hf_weights(dir: &Path) -> Result<(PathBuf, StateDict), WeightsError> {
+pub(crate) fn read_hf_weights(dir: &Path) -> Result<(PathBuf, StateDict), WeightsError> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok((single.clone(), read_safetensors(&single)?.0));

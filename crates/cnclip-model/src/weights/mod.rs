@@ -23,6 +23,7 @@ mod pt;
 mod state_dict;
 
 pub use error::WeightsError;
+pub(crate) use hf::read_hf_weights;
 pub use hf::{
     HF_TRANSFORMERS_VERSION, clip_to_hf_config, export_hf, hf_config_to_clip, hf_module_name,
     hf_state_dict, import_hf,
