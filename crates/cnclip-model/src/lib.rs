@@ -14,6 +14,7 @@
 pub mod config;
 pub mod load;
 pub mod model;
+pub mod onnx;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod weights;
