@@ -298,6 +298,28 @@ fn context_length_beyond_positions_is_refused() {
     assert!(msg.contains("65") && msg.contains("64"), "{msg}");
 }
 
+/// The graph holds the base weights only, so a model with a live adapter is refused.
+#[test]
+fn live_adapter_is_refused() {
+    #[derive(Debug)]
+    struct Shift;
+    impl cnclip_model::model::LinearDelta for Shift {
+        fn forward(&self, x: &Tensor, _train: bool) -> Option<Tensor> {
+            Some(x.ones_like())
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+    let mut model = load_pt("tiny_vit.pt", "tiny-vit.json");
+    let site = "bert.encoder.layer.1.attention.self.query";
+    model.set_linear_delta(site, Some(Box::new(Shift))).unwrap();
+    let msg = onnx::build(&model, Tower::Vision, &OnnxOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(site) && msg.contains("merge"), "{msg}");
+}
+
 /// Runs `check_onnx.py` with the reference venv: `onnx.checker` and ONNX Runtime on our exports
 /// of the ViT and RN50 fixtures, fp32 within [`FP32_TOLERANCE`] of our features and of
 /// cn_clip's, fp16 within [`FP16_TOLERANCE`] of ours.

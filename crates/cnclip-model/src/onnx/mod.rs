@@ -56,6 +56,11 @@ pub enum OnnxError {
     },
     #[error("--context-length {0} is outside 1..={1} (the text model's max_position_embeddings)")]
     ContextLength(i64, i64),
+    #[error(
+        "{site} carries an adapter delta, which the graph would leave out: merge it into the \
+         weights first (cnclip_lora::unload(model, true), as convert does)"
+    )]
+    LiveAdapter { site: String },
 }
 
 /// Which tower a graph holds.
@@ -113,6 +118,13 @@ pub fn export(
 
 /// The ONNX model of `tower` (in memory, weights inline).
 pub fn build(model: &Clip, tower: Tower, options: &OnnxOptions) -> Result<ModelProto, OnnxError> {
+    if let Some(site) = model
+        .linear_sites()
+        .into_iter()
+        .find(|s| model.linear_delta(&s.name).is_some())
+    {
+        return Err(OnnxError::LiveAdapter { site: site.name });
+    }
     let weights = model.named_tensors();
     let mut g = Graph::new(&weights, options.fp16);
     let float = data_type::FLOAT;
