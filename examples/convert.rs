@@ -2,7 +2,9 @@
 //! `ChineseCLIPModel` directory, a native file or a LoRA adapter (merged onto `--lora-base`) in;
 //! a native file (safetensors + config, what the other tools load fastest), an official-layout
 //! `.pt` (loadable by cn_clip's scripts), a Hugging Face directory (`transformers`'
-//! `ChineseCLIPModel` + `ChineseCLIPProcessor`) or a PEFT adapter directory out.
+//! `ChineseCLIPModel` + `ChineseCLIPProcessor`), a PEFT adapter directory, or ONNX graphs of
+//! both towers with cn_clip's deployment contract (`{prefix}.img.fp32.onnx`, `{prefix}.txt.fp32.onnx`,
+//! `.fp16.onnx` with `--fp16`; what `extract_features_onnx.py` and `onnx_to_tensorrt.py` read) out.
 //!
 //! ```sh
 //! # the architecture of an official .pt is read from its tensor shapes (ViT-B-16@RoBERTa-…-base)
@@ -12,8 +14,11 @@
 //! cargo run --release --example convert -- --input epoch3.safetensors --output my-clip --format hf
 //! cargo run --release --example convert -- --input logs/lora/checkpoints/epoch3.safetensors --lora-base b16.safetensors \
 //!     --output my-adapter --format peft
+//! cargo run --release --example convert -- --input clip_cn_vit-b-16.pt --vision-model ViT-B-16 \
+//!     --text-model RoBERTa-wwm-ext-base-chinese --format onnx --output deploy/vit-b-16 --fp16
 //! ```
-//! The conversion is checked: the written model is read back and compared tensor by tensor.
+//! The weight conversions are checked: the written model is read back and compared tensor by
+//! tensor. The ONNX graphs are checked by `tests/onnx_export.rs` (ONNX Runtime against ours).
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -34,9 +39,23 @@ struct Args {
     output: PathBuf,
     /// native (safetensors with the config inside), pt (cn_clip's checkpoint layout), hf (a
     /// transformers ChineseCLIPModel directory, ViT models only) or peft (a LoRA adapter as a PEFT
-    /// adapter directory for the hf export of --lora-base).
-    #[arg(long, default_value = "native", value_parser = ["native", "pt", "hf", "peft"])]
+    /// adapter directory for the hf export of --lora-base) or onnx (`--output` is a prefix:
+    /// `{prefix}.img.fp32.onnx` and `{prefix}.txt.fp32.onnx`, cn_clip's deployment files).
+    #[arg(long, default_value = "native", value_parser = ["native", "pt", "hf", "peft", "onnx"])]
     format: String,
+    /// onnx: the fixed text length of the `text` input ([CLS] and [SEP] included).
+    #[arg(long = "context-length", default_value_t = 52)]
+    context_length: i64,
+    /// onnx: also write the fp16 variants (`.fp16.onnx` with weights in `.fp16.onnx.extra_file`,
+    /// float32 inputs and outputs), as cn_clip's pytorch_to_onnx.py does.
+    #[arg(long)]
+    fp16: bool,
+    /// onnx: export the text tower (with neither --convert-text nor --convert-vision, both).
+    #[arg(long = "convert-text")]
+    convert_text: bool,
+    /// onnx: export the vision tower (with neither --convert-text nor --convert-vision, both).
+    #[arg(long = "convert-vision")]
+    convert_vision: bool,
     /// The weights a LoRA adapter `--input` was trained on (any format read here).
     #[arg(long = "lora-base")]
     lora_base: Option<PathBuf>,
@@ -125,6 +144,14 @@ fn main() -> Result<()> {
     } else {
         load(&args.input)?
     };
+    if args.format == "onnx" {
+        return export_onnx(&model, &args);
+    }
+    if args.fp16 || args.convert_text || args.convert_vision || args.context_length != 52 {
+        bail!(
+            "--fp16, --convert-text, --convert-vision and --context-length are for --format onnx"
+        );
+    }
     match args.format.as_str() {
         "pt" => model.export_pt(
             &args.output,
@@ -164,5 +191,51 @@ fn main() -> Result<()> {
         args.format,
         a.len()
     );
+    Ok(())
+}
+
+/// `--format onnx`: the requested towers in fp32, and in fp16 with `--fp16`, each timed.
+fn export_onnx(model: &Clip, args: &Args) -> Result<()> {
+    use cnclip::model::onnx::{self, OnnxOptions, Tower};
+    let both = !args.convert_text && !args.convert_vision;
+    let mut towers = Vec::new();
+    if args.convert_vision || both {
+        towers.push(Tower::Vision);
+    }
+    if args.convert_text || both {
+        towers.push(Tower::Text);
+    }
+    let variants: &[bool] = if args.fp16 { &[false, true] } else { &[false] };
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for &fp16 in variants {
+        for &tower in &towers {
+            let options = OnnxOptions {
+                context_length: args.context_length,
+                fp16,
+                ..Default::default()
+            };
+            let path = onnx::file_name(&args.output, tower, fp16);
+            let start = std::time::Instant::now();
+            let written = onnx::export(model, tower, &path, &options)
+                .with_context(|| format!("exporting {}", path.display()))?;
+            let bytes: u64 = written
+                .iter()
+                .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            println!(
+                "{} → {} ({:.1} MB, {:.2} s)",
+                args.input.display(),
+                written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+                bytes as f64 / 1e6,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }

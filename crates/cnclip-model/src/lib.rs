@@ -15,6 +15,7 @@ pub mod config;
 pub mod init;
 pub mod load;
 pub mod model;
+pub mod onnx;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod weights;

@@ -413,8 +413,7 @@ impl Trainer {
             leaf(&gather.gather(&text.detach())?),
         );
         let scale_leaf = leaf(scale);
-        let out =
-            contrastive_loss_in(&rows_image, &rows_text, &scale_leaf, &LocalOnly, fp32_loss)?;
+        let out = contrastive_loss_in(&rows_image, &rows_text, &scale_leaf, &LocalOnly, fp32_loss)?;
         let out = distilled(out, &rows_image)?;
         scaled(&out.loss).backward();
         let grad_image = gather.local_gradient(&rows_image.grad())?;
