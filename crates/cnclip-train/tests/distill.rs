@@ -262,6 +262,8 @@ fn init_flags_initialise_the_session_and_yield_to_resume() {
     let resume = temp("init-resume").join("start.safetensors");
     let start = Clip::new(session.model().config(), Device::Cpu);
     start.save_native(&resume).unwrap();
+    // A prepared session holds its run directory until dropped; the next one takes it over.
+    drop(session);
     let resumed = Session::prepare_in(
         RunConfig {
             resume: Some(resume.clone()),
