@@ -136,12 +136,9 @@ fn main() -> Result<()> {
         ),
         None => println!(
             "nothing to train: this run's checkpoint is already at the end of its schedule \
-             (--max-epochs {}{}); raise it, or choose another --name, to train more",
+             (--max-epochs {}, --max-steps {}); raise it, or choose another --name",
             config.max_epochs,
-            config
-                .max_steps
-                .map(|s| format!(", --max-steps {s}"))
-                .unwrap_or_default()
+            config.max_steps.map_or("None".into(), |s| s.to_string())
         ),
     }
     if let Some(dir) = config.run_dir() {

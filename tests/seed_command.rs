@@ -209,6 +209,48 @@ fn the_seed_train_command_runs_verbatim_on_two_ranks() {
     let _ = std::fs::remove_dir_all(&fx.dir);
 }
 
+/// The same command under PyTorch's own launcher, as a cn_clip user runs it:
+/// `torchrun --no-python --nproc_per_node=2 --master_port=P -- finetune ARGS`. Needs a torchrun
+/// (e.g. the reference venv's), hence opt-in:
+/// `CNCLIP_TORCHRUN=/path/to/torchrun cargo test --test seed_command -- --ignored`.
+#[test]
+#[ignore = "needs torchrun: set CNCLIP_TORCHRUN and pass --ignored"]
+fn the_seed_train_command_runs_verbatim_under_torchrun() {
+    let torchrun = std::env::var("CNCLIP_TORCHRUN").expect("CNCLIP_TORCHRUN=/path/to/torchrun");
+    let fx = Fixture::new("torchrun", 120);
+    let port = cnclip::train::ddp::launch::free_port().unwrap().to_string();
+    let out = Command::new(torchrun)
+        .args([
+            "--no-python",
+            "--nproc_per_node=2",
+            &format!("--master_port={port}"),
+            // As the README says: without it torchrun's argparse takes `--logs=` for its own
+            // `--logs-specs` (an ambiguous prefix).
+            "--",
+        ])
+        .arg(example_bin("finetune"))
+        .args(fx.seed_args())
+        .arg("--device=cpu")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("distributed: 2 ranks over gloo"), "{log}");
+    assert_eq!(log.matches("Validation Result (epoch").count(), 2, "{log}");
+    assert!(log.contains("trained 2 steps (2 epochs)"), "{log}");
+    let checkpoints = fx
+        .dir
+        .join("logs")
+        .join("muge_finetune_vit-h-14")
+        .join("checkpoints");
+    for stem in ["epoch1", "epoch2", "epoch_latest"] {
+        let file = checkpoints.join(format!("{stem}.safetensors"));
+        assert!(file.is_file(), "{} missing", file.display());
+    }
+    let _ = std::fs::remove_dir_all(&fx.dir);
+}
+
 /// Each of these ran before (or panicked, or trained 0 steps, or padded to an OOM): now refused
 /// up front with the flag named and nothing written.
 #[test]

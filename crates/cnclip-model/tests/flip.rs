@@ -10,6 +10,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// torch's generator is global to the process and the tests of this file run in parallel: building a
+/// model (random init) in one would consume draws the other seeded.
+static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model")
 }
@@ -45,6 +49,7 @@ const TOLERANCE: f64 = 1e-5;
 
 #[test]
 fn masked_vit_equals_cn_clip_on_the_same_noise() {
+    let _rng = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let io: HashMap<String, Tensor> = Tensor::read_safetensors(fixtures().join("flip.safetensors"))
         .unwrap()
         .into_iter()
@@ -82,6 +87,7 @@ fn masked_vit_equals_cn_clip_on_the_same_noise() {
 /// seeded generator reproduces it; ratio 0 and a ResNet tower drop nothing.
 #[test]
 fn flip_keep_draws_from_the_seeded_generator() {
+    let _rng = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let model = tiny_vit();
     tch::manual_seed(77);
     let a = model.flip_keep(5, 0.5).unwrap();

@@ -4,6 +4,10 @@
 //! tests/fixtures/make_distill_fixtures.py (distill/) and cnclip-model's make_init_fixtures.py.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// torch's generator is global to the process and these tests run in parallel: the dropout and FLIP
+/// re-seeds and the models' random init of one test must not interleave with another's draws.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 mod common;
 
 use cnclip_model::{Clip, ClipConfig, LoadOptions};
@@ -49,6 +53,7 @@ fn max_abs(t: &Tensor) -> f64 {
 
 #[test]
 fn kd_loss_equals_cn_clips_cosine_similarity_loss() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let r = reference();
     // The loss is 1 − the mean of 6 cosines, each a dot product over at most 12 terms divided by
     // two norms of as many: with unit-roundoff error analysis (Higham §3.1, γₙ = n·u per sum) every
@@ -97,6 +102,7 @@ fn trainer_config(accum_freq: usize) -> TrainerConfig {
 
 #[test]
 fn three_steps_with_a_teacher_equal_cn_clip() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let r = reference();
     let mut trainer = Trainer::new(tiny_model(), trainer_config(1));
     trainer.set_distillation(Teacher::new(teacher_model()), 0.5);
@@ -167,6 +173,7 @@ fn three_steps_with_a_teacher_equal_cn_clip() {
 /// the student's, so two micro-batches of 2 give the loss of one batch of 4.
 #[test]
 fn accumulated_micro_batches_distil_like_one_batch() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let r = reference();
     let mut whole = Trainer::new(tiny_model(), trainer_config(1));
     let mut split = Trainer::new(tiny_model(), trainer_config(2));
@@ -225,6 +232,7 @@ const MODEL_CONFIGS: &str = "crates/cnclip-model/tests/fixtures/model/configs";
 
 #[test]
 fn init_flags_initialise_the_session_and_yield_to_resume() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let init = repo().join(INIT_FIXTURES);
     let mut config = run_config("init", INIT_FIXTURES);
     config.clip_weight_path = Some(init.join("openai_clip.pt"));
@@ -254,6 +262,8 @@ fn init_flags_initialise_the_session_and_yield_to_resume() {
     let resume = temp("init-resume").join("start.safetensors");
     let start = Clip::new(session.model().config(), Device::Cpu);
     start.save_native(&resume).unwrap();
+    // A prepared session holds its run directory until dropped; the next one takes it over.
+    drop(session);
     let resumed = Session::prepare_in(
         RunConfig {
             resume: Some(resume.clone()),
@@ -287,6 +297,7 @@ fn init_flags_initialise_the_session_and_yield_to_resume() {
 
 #[test]
 fn a_distilled_run_trains_with_a_local_teacher() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let mut config = run_config("distill", MODEL_CONFIGS);
     // A native teacher of the student's resolution (HF and native teachers carry their config).
     let teacher_file = temp("teacher").join("teacher.safetensors");
@@ -306,6 +317,7 @@ fn a_distilled_run_trains_with_a_local_teacher() {
 
 #[test]
 fn teachers_that_cannot_teach_are_refused() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let mut config = run_config("teachers", MODEL_CONFIGS);
     config.distillation = true;
     let err = |config: RunConfig| Session::prepare_in(config, None).unwrap_err().to_string();

@@ -4,6 +4,10 @@
 //! with the same weights as the uninterrupted run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// torch's generator is global to the process and these tests run in parallel: the dropout and FLIP
+/// re-seeds and the models' random init of one test must not interleave with another's draws.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 mod common;
 
 use cnclip_model::{Clip, LoadOptions};
@@ -38,6 +42,7 @@ fn config(train_data: PathBuf, logs: PathBuf) -> RunConfig {
 
 #[test]
 fn run_equals_cn_clip_and_resumes_exactly() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let expected: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             repo().join("crates/cnclip-train/tests/fixtures/loop/expected.json"),
@@ -135,6 +140,7 @@ fn run_equals_cn_clip_and_resumes_exactly() {
 /// plus MUGE recall, logged as records and lines.
 #[test]
 fn validation_reports_loss_accuracy_and_recall() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let data = lmdb("valid");
     let logs = temp("logs-valid");
     let mut cfg = config(data.clone(), logs);
@@ -182,6 +188,7 @@ fn validation_reports_loss_accuracy_and_recall() {
 /// naming the holder; once free, a run removes what killed writers left and trains.
 #[test]
 fn a_held_run_directory_is_refused_and_dead_writers_temporaries_are_removed() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     // Its own LMDB: tests of this file run concurrently and each builds the split it names.
     let data = lmdb("locked");
     let logs = temp("locked");
@@ -236,6 +243,7 @@ fn a_held_run_directory_is_refused_and_dead_writers_temporaries_are_removed() {
 /// position in the run, like dropout).
 #[test]
 fn fp16_flip_run_checkpoints_validates_and_resumes_exactly() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let data = lmdb("fp16-flip");
     let logs = temp("logs-fp16-flip");
     let cfg = |logs: PathBuf| RunConfig {

@@ -1,6 +1,10 @@
 //! The optimizer step: accumulation equals one large batch, freezing, non-finite losses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// torch's generator is global to the process and these tests run in parallel: the dropout and FLIP
+/// re-seeds and the models' random init of one test must not interleave with another's draws.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 mod common;
 
 use cnclip_model::Clip;
@@ -69,6 +73,7 @@ fn max_weight_difference(a: &Clip, b: &Clip) -> f64 {
 /// receives `accum_freq` times the large-batch gradient (Adam's update is invariant to that scale).
 #[test]
 fn accumulation_gives_the_gradient_of_one_large_batch() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (plain_model, accum_model) = twins(1);
     // The starting weights, copied now: other tests reseed torch's global generator in parallel,
     // so a second `twins(1)` later need not reproduce them.
@@ -138,6 +143,7 @@ fn accumulation_gives_the_gradient_of_one_large_batch() {
 
 #[test]
 fn frozen_vision_tower_stays_put() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (model, reference) = twins(3);
     let (images, texts) = batch(4, 4);
     let mut trainer = Trainer::new(model, config(1, true));
@@ -157,6 +163,7 @@ fn frozen_vision_tower_stays_put() {
 /// frozen weights are bit-identical after a step; every other weight that receives gradient moves.
 #[test]
 fn partial_freezing_moves_only_the_trainable_weights() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (model, reference) = twins(13);
     let (images, texts) = batch(4, 14);
     let mut cfg = config(1, false);
@@ -197,6 +204,7 @@ fn partial_freezing_moves_only_the_trainable_weights() {
 
 #[test]
 fn a_non_finite_loss_stops_with_the_step() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (model, _) = twins(5);
     let (images, texts) = batch(4, 6);
     let mut trainer = Trainer::new(model, config(1, false));
@@ -219,6 +227,7 @@ fn a_non_finite_loss_stops_with_the_step() {
 
 #[test]
 fn stops_at_the_configured_number_of_steps() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (model, _) = twins(7);
     let (images, texts) = batch(2, 8);
     let mut trainer = Trainer::new(model, config(1, false));
@@ -239,6 +248,7 @@ fn stops_at_the_configured_number_of_steps() {
 /// recorded path's.
 #[test]
 fn grad_checkpointing_gives_the_same_gradients() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     for accum_freq in [1usize, 2] {
         let (plain_model, staged_model) = twins(11);
         let (images, texts) = batch(6, 12);
@@ -283,6 +293,7 @@ fn grad_checkpointing_gives_the_same_gradients() {
 /// an overflowing step is skipped and halves the scale, as torch's GradScaler.
 #[test]
 fn amp_scaler_steps_like_fp32_and_skips_overflow() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (fp32_model, amp_model) = twins(21);
     let (images, texts) = batch(4, 22);
     let mut fp32 = Trainer::new(fp32_model, config(1, false));
@@ -319,6 +330,7 @@ fn amp_scaler_steps_like_fp32_and_skips_overflow() {
 /// master weights and optimizer state stay fp32.
 #[test]
 fn bf16_autocast_trains_with_fp32_master_weights() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (fp32_model, bf16_model) = twins(31);
     let (images, texts) = batch(4, 32);
     let mut fp32 = Trainer::new(fp32_model, config(1, false));
@@ -351,6 +363,7 @@ fn bf16_autocast_trains_with_fp32_master_weights() {
 /// does — then trains. Master weights stay fp32 throughout. Skipped, and says so, without CUDA.
 #[test]
 fn cuda_amp_and_bf16_steps() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     if !torch_ext::init_cuda() {
         eprintln!(
             "skipped: {}",
@@ -482,6 +495,7 @@ fn cuda_amp_and_bf16_steps() {
 /// gradients as the recorded path, within the rounding bound of the test above).
 #[test]
 fn flip_masking_is_seeded_and_checkpointing_reuses_the_mask() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let masked = |checkpointing: bool, ratio: f64, seed: i64| {
         let (model, _) = twins(seed);
         Trainer::new(

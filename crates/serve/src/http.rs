@@ -668,6 +668,9 @@ fn header_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
             )
         }));
     }
+    if Format::sniff(bytes) == Some(Format::Tiff) {
+        return cnclip_model::preprocess::tiff_dimensions(bytes);
+    }
     image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?

@@ -706,6 +706,15 @@ fn palette_as_gray(bytes: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// A TIFF's size from its first directory, without decoding: what the pixel limit is checked
+/// against (the `image` crate's TIFF reader refuses palette images, which Pillow and
+/// [`decode_named`] read, before it reports their size).
+pub fn tiff_dimensions(bytes: &[u8]) -> Result<(u32, u32), String> {
+    tiff::decoder::Decoder::new(io::Cursor::new(bytes))
+        .and_then(|mut d| d.dimensions())
+        .map_err(|e| e.to_string())
+}
+
 fn decode_tiff(bytes: &[u8], id: &str) -> Result<DecodedImage, PreprocessError> {
     use tiff::ColorType as C;
     use tiff::decoder::{Decoder, DecodingResult};

@@ -24,7 +24,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use tch::Tensor;
 
-pub use decode::{Format, MAX_PIXELS, decode_named};
+pub use decode::{Format, MAX_PIXELS, decode_named, tiff_dimensions};
 pub use jpeg_simd::jpeg_simd_enabled;
 pub use resample::{pillow_horizontal_first, resize_bicubic, resize_bicubic_u16, resize_nearest};
 

@@ -1,8 +1,8 @@
 //! Weight files: official cn_clip `.pt` checkpoints, Hugging Face `ChineseCLIPModel` directories and
 //! the native safetensors format, all read into a [`StateDict`] keyed by cn_clip's names.
 //!
-//! * [`read_pt`] reads any `torch.save` zip archive (torch ≥ 1.6) in pure Rust: a small pickle
-//!   machine that accepts only plain containers, numbers, strings and tensors (what
+//! * [`read_pt`] reads any `torch.save` zip archive (torch ≥ 1.6) in pure Rust: the workspace's
+//!   pickle machine (`cnclip-pickle`) with an allow-list of only plain containers, numbers, strings and tensors (what
 //!   `torch.load(weights_only=True)` accepts), and reads each referenced storage once, straight from
 //!   the file. Tensors outside the state dict (an optimizer's moments) are never read.
 //!   [`normalize_cn_clip_keys`] then strips `module.` as cn_clip's loaders do.

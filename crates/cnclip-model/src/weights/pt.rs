@@ -1,7 +1,8 @@
 //! `torch.save` zip archives: reading any of them, writing cn_clip's checkpoint layout.
 
-use super::pickle::{self, PickleError, PickleWriter, TensorRef, Value};
+use super::pickle::{self, TensorRef, Torch, Value};
 use super::{StateDict, WeightsError, element_size, io_err, tensor_bytes, write_atomic};
+use cnclip_pickle::{PickleError, Writer as PickleWriter};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -207,6 +208,12 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> 
 
 fn pickle_error(path: &Path, entry: &str, e: PickleError) -> WeightsError {
     let (path, entry) = (path.to_path_buf(), entry.to_string());
+    let pickle = |offset, reason| WeightsError::Pickle {
+        path: path.clone(),
+        entry: entry.clone(),
+        offset,
+        reason,
+    };
     match e {
         PickleError::Opcode { name, code, offset } => WeightsError::UnsupportedOpcode {
             path,
@@ -215,13 +222,23 @@ fn pickle_error(path: &Path, entry: &str, e: PickleError) -> WeightsError {
             code,
             offset,
         },
-        PickleError::Malformed { offset, reason } => WeightsError::Pickle {
-            path,
-            entry,
+        PickleError::Truncated {
             offset,
-            reason,
-        },
-        PickleError::UnknownGlobal { module, name } => {
+            wanted,
+            remaining,
+            ..
+        } => pickle(
+            offset,
+            format!("needs {wanted} bytes but only {remaining} remain"),
+        ),
+        PickleError::Protocol {
+            offset, protocol, ..
+        } => pickle(
+            offset,
+            format!("pickle protocol {protocol} is newer than 5"),
+        ),
+        PickleError::Malformed { offset, reason } => pickle(offset, reason),
+        PickleError::Global { module, name, .. } => {
             WeightsError::UnknownGlobal { path, module, name }
         }
     }
@@ -277,7 +294,11 @@ pub fn read_pt(path: impl AsRef<Path>) -> Result<PtCheckpoint, WeightsError> {
     let (entries, bare) = match lookup("state_dict") {
         Some(Value::Dict(sd)) => (sd.borrow().clone(), false),
         Some(_) => return Err(format("the \"state_dict\" entry is not a dict".into())),
-        None if !root.is_empty() && root.iter().all(|(_, v)| matches!(v, Value::Tensor(_))) => {
+        None if !root.is_empty()
+            && root
+                .iter()
+                .all(|(_, v)| matches!(v, Value::Object(Torch::Tensor(_)))) =>
+        {
             (root.clone(), true)
         }
         None => {
@@ -321,7 +342,7 @@ pub fn read_pt(path: impl AsRef<Path>) -> Result<PtCheckpoint, WeightsError> {
             .as_str()
             .ok_or_else(|| format(format!("state dict key {k:?} is not a string")))?
             .to_string();
-        let Value::Tensor(t) = v else {
+        let Value::Object(Torch::Tensor(t)) = v else {
             return Err(format(format!("state dict entry {key} is not a tensor")));
         };
         let tensor = materialize(&mut archive, &mut storages, &key, t)?;
@@ -520,7 +541,7 @@ fn write_archive(
         });
     }
 
-    let mut w = PickleWriter::new();
+    let mut w = PickleWriter::new(2);
     if let Some(h) = header {
         w.empty_dict();
         w.mark();
