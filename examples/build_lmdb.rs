@@ -37,7 +37,7 @@ struct Args {
     /// What to do with bad records: fail (stop, naming file and line) or skip (count and report).
     #[arg(long = "on-error", default_value = "fail")]
     on_error: BadRecordPolicy,
-    /// The seed's offline augmentation of the train split: every image of a training query with
+    /// Offline augmentation of the train split: every image of a training query with
     /// at most --offline-max-images images gets N augmented copies (0 = off). The augmented
     /// TSV/JSONL are written to {lmdb_dir}/offline-augmented/ and built from there.
     #[arg(long = "offline-augment", default_value_t = 0)]

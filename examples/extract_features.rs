@@ -63,7 +63,8 @@ struct Args {
     /// A shipped text config name, or a path to a JSON file in cn_clip's schema.
     #[arg(long = "text-model")]
     text_model: Option<String>,
-    /// Prefix every text with the product prompt `这是一张图片，里面存在商品：` (the seed's recipe).
+    /// Prefix every text with the product prompt `这是一张图片，里面存在商品：` (as in training with
+    /// `--text-prompt`).
     #[arg(long = "text-prompt")]
     text_prompt: bool,
     /// Also write `<output>.safetensors` native feature files (ids + L2-normalised matrix).

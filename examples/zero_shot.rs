@@ -46,7 +46,8 @@ struct Args {
     vision_model: Option<String>,
     #[arg(long = "text-model")]
     text_model: Option<String>,
-    /// cn_clip's `amp` here is exact fp32 (spec §1.6); fp16/bf16 run reduced precision.
+    /// cn_clip's `amp` here is exact fp32 (on CPU cn_clip's `load_from_name` rounds the weights to
+    /// fp16 and computes in fp32, `cn_clip/clip/utils.py:209-215`); fp16/bf16 run reduced precision.
     #[arg(long, default_value = "amp", value_parser = ["amp", "fp32", "fp16", "bf16"])]
     precision: String,
     /// Names the output file and picks cn_clip's templates for the data set.

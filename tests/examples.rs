@@ -93,7 +93,7 @@ fn the_pipeline_examples_write_what_cn_clip_would() {
         assert!(lmdb.join(split).join("pairs").join("data.mdb").is_file());
     }
 
-    // The seed's offline augmentation: 12 train queries of 2 images each all qualify.
+    // Offline augmentation: 12 train queries of 2 images each all qualify.
     let out = run(
         "build_lmdb",
         &[

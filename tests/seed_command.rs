@@ -1,4 +1,4 @@
-//! Drop-in acceptance: the seed's own `train_clip.sh` command line (cn_clip's `main.py` flags, `=`
+//! Drop-in acceptance: a MUGE ViT-H `train_clip.sh` command line (cn_clip's `main.py` flags, `=`
 //! syntax, the ViT-H recipe's numbers) runs verbatim with `finetune` under our launcher on two
 //! Gloo ranks — only paths and model names differ (a tiny model config, a mini-MUGE LMDB large
 //! enough for its global batch of 2 × 360) — and writes what cn_clip writes: validation results in
@@ -57,7 +57,7 @@ impl Fixture {
             .unwrap();
         }
         // Tiny configs under cn_clip's model names (cn_clip reads `model_configs/{name}.json`),
-        // so the ViT-H recipe's optimizer defaults apply as in the seed's run.
+        // so the ViT-H recipe's optimizer defaults apply as in a ViT-H run.
         let configs = dir.join("model_configs");
         std::fs::create_dir_all(&configs).unwrap();
         std::fs::write(configs.join("ViT-H-14.json"), VISION).unwrap();
@@ -83,7 +83,7 @@ impl Fixture {
         self.dir.join(rel).to_str().unwrap().to_string()
     }
 
-    /// The seed's command, paths and model names aside.
+    /// A MUGE ViT-H `train_clip.sh` command, paths and model names aside.
     fn seed_args(&self) -> Vec<String> {
         let mut args: Vec<String> = [
             format!("--train-data={}", self.p("lmdb/train")),

@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the seed's whole MUGE recipe, end to end, on this machine's CPU in minutes.
+//! `cargo xtask demo`: the whole MUGE recipe (prompt, augmentation, LoRA, pairwise soup), end to end, on this machine's CPU in minutes.
 //!
 //! 1. data: mini-MUGE (rendered product photos + Chinese queries, MUGE layout) or `--data`;
 //! 2. LMDB: `build_lmdb`, cn_clip's layout;
@@ -9,7 +9,7 @@
 //! 4. fine-tunes from the base with the product prompt and augmentation, several
 //!    hyper-parameters, one of them LoRA (the machinery of `cargo xtask sweep`), each scored on
 //!    valid (MUGE Recall@1/5/10 and mean recall);
-//! 5. the seed's pairwise soup of the fine-tunes (`cargo xtask soup`);
+//! 5. the pairwise soup of the fine-tunes (`cargo xtask soup`);
 //! 6. test: features of the soup, top-10 per query into a submission file, validated and scored.
 //!
 //! Every step prints the command it runs, so the same pipeline can be rerun by hand on real data.
@@ -281,7 +281,7 @@ pub fn run(root: &Path, args: &DemoArgs) -> Result<()> {
     let scores = sweep::train_all(root, &runs, &[], false)?;
     sweep::write_results(&runs_dir, &scores)?;
 
-    // 5. The seed's pairwise soup.
+    // 5. The pairwise soup.
     let soup_dir = out.join("soup");
     let soup = crate::soup_runs::soup(root, &scores, &valid, "pairwise", &soup_dir, &file.common)?;
 
@@ -358,7 +358,7 @@ fn demo_sweep(
     let q = |p: &Path| -> Result<String> { Ok(toml::Value::String(path_str(p)?).to_string()) };
     let s = |v: &str| toml::Value::String(v.to_string()).to_string();
     Ok(format!(
-        r#"# The demo's fine-tunes from the base: the seed's recipe (prompt + augmentation), a gentler full
+        r#"# The demo's fine-tunes from the base: the MUGE recipe (prompt + augmentation), a gentler full
 # fine-tune without augmentation (AutoAugment's colour ops fight mini-MUGE's colour words), and LoRA.
 [common]
 train-data = {train}

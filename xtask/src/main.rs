@@ -28,7 +28,7 @@ enum Command {
     Setup(setup::SetupArgs),
     /// setup + cargo fmt --check + cargo clippy -D warnings + cargo test, as CI runs it.
     Test,
-    /// The seed's whole MUGE recipe on CPU in minutes: mini-MUGE, LMDB, fine-tunes (one LoRA),
+    /// The whole MUGE recipe on CPU in minutes: mini-MUGE, LMDB, fine-tunes (one LoRA),
     /// validation recall, pairwise soup, test submission.
     Demo(demo::DemoArgs),
     /// A grid of fine-tuning runs from a TOML file, a table of their validation recall, and the

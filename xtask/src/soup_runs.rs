@@ -1,13 +1,25 @@
-//! The last two steps of the recipe over finished runs, shared by `demo` and `sweep`: the soup of
+//! The last two steps of the recipe over finished runs ([`RunScore`]), shared by `demo` and `sweep`: the soup of
 //! the runs' checkpoints (through `cargo xtask soup`), then test-set features, top-10 submission and
 //! its score (through the `extract_features`, `predict` and `evaluate` examples).
 
 use crate::examples;
-use crate::sweep::RunScore;
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+
+/// A finished run's validation score (percent).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunScore {
+    pub name: String,
+    pub r1: f64,
+    pub r5: f64,
+    pub r10: f64,
+    pub mean_recall: f64,
+    pub checkpoint: PathBuf,
+    pub lora: bool,
+    pub base: Option<PathBuf>,
+}
 
 /// What the soup step produced.
 #[derive(Debug, Clone)]

@@ -33,6 +33,7 @@
 //! `metrics.jsonl` (MUGE mean recall, the number checkpoints are selected by).
 
 use crate::examples;
+use crate::soup_runs::{self, RunScore};
 use anyhow::{Context, Result, anyhow, bail};
 use cnclip_train_config::{LoraSettings, RunConfig};
 use serde::Deserialize;
@@ -84,19 +85,6 @@ pub struct Run {
     /// Whether it trains LoRA adapters (its checkpoint holds adapters only).
     pub lora: bool,
     /// The weights it starts from (`resume`), needed to soup a LoRA run.
-    pub base: Option<PathBuf>,
-}
-
-/// A finished run's validation score (percent).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunScore {
-    pub name: String,
-    pub r1: f64,
-    pub r5: f64,
-    pub r10: f64,
-    pub mean_recall: f64,
-    pub checkpoint: PathBuf,
-    pub lora: bool,
     pub base: Option<PathBuf>,
 }
 
@@ -398,7 +386,7 @@ pub fn run(root: &Path, args: &SweepArgs) -> Result<()> {
                 .get("val-data")
                 .and_then(|v| v.as_str())
                 .context("[sweep] soup needs `val-data` in [common]")?;
-            let soup = crate::soup_runs::soup(
+            let soup = soup_runs::soup(
                 root,
                 &scores,
                 Path::new(val),

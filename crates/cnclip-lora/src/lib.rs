@@ -1,5 +1,5 @@
 //! LoRA for Chinese-CLIP: low-rank adapters on both towers, including the fused `in_proj` of the
-//! vision attention, so the seed's LoRA fine-tunes run without a Python `peft` dependency.
+//! vision attention, so LoRA fine-tunes of Chinese-CLIP run without a Python `peft` dependency.
 //!
 //! Owns: adapter injection into a `cnclip-model` model, the trainable/frozen split, merging adapters
 //! into the base weights (so a LoRA run can enter a soup), adapter files, and their export in

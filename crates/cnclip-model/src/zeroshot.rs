@@ -1,4 +1,4 @@
-//! Zero-shot classification as cn_clip's `zeroshot_evaluation.py` does it (spec §7.5): each class
+//! Zero-shot classification as cn_clip's `cn_clip/eval/zeroshot_evaluation.py` does it: each class
 //! is the normalised mean of its normalised prompt embeddings, and an image's class probabilities
 //! are `softmax(100 · image · W)` — a fixed 100, not the model's `logit_scale`.
 //!

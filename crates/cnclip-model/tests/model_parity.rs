@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
-/// The bound: relative L2 error of fp32 features against cn_clip.
+/// The bound on the relative L2 error of fp32 features against cn_clip.
 const FP32_TOLERANCE: f64 = 1e-5;
 
 /// `CNCLIP_MODEL_FIXTURES` overrides the location, for test binaries run on another machine.

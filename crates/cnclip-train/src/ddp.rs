@@ -1,4 +1,5 @@
-//! Data-parallel training as cn_clip does it with `torch.distributed` (spec §6.1–6.2, 6.11), on
+//! Data-parallel training as cn_clip does it with `torch.distributed` (setup `main.py:47-176`, gathered
+//! loss `train.py:21-126`, rank-0 saving `main.py:314-346` and `train.py:301-329`), on
 //! libtorch's own c10d through [`torch_ext::dist`].
 //!
 //! * **Start**: every rank builds the model, then the parameters and buffers are broadcast from

@@ -1,4 +1,4 @@
-//! cn_clip's knowledge distillation (`--distillation`, spec §6.9; `train.py:get_loss` and
+//! cn_clip's knowledge distillation (`--distillation`; `train.py:get_loss` and
 //! `cosineSimilarityLoss`, `main.py:244-285`): a frozen teacher sees the same preprocessed images
 //! as the student, and the step's loss gains
 //! `kd_loss_weight · (1 − mean_rows cos(teacher, resize(student)))`, where the student's

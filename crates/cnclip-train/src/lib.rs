@@ -89,6 +89,8 @@ pub mod loss;
 pub mod metrics;
 pub mod observe;
 pub mod optim;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod run;
 pub mod run_lock;
 pub mod schedule;

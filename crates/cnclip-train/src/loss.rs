@@ -1,4 +1,4 @@
-//! cn_clip's symmetric contrastive loss (`train.py:get_loss`, spec §6.2) and the in-batch accuracy
+//! cn_clip's symmetric contrastive loss (`train.py:get_loss`, `train.py:21-126`) and the in-batch accuracy
 //! it reports.
 //!
 //! Distributed training changes only which rows enter the logits and how their gradient gets back

@@ -315,12 +315,14 @@ impl Observer for JsonlMetrics {
     }
 }
 
-/// Draws the loss/recall curves of a metrics file as PNG when the run ends.
+/// Draws the loss/recall curves of a metrics file as PNG when the run ends (feature `plot`).
+#[cfg(feature = "plot")]
 pub struct Curves {
     pub metrics: PathBuf,
     pub png: PathBuf,
 }
 
+#[cfg(feature = "plot")]
 impl Observer for Curves {
     fn on_finish(&mut self, _position: &RunPosition) -> Result<(), ObserverError> {
         if !self.metrics.is_file() {
@@ -328,14 +330,15 @@ impl Observer for Curves {
         }
         let records = metrics::read_records(&self.metrics)?;
         if !records.is_empty() {
-            metrics::plot_curves(&records, &self.png)?;
+            crate::plot::plot_curves(&records, &self.png)?;
         }
         Ok(())
     }
 }
 
 /// Progress bars with ETA over the run's steps and over each validation pass (indicatif, on
-/// stderr); cn_clip's lines are printed above them every `log_interval` steps.
+/// stderr); cn_clip's lines are printed above them every `log_interval` steps. Feature `progress`.
+#[cfg(feature = "progress")]
 pub struct ProgressBars {
     steps: indicatif::ProgressBar,
     valid: Option<indicatif::ProgressBar>,
@@ -344,6 +347,7 @@ pub struct ProgressBars {
     report_accuracy: bool,
 }
 
+#[cfg(feature = "progress")]
 impl ProgressBars {
     pub fn new(log_interval: u64, report_accuracy: bool) -> Self {
         let multi = indicatif::MultiProgress::new();
@@ -368,6 +372,7 @@ impl ProgressBars {
     }
 }
 
+#[cfg(feature = "progress")]
 impl Observer for ProgressBars {
     fn on_start(&mut self, s: &RunStart) -> Result<(), ObserverError> {
         self.steps.set_length(s.total_steps);

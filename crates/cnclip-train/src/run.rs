@@ -13,7 +13,7 @@ use crate::distill::Teacher;
 use crate::freeze::{Freeze, TowerFreeze};
 use crate::metrics::MetricsError;
 use crate::observe::{
-    CheckpointEvent, Control, Curves, JsonlMetrics, Observer, ObserverError, Observers, RunStart,
+    CheckpointEvent, Control, JsonlMetrics, Observer, ObserverError, Observers, RunStart,
     StepEvent, ValidationEvent,
 };
 use crate::optim::AdamWConfig;
@@ -134,14 +134,15 @@ pub struct RunSummary {
     pub stopped: bool,
 }
 
-/// The JSONL metrics and the PNG curves in the run's directory (`metrics.jsonl`, `curves.png`):
-/// what [`train`] attaches. Nothing when the run saves nothing.
+/// The JSONL metrics and the PNG curves in the run's directory (`metrics.jsonl`, `curves.png`; the
+/// curves with feature `plot` only): what [`train`] attaches. Nothing when the run saves nothing.
 pub fn file_observers(config: &RunConfig) -> Result<Observers<'static>, RunError> {
     let mut observers = Observers::new();
     if let Some(dir) = config.run_dir() {
         let metrics = dir.join("metrics.jsonl");
         observers.push(JsonlMetrics::open(&metrics)?);
-        observers.push(Curves {
+        #[cfg(feature = "plot")]
+        observers.push(crate::observe::Curves {
             metrics,
             png: dir.join("curves.png"),
         });

@@ -1,4 +1,5 @@
-//! One optimizer step of cn_clip's loop (`train.py:train`, spec §6.2–6.3, 6.7): the rate assigned
+//! One optimizer step of cn_clip's loop (`train.py:train`: loss `train.py:21-126`, accumulation
+//! `train.py:206-253`, clamp `train.py:261-262`): the rate assigned
 //! from the schedule, forward in training mode, the contrastive loss, backward, AdamW, and the
 //! `logit_scale` clamp — with `--accum-freq` handled as cn_clip does (features of every micro-batch
 //! cached without gradient, then each micro-batch re-run with gradient against the cached others).
@@ -374,7 +375,7 @@ impl Trainer {
     /// gradients. Usually that is the (scaled) loss itself. With a differentiable gather
     /// (`--gather-with-grad`) backward is staged, since tch has no custom autograd functions: the
     /// loss is first differentiated w.r.t. leaf copies of the gathered rows and of the scale,
-    /// the rows' gradient is summed over ranks ([`FeatureGather::local_gradient`]), and the seed
+    /// the rows' gradient is summed over ranks ([`FeatureGather::local_gradient`]), and the backward seed
     /// `sum(local · g) + sum(scale · g_scale)` carries exactly those gradients into the model.
     fn loss_and_seed(
         &self,

@@ -147,7 +147,7 @@ fn vit_b_16_groups_match_cn_clip_counts() {
             weight_decay: 0.2,
         },
     );
-    // Spec §6.4: 198 no-decay tensors and 153 decayed ones for ViT-B-16 + RoBERTa-base.
+    // cn_clip's groups (`main.py:146-174`, substring tests on the names): 198 no-decay tensors and 153 decayed ones for ViT-B-16 + RoBERTa-base.
     assert_eq!(optimizer.group_sizes(), (198, 153));
     assert!(!excluded_from_weight_decay(
         "bert.encoder.layer.0.attention.output.LayerNorm.weight"

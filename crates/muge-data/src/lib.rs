@@ -16,7 +16,7 @@
 //! | [`text`] | prompt + dataset preprocessing + tokenizer: the one text path of training and evaluation |
 //! | [`sampler`] | torch's `randperm` and `DistributedSampler`, cn_clip's padding, mid-epoch resume |
 //! | [`loader`] | worker threads turning a sampler's plan into batches of tensors |
-//! | [`augment`] | cn_clip's `--use-augment` transform (RandomResizedCrop, flip, AutoAugment 'original'), exact to timm/Pillow 13 for the same random draws, keyed for reproducibility; the seed's offline multiplication of rare queries' images |
+//! | [`augment`] | cn_clip's `--use-augment` transform (RandomResizedCrop, flip, AutoAugment 'original'), exact to timm/Pillow 13 for the same random draws, keyed for reproducibility; offline multiplication of rare queries' images |
 
 pub mod augment;
 pub mod base64;
@@ -25,6 +25,7 @@ pub mod lmdb;
 pub mod loader;
 pub mod pickle;
 pub mod sampler;
+#[cfg(feature = "synth")]
 pub mod synth;
 pub mod text;
 

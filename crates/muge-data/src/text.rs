@@ -1,8 +1,9 @@
 //! Captions and queries to token ids, the same way on every path that feeds the text tower.
 //!
 //! The MUGE contest recipe prefixes every text with a product prompt, `这是一张图片，里面存在商品：`
-//! ("this is a picture containing the product: "), in *both* training and evaluation: the seed
-//! solution edited cn_clip's `LMDBDataset.__getitem__` and `EvalTxtDataset` in the same way. A
+//! ("this is a picture containing the product: "), in *both* training and evaluation: the text
+//! is prefixed where cn_clip's `LMDBDataset.__getitem__` (training and validation) and
+//! `EvalTxtDataset` (feature extraction) tokenize it, the same way in both. A
 //! prompt applied on one side only silently costs recall, so [`TextPipeline`] is the one place
 //! that turns a raw text into ids; the loader and the evaluation text path both call it.
 //!
@@ -188,7 +189,7 @@ impl Default for TextPipeline {
 mod tests {
     use super::*;
 
-    /// The spec's worked example (§3.6): prompt + 连衣裙.
+    /// cn_clip's tokenizer (`cn_clip/clip/bert_tokenizer.py`) on prompt + 连衣裙, ids from running it.
     #[test]
     fn product_prompt_ids() {
         let p = TextPipeline::default().with_product_prompt();

@@ -23,14 +23,8 @@ use tokio::sync::oneshot;
 use crate::encoder::Encoder;
 use crate::error::{ApiError, ServeError};
 use crate::index::GalleryIndex;
+use crate::scored::Scored;
 use crate::zeroshot::Templates;
-
-/// One ranked gallery image.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct Scored {
-    pub image_id: i64,
-    pub score: f32,
-}
 
 /// Knobs of the model thread.
 #[derive(Debug, Clone, Copy)]

@@ -42,9 +42,10 @@ use serde_json::{Value, json};
 use tch::Tensor;
 use tokio::sync::Semaphore;
 
-use crate::engine::{EngineHandle, Scored};
+use crate::engine::EngineHandle;
 use crate::error::ApiError;
 use crate::gallery::Gallery;
+use crate::scored::Scored;
 use crate::zeroshot::Templates;
 
 /// Request and connection limits (defaults in [`Limits::default`]; the `serve` example's flags

@@ -16,8 +16,8 @@ use retrieval::search::hit_order;
 use retrieval::{Hit, NativeFeatures, exact_score};
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::Scored;
 use crate::error::ServeError;
+use crate::scored::Scored;
 
 /// Unit roundoff of f32.
 const U: f64 = 1.0 / 16_777_216.0;

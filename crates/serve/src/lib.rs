@@ -25,6 +25,7 @@
 //! | [`engine`] | the model thread, micro-batching, zero-shot scoring |
 //! | [`encoder`] | checkpoint loading, image and text features |
 //! | [`index`] | the resident gallery tensor and exact top-k per micro-batch |
+//! | [`scored`] | [`Scored`], one ranked gallery image |
 //! | [`gallery`] | LMDB / TSV / folder image stores |
 //! | [`features`] | the gallery feature cache |
 //! | [`zeroshot`] | prompt templates for classification |
@@ -36,14 +37,16 @@ pub mod features;
 pub mod gallery;
 pub mod http;
 pub mod index;
+pub mod scored;
 pub mod server;
 pub mod zeroshot;
 
 pub use encoder::{Encoder, ModelSpec};
-pub use engine::{EngineOptions, Scored};
+pub use engine::EngineOptions;
 pub use error::{ApiError, ServeError};
 pub use features::CacheOptions;
 pub use gallery::Gallery;
 pub use http::Limits;
+pub use scored::Scored;
 pub use server::{App, FeatureOrigin, ServeConfig, run, shutdown_signal};
 pub use zeroshot::Templates;

@@ -327,7 +327,7 @@ fn get_status_line(addr: std::net::SocketAddr, path: &str, limit: Duration) -> R
     Ok(answer.lines().next().unwrap_or_default().to_string())
 }
 
-/// The case as a user meets it: the service process gets SIGTERM while a client has sent
+/// A stuck shutdown as a user meets it: the service process gets SIGTERM while a client has sent
 /// half a request header, and must exit (cleanly) within the shutdown window, not wait for it.
 #[test]
 fn sigterm_ends_the_process_within_the_window() -> Result<()> {
@@ -364,7 +364,7 @@ fn sigterm_ends_the_process_within_the_window() -> Result<()> {
     }
 }
 
-/// The descriptor exhaustion: 150 idle sockets against a service limited to 128 open
+/// Descriptor exhaustion: 150 idle sockets against a service limited to 128 open
 /// descriptors (`ulimit -n 128`) made every normal query fail. With a cap of 64 connections and
 /// a 2 s header timeout, a query sent behind them is answered within ⌈150/64⌉ = 3 timeouts
 /// (+ slack), and the service never runs out of descriptors.

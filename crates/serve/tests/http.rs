@@ -665,7 +665,7 @@ async fn images_over_the_pixel_limit_are_refused_413() -> Result<()> {
     let server = TestServer::start(config(&dir, &checkpoint, &gallery)).await?;
     let search_image = server.url("/api/search/image");
     let default_limit = cnclip_serve::Limits::default().max_image_pixels;
-    // 13000×13000 (the bomb) and 20000×20000 (past the decoder's own limit too).
+    // 13000×13000 (a decompression bomb: 169 Mpx from a few KB, past the default 50 Mpx) and 20000×20000 (past the decoder's own limit too).
     for side in [13_000u32, 20_000] {
         let form = Form::new().part(
             "image",

@@ -6,7 +6,7 @@
 //! memory maps, are summed as `Σ wᵢ·xᵢ` in fp32 (fp64 when the output is fp64), left to right in
 //! member order, each product rounded before the sum (exactly what `x₀*w₀ + x₁*w₁ + …` computes in
 //! torch), and the result is handed to a [`Sink`] in the output dtype. Peak memory is one tensor
-//! (plus the sink's own store: nothing for a file, one model for [`crate::sink::ModelSink`]).
+//! (plus the sink's own store: nothing for a file, one model for the sink module's `ModelSink`).
 //!
 //! Output dtype: the members' dtype when they agree, else the widest (fp64 over fp32 over the
 //! 16-bit kinds; fp16 with bf16 gives fp32). Non-float tensors are not averaged: every member
@@ -17,7 +17,6 @@ use crate::checkpoint::{Entry, NativeCheckpoint};
 use crate::error::SoupError;
 use rayon::prelude::*;
 use safetensors::tensor::Dtype;
-use std::path::Path;
 
 /// Elements per parallel work item: small enough to stay in L2 with its decode buffer.
 const CHUNK: usize = 1 << 14;
@@ -525,29 +524,4 @@ fn encode_f32(acc: &[f32], dtype: Dtype, out: &mut [u8]) {
             }
         }
     }
-}
-
-/// Opens `paths` and averages them with `weights` into a native file at `out` (atomically).
-pub fn average_files(
-    paths: &[&Path],
-    weights: &[f64],
-    out: &Path,
-    extra_metadata: &[(String, String)],
-) -> Result<(), SoupError> {
-    if paths.len() != weights.len() {
-        return Err(SoupError::Invalid(format!(
-            "{} checkpoints but {} weights",
-            paths.len(),
-            weights.len()
-        )));
-    }
-    let opened = paths
-        .iter()
-        .map(NativeCheckpoint::open)
-        .collect::<Result<Vec<_>, _>>()?;
-    let members: Vec<(&NativeCheckpoint, f64)> =
-        opened.iter().zip(weights).map(|(c, &w)| (c, w)).collect();
-    let plan = plan(&members)?;
-    let mut sink = crate::sink::FileSink::new(out, extra_metadata.to_vec());
-    average(&members, &plan, &mut sink, &mut |_| {})
 }

@@ -1,6 +1,7 @@
 //! Model soups: merging fine-tuned checkpoints in weight space.
 //!
-//! Owns: the seed's greedy pairwise soup and Wortsman et al.'s (2022) uniform and greedy soups as
+//! Owns: the greedy pairwise soup (merge the best two, keep the merge if it beats a member, repeat)
+//! and Wortsman et al.'s (2022) uniform and greedy soups as
 //! decision procedures ([`strategy`]); the streamed, fp32-accumulated weighted average of native
 //! checkpoints ([`average`], [`sink`]); turning official `.pt`, Hugging Face directories and LoRA
 //! adapters into averageable files ([`candidate`], [`lora`]); scoring a checkpoint on the
@@ -38,9 +39,9 @@
 //! always averaged from the candidates' files, so no intermediate is ever rounded or written.
 //! LoRA candidates enter as their base with the adapter merged in.
 //!
-//! # The seed's pairwise soup
+//! # The greedy pairwise soup
 //!
-//! The seed merged by hand: "average the two best, score on validation, if better than any member
+//! A MUGE recipe merged by hand: "average the two best, score on validation, if better than any member
 //! replace the worst, repeat until no merge helps" (83.41 → 83.69 valid MR). As implemented:
 //!
 //! 1. The pool is every candidate with its score.

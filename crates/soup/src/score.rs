@@ -38,8 +38,8 @@ pub enum Progress {
 pub struct ValOptions {
     /// `{split}_texts.jsonl`; `None`: queries from the LMDB's `pairs/`.
     pub texts: Option<PathBuf>,
-    /// Prefix [`muge_data::PRODUCT_PROMPT`] to every query (the seed's recipe; use the setting
-    /// the checkpoints were trained with).
+    /// Prefix [`muge_data::PRODUCT_PROMPT`] to every query (the MUGE recipe's `--text-prompt`;
+    /// use the setting the checkpoints were trained with).
     pub text_prompt: bool,
     pub context_length: usize,
 }

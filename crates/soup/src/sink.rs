@@ -1,7 +1,9 @@
 //! Destinations of an average: a native file written as the tensors arrive, a model's variables
-//! (to score a merge without writing it), or an in-memory state dict.
+//! (to score a merge without writing it), or an in-memory state dict; and [`average_files`], the
+//! whole average from checkpoint paths to a file.
 
-use crate::average::{ChunkSink, Plan, PlannedTensor, Sink};
+use crate::average::{ChunkSink, Plan, PlannedTensor, Sink, average, plan};
+use crate::checkpoint::NativeCheckpoint;
 use crate::error::{SoupError, io_err};
 use cnclip_model::Clip;
 use cnclip_model::weights::{
@@ -390,4 +392,29 @@ pub fn average_state_dicts(members: &[(&StateDict, f64)]) -> Result<StateDict, S
         out.insert(key.to_string(), merged);
     }
     Ok(out)
+}
+
+/// Opens `paths` and averages them with `weights` into a native file at `out` (atomically).
+pub fn average_files(
+    paths: &[&Path],
+    weights: &[f64],
+    out: &Path,
+    extra_metadata: &[(String, String)],
+) -> Result<(), SoupError> {
+    if paths.len() != weights.len() {
+        return Err(SoupError::Invalid(format!(
+            "{} checkpoints but {} weights",
+            paths.len(),
+            weights.len()
+        )));
+    }
+    let opened = paths
+        .iter()
+        .map(NativeCheckpoint::open)
+        .collect::<Result<Vec<_>, _>>()?;
+    let members: Vec<(&NativeCheckpoint, f64)> =
+        opened.iter().zip(weights).map(|(c, &w)| (c, w)).collect();
+    let plan = plan(&members)?;
+    let mut sink = FileSink::new(out, extra_metadata.to_vec());
+    average(&members, &plan, &mut sink, &mut |_| {})
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
-    /// The seed's loop: average the two best, keep the merge if it beats a member (replacing the
+    /// The greedy pairwise loop: average the two best, keep the merge if it beats a member (replacing the
     /// pool's worst), repeat.
     Pairwise,
     /// Wortsman et al.'s greedy soup.
@@ -49,8 +49,8 @@ impl std::str::FromStr for Strategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Accept {
-    /// The merge scores strictly above at least one member, i.e. above `b` (the seed: "if better
-    /// than any member").
+    /// The merge scores strictly above at least one member, i.e. above `b` ("keep the merge if it is
+    /// better than any member").
     BeatsEither,
     /// The merge scores strictly above both, i.e. above `a`.
     BeatsBoth,
@@ -173,7 +173,7 @@ struct PoolEntry {
     born: usize,
 }
 
-/// The seed's pairwise loop (see the crate doc for the rule and a worked trace).
+/// The greedy pairwise loop (see the crate doc for the rule and a worked trace).
 ///
 /// `names[i]` and `scores[i]` describe candidate `i`. Fails only when `evaluate` fails.
 pub fn pairwise<E>(

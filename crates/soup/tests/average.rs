@@ -7,8 +7,9 @@ use cnclip_model::weights::{
     StateDict, load_native, read_safetensors_metadata, save_native, save_safetensors,
 };
 use soup::SoupError;
-use soup::average::{average, average_files, plan};
+use soup::average::{average, plan};
 use soup::checkpoint::NativeCheckpoint;
+use soup::sink::average_files;
 use soup::sink::{StateDictSink, average_state_dicts};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

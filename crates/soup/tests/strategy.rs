@@ -44,7 +44,7 @@ impl Script {
     }
 }
 
-// Candidates of the seed's situation: a = 83.41 the best single run.
+// Four runs whose valid scores lie within 0.6 of each other: a = 83.41 the best single run.
 const A: usize = 0;
 const B: usize = 1;
 const C: usize = 2;
@@ -141,7 +141,7 @@ fn pairwise_beats_both_stops_earlier() {
 #[test]
 fn pairwise_stops_at_once_when_the_first_merge_does_not_help_and_on_ties() {
     let (names, scores) = seed_candidates();
-    // Equal to b is not better than b: the seed's "until no merge helps".
+    // Equal to b is not better than b: the loop runs "until no merge helps".
     let mut script = Script::new(&[(&[(A, 0.5), (B, 0.5)], 83.30)]);
     let out = pairwise(&names, &scores, &PairwiseOptions::default(), |r| {
         script.eval(r)

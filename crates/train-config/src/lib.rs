@@ -277,7 +277,8 @@ pub struct RunConfig {
     #[serde(rename = "kd_loss_weight")]
     pub kd_loss_weight: f64,
     // ----- beyond cn_clip -----
-    /// Prefix every query with `这是一张图片，里面存在商品：` (the seed's recipe) [default: off].
+    /// Prefix every query with `这是一张图片，里面存在商品：` (a MUGE recipe: the same prefix in
+    /// training and evaluation) [default: off].
     #[arg(long = "text-prompt")]
     pub text_prompt: bool,
     /// Freeze the whole text tower [default: off].

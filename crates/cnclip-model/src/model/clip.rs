@@ -578,7 +578,8 @@ mod tests {
             .filter(|t| t.is_floating_point())
             .map(|t| t.numel() as i64)
             .sum();
-        // Spec §1.1: 394 entries (229 params + 165 BN buffers); our count includes the buffers.
+        // cn_clip's RN50 state dict: 394 entries (229 params + 165 BN buffers); our count includes
+        // the buffers.
         assert_eq!(keys.len(), 394);
         assert!(visual > 0);
         // Parameters + BN running stats; num_batches_tracked (int64) excluded.

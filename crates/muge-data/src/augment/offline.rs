@@ -1,4 +1,5 @@
-//! Offline multiplication of rare training images: the seed's recipe for queries with few images.
+//! Offline multiplication of rare training images: augmented copies of the images of queries with
+//! few images, added to the training set before training.
 //!
 //! Policy (documented here because it changes the training set):
 //!

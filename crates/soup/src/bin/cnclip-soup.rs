@@ -42,7 +42,7 @@ struct Args {
     /// `valid_texts.jsonl`: queries and ground truth from it instead of the LMDB's pairs/.
     #[arg(long = "val-texts")]
     val_texts: Option<PathBuf>,
-    /// pairwise (the seed's loop), greedy (Wortsman) or uniform (Wortsman).
+    /// pairwise (merge the best two while a merge helps), greedy (Wortsman) or uniform (Wortsman).
     #[arg(long, default_value = "pairwise")]
     strategy: Strategy,
     /// Output directory: soup.safetensors (the soup), report.md, report.json.
@@ -78,7 +78,7 @@ struct Args {
     /// Architecture of official .pt candidates: a shipped text config name or a JSON file.
     #[arg(long = "text-model")]
     text_model: Option<String>,
-    /// Pairwise: keep a merge that beats either member (the seed) or only one that beats both.
+    /// Pairwise: keep a merge that beats either member (the default) or only one that beats both.
     #[arg(long, default_value = "either", value_parser = ["either", "both"])]
     accept: String,
     /// Pairwise: at most this many merges.
