@@ -9,6 +9,7 @@
 //! May depend on `cnclip-model` (to encode) and `torch-ext`. Must never import training
 //! (`cnclip-train`) or data augmentation: a user who only searches should not compile a training loop.
 
+pub mod bound;
 pub mod error;
 pub mod predict;
 pub mod search;

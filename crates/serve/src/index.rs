@@ -4,7 +4,7 @@
 //! right for batch prediction and dominates a single query: ~75 ms on a 30k gallery).
 //!
 //! The ranking is still `retrieval`'s exact one: the GEMM gives approximate scores `s̃` with
-//! `|s̃ − s| ≤ ε` (`ε = (d+2)·u·‖q‖·max‖g‖` plus the canonical rounding, the bound `retrieval`
+//! `|s̃ − s| ≤ ε` ([`retrieval::bound::fp32_gemm_eps`], the bound `retrieval::search`
 //! uses), so every row whose canonical score can reach the k-th best has `s̃ ≥ s̃_k − 2ε`. Those
 //! candidates are rescored with [`retrieval::exact_score`] and ordered by
 //! [`retrieval::search::hit_order`] (higher score, then lower gallery row): the same ids and scores
@@ -12,15 +12,13 @@
 
 use std::sync::Arc;
 
+use retrieval::bound;
 use retrieval::search::hit_order;
 use retrieval::{Hit, NativeFeatures, exact_score};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::Scored;
 use crate::error::ServeError;
-
-/// Unit roundoff of f32.
-const U: f64 = 1.0 / 16_777_216.0;
 
 /// A gallery ready for repeated exact top-k.
 pub struct GalleryIndex {
@@ -37,9 +35,7 @@ impl GalleryIndex {
         let matrix = Tensor::f_from_slice(view.data())?
             .f_view([view.len() as i64, view.dim() as i64])?
             .f_to_device(device)?;
-        let max_norm = (0..view.len())
-            .map(|i| norm(view.row(i)))
-            .fold(0f64, f64::max);
+        let max_norm = bound::max_norm(view.data(), view.dim());
         Ok(GalleryIndex {
             features,
             matrix,
@@ -89,9 +85,7 @@ impl GalleryIndex {
         let mut out = Vec::with_capacity(n);
         for (i, kth) in kth.iter().enumerate() {
             let query = &queries[i * d..(i + 1) * d];
-            let qn = norm(query);
-            let eps =
-                up((d as f64 + 2.0) * U * qn * self.max_norm * 1.01 + 2.0 * U * qn * self.max_norm);
+            let eps = bound::fp32_gemm_eps(d, bound::up(bound::norm(query)), self.max_norm);
             let threshold = f64::from(*kth) - 2.0 * eps;
             let rows = Vec::<i64>::try_from(
                 scores
@@ -124,18 +118,6 @@ impl GalleryIndex {
         }
         Ok(out)
     }
-}
-
-fn norm(v: &[f32]) -> f64 {
-    v.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
-}
-
-/// Rounds a non-negative bound up a little (covers the f64 arithmetic that computed it).
-fn up(x: f64) -> f64 {
-    x * (1.0 + 1e-9) + 1e-12
 }
 
 #[cfg(test)]
