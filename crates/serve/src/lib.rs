@@ -22,9 +22,8 @@
 //! |---|---|
 //! | [`server`] | [`ServeConfig`], [`App`] (start-up), serving and graceful shutdown, [`run`] |
 //! | [`http`] | routes, validation, limits, JSON errors |
-//! | [`engine`] | the model thread, micro-batching, zero-shot scoring |
+//! | [`engine`] | the model thread, micro-batching (ranked by [`retrieval::ResidentIndex`]), zero-shot scoring |
 //! | [`encoder`] | checkpoint loading, image and text features |
-//! | [`index`] | the resident gallery tensor and exact top-k per micro-batch |
 //! | [`gallery`] | LMDB / TSV / folder image stores |
 //! | [`features`] | the gallery feature cache |
 //! | [`zeroshot`] | prompt templates for classification |
@@ -35,7 +34,6 @@ pub mod error;
 pub mod features;
 pub mod gallery;
 pub mod http;
-pub mod index;
 pub mod server;
 pub mod zeroshot;
 
