@@ -8,12 +8,16 @@
 //! ([`index`], what a server needs), the error bounds both rely on ([`bound`]), and cn_clip's
 //! prediction jsonl ([`predict`]).
 //!
-//! May depend on `cnclip-model` (to encode) and `torch-ext`. Must never import training
+//! Also the MUGE score of features ([`muge`]: top-10 by this ranking, scored by `eval`), the one
+//! function training validation and the soup report recall with.
+//!
+//! May depend on `cnclip-model` (to encode), `torch-ext` and `eval`. Must never import training
 //! (`cnclip-train`) or data augmentation: a user who only searches should not compile a training loop.
 
 pub mod bound;
 pub mod error;
 pub mod index;
+pub mod muge;
 pub mod predict;
 pub mod search;
 pub mod store;
