@@ -1,12 +1,14 @@
 //! Validation during training: cn_clip's loss and in-batch accuracy (`train.py:334-404`, each
 //! batch's own logits, no gather), plus what contestants select checkpoints by — MUGE Recall@1/5/10
-//! of every validation text against every validation image, computed by the `eval` crate exactly as
-//! `evaluation.py` would on the predictions.
+//! of every validation text against every validation image, ranked and scored by
+//! [`retrieval::muge::muge_score`] (the function the soup scores with too), so the number equals
+//! `evaluate` on the predictions `retrieval` writes from the same features.
 
 use cnclip_model::Clip;
 use muge_data::sampler::DistributedSampler;
 use muge_data::{ImageTransform, LmdbSplit, Loader, LoaderConfig, TextPipeline};
-use std::collections::{BTreeMap, HashMap};
+use retrieval::{FeatureKind, Features};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tch::{Kind, Reduction, Tensor};
 
@@ -29,6 +31,18 @@ pub enum ValidationError {
     Data(String),
     #[error(transparent)]
     Eval(#[from] eval::EvalError),
+    #[error("validation features: {0}")]
+    Retrieval(#[from] retrieval::RetrievalError),
+    #[error("validation features: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// What a validation pass ranked: every distinct image and text of the split encoded once (in
+/// ascending id order) and the text→images ground truth of its pairs.
+pub struct ValidationFeatures {
+    pub images: Features,
+    pub texts: Features,
+    pub ground_truth: Vec<(i64, Vec<i64>)>,
 }
 
 /// Runs the validation split through `model` in inference mode.
@@ -63,6 +77,21 @@ pub fn validate_with_progress<T: ImageTransform + 'static>(
     workers: usize,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Validation, u64), ValidationError> {
+    validate_with_features(model, split, transform, text, batch_size, workers, progress)
+        .map(|(v, _, last)| (v, last))
+}
+
+/// [`validate_with_progress`], also returning the features and ground truth the recall was
+/// computed from.
+pub fn validate_with_features<T: ImageTransform + 'static>(
+    model: &Clip,
+    split: Arc<LmdbSplit>,
+    transform: Arc<T>,
+    text: TextPipeline,
+    batch_size: usize,
+    workers: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Validation, ValidationFeatures, u64), ValidationError> {
     let n = split.num_samples();
     if n == 0 {
         return Err(ValidationError::Data(
@@ -90,7 +119,7 @@ pub fn validate_with_progress<T: ImageTransform + 'static>(
     let (mut loss_sum, mut i2t, mut t2i, mut count) = (0.0, 0.0, 0.0, 0usize);
     let mut images: BTreeMap<i64, Tensor> = BTreeMap::new();
     let mut texts: BTreeMap<i64, Tensor> = BTreeMap::new();
-    let mut truth: HashMap<i64, Vec<i64>> = HashMap::new();
+    let mut truth: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     for batch in loader {
         let batch = batch?;
         let (img, txt, scale) = model.forward(
@@ -133,26 +162,18 @@ pub fn validate_with_progress<T: ImageTransform + 'static>(
             }
         }
     }
-    let image_ids: Vec<i64> = images.keys().copied().collect();
-    let image_matrix = Tensor::stack(&images.into_values().collect::<Vec<_>>(), 0);
-    let text_ids: Vec<i64> = texts.keys().copied().collect();
-    let text_matrix = Tensor::stack(&texts.into_values().collect::<Vec<_>>(), 0);
-    let k = image_ids.len().min(10) as i64;
-    let top = text_matrix
-        .matmul(&image_matrix.tr())
-        .topk(k, -1, true, true)
-        .1;
-    let mut rankings: HashMap<i64, Vec<i64>> = HashMap::new();
-    for (row, text_id) in text_ids.iter().enumerate() {
-        let columns = Vec::<i64>::try_from(top.get(row as i64))
-            .map_err(|e| ValidationError::Data(e.to_string()))?;
-        rankings.insert(
-            *text_id,
-            columns.into_iter().map(|c| image_ids[c as usize]).collect(),
-        );
-    }
-    let ground_truth = eval::GroundTruth::from_pairs(truth);
-    let score = eval::muge_score(&rankings, &ground_truth)?;
+    let features = ValidationFeatures {
+        images: collect(FeatureKind::Image, images)?,
+        texts: collect(FeatureKind::Text, texts)?,
+        ground_truth: truth.into_iter().collect(),
+    };
+    let ground_truth = eval::GroundTruth::from_pairs(features.ground_truth.iter().cloned());
+    let score = retrieval::muge::muge_score(
+        &features.texts.view(),
+        &features.images.view(),
+        &ground_truth,
+        tch::Device::Cpu,
+    )?;
     Ok((
         Validation {
             loss: loss_sum / count as f64,
@@ -160,6 +181,18 @@ pub fn validate_with_progress<T: ImageTransform + 'static>(
             text_to_image_accuracy: t2i / count as f64,
             score,
         },
+        features,
         last_batch,
     ))
+}
+
+/// Rows in ascending id order, as f32.
+fn collect(kind: FeatureKind, rows: BTreeMap<i64, Tensor>) -> Result<Features, ValidationError> {
+    let mut out = None;
+    for (id, row) in rows {
+        let row = Vec::<f32>::try_from(row.f_to_kind(Kind::Float)?.f_contiguous()?)?;
+        out.get_or_insert_with(|| Features::new(kind, row.len()))
+            .push(id, &row)?;
+    }
+    out.ok_or_else(|| ValidationError::Data(format!("no {} features", kind.as_str())))
 }

@@ -299,3 +299,78 @@ fn fp16_flip_run_checkpoints_validates_and_resumes_exactly() {
         );
     }
 }
+
+/// The recall validation reports is `evaluate`'s on the predictions written from the same features:
+/// the validation's features are ranked independently (`retrieval::search`, fp32 scan, k = 10),
+/// written as cn_clip's prediction jsonl with the ground truth as cn_clip's annotation jsonl, and
+/// `evaluation.py`'s score file (eval's `run_cn_clip_evaluation`) must equal, byte for byte, the
+/// score JSON of the validation's own number.
+#[test]
+fn validation_recall_is_evaluate_on_the_same_features() {
+    use cnclip_model::preprocess::Preprocessor;
+    use muge_data::{LmdbSplit, TextPipeline};
+    use std::io::Write;
+    use std::sync::Arc;
+
+    let model = tiny_model();
+    let split = Arc::new(LmdbSplit::open(lmdb("valid-eval")).unwrap());
+    let size = u32::try_from(model.config().vision.image_resolution).unwrap();
+    let text = TextPipeline::new(RunConfig::default().context_length).unwrap();
+    let (v, features, _) = cnclip_train::validate::validate_with_features(
+        &model,
+        split,
+        Arc::new(Preprocessor::new(size).unwrap()),
+        text,
+        4,
+        1,
+        &mut |_, _| {},
+    )
+    .unwrap();
+
+    let dir = temp("valid-eval-files");
+    let gt = dir.join("valid_texts.jsonl");
+    let mut w = std::fs::File::create(&gt).unwrap();
+    for (text_id, image_ids) in &features.ground_truth {
+        writeln!(
+            w,
+            "{{\"text_id\": {text_id}, \"image_ids\": {image_ids:?}}}"
+        )
+        .unwrap();
+    }
+    drop(w);
+    let (texts, images) = (features.texts.view(), features.images.view());
+    let hits = retrieval::search(
+        &texts,
+        &images,
+        &retrieval::SearchOptions {
+            k: 10,
+            precision: retrieval::Precision::Fp32,
+            ..retrieval::SearchOptions::default()
+        },
+    )
+    .unwrap();
+    let preds = dir.join("test_predictions.jsonl");
+    retrieval::write_predictions(
+        &preds,
+        retrieval::Direction::TextToImage,
+        &texts,
+        &images,
+        &hits,
+    )
+    .unwrap();
+    let out = dir.join("output.json");
+    eval::run_cn_clip_evaluation(
+        &gt,
+        &preds,
+        &out,
+        eval::Direction::TextToImage,
+        &eval::Validation::cn_clip(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        v.score.to_cn_clip_json(),
+        "{v:?}"
+    );
+}

@@ -50,6 +50,15 @@ pub enum RetrievalError {
     Torch(#[from] tch::TchError),
     #[error("tensor view: {0}")]
     View(#[from] torch_ext::ViewError),
+    /// Boxed: `EvalError` carries cn_clip's report and would make every `Result` here large.
+    #[error(transparent)]
+    Eval(Box<eval::EvalError>),
+}
+
+impl From<eval::EvalError> for RetrievalError {
+    fn from(e: eval::EvalError) -> Self {
+        RetrievalError::Eval(Box::new(e))
+    }
 }
 
 /// Result alias of the crate.

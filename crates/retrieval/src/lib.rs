@@ -4,17 +4,26 @@
 //! safetensors file), exact top-k on CPU and GPU with documented tie-breaking ([`search`]: higher
 //! score, then lower gallery row — cn_clip's stable-sort order), blocked so galleries larger than
 //! memory stream, the int8 scan with exact rescoring that returns the same ids as a full fp32 scan,
-//! and cn_clip's prediction jsonl ([`predict`]).
+//! a gallery kept resident on a device for repeated queries with the same exact ranking
+//! ([`index`], what a server needs), the error bounds both rely on ([`bound`]), and cn_clip's
+//! prediction jsonl ([`predict`]).
 //!
-//! May depend on `cnclip-model` (to encode) and `torch-ext`. Must never import training
+//! Also the MUGE score of features ([`muge`]: top-10 by this ranking, scored by `eval`), the one
+//! function training validation and the soup report recall with.
+//!
+//! May depend on `cnclip-model` (to encode), `torch-ext` and `eval`. Must never import training
 //! (`cnclip-train`) or data augmentation: a user who only searches should not compile a training loop.
 
+pub mod bound;
 pub mod error;
+pub mod index;
+pub mod muge;
 pub mod predict;
 pub mod search;
 pub mod store;
 
 pub use error::{Result, RetrievalError};
+pub use index::ResidentIndex;
 pub use predict::{Direction, write_predictions};
 pub use search::{Hit, Precision, SearchOptions, brute_force, exact_score, search};
 pub use store::{

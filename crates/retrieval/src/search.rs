@@ -42,6 +42,7 @@ use std::collections::BinaryHeap;
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
+use crate::bound::{U, fp32_gemm_eps, max_norm, norm, up};
 use crate::error::{Result, RetrievalError};
 use crate::store::FeatureView;
 
@@ -184,20 +185,6 @@ fn validate(queries: &FeatureView<'_>, gallery: &FeatureView<'_>, k: usize) -> R
         ));
     }
     Ok(())
-}
-
-const U: f64 = 1.0 / 16_777_216.0; // 2^-24, unit roundoff of f32
-
-/// Rounds a non-negative bound up a little (covers the f64 arithmetic that computed it).
-fn up(x: f64) -> f64 {
-    x * (1.0 + 1e-9) + 1e-12
-}
-
-fn norm(v: &[f32]) -> f64 {
-    v.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
 }
 
 /// Per-row symmetric int8 quantisation: `x ≈ scale·n`, with exact norms of `n·scale` and of the error.
@@ -631,18 +618,14 @@ pub fn search(
         Some(TorchThreads::one())
     };
 
-    let d_f = d as f64;
     let mut g0 = 0;
     while g0 < gallery.len() {
         let g1 = (g0 + opts.gallery_block).min(gallery.len());
         let gv = gallery.rows(g0, g1);
         gv.check_finite("gallery")?;
         let gn = gv.len();
-        let gnorm_max = up((0..gn).map(|i| norm(gv.row(i))).fold(0f64, f64::max));
-        let eps_fp32 = |qi: usize| {
-            up((d_f + 2.0) * U * qnorm[qi] * gnorm_max * 1.01 + 2.0 * U * qnorm[qi] * gnorm_max)
-                as f32
-        };
+        let gnorm_max = max_norm(gv.data(), d);
+        let eps_fp32 = |qi: usize| fp32_gemm_eps(d, qnorm[qi], gnorm_max) as f32;
         if let (true, Some(qq)) = (int8, &quant_q) {
             let gq = quantise(&gv);
             states

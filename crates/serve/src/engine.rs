@@ -2,7 +2,7 @@
 //!
 //! Text queries are micro-batched: when the thread picks up a text query it also takes every text
 //! query already queued and then waits up to `batch_window` for more, until `max_batch`, and
-//! encodes them in one text-tower call and ranks them in one top-k GEMM ([`GalleryIndex`]). Under load the queue
+//! encodes them in one text-tower call and ranks them in one top-k GEMM ([`ResidentIndex`]). Under load the queue
 //! fills while the previous batch runs, so batches grow without any added wait; an idle service
 //! answers a lone query after at most `batch_window`.
 //!
@@ -22,9 +22,9 @@ use tokio::sync::oneshot;
 
 use crate::encoder::Encoder;
 use crate::error::{ApiError, ServeError};
-use crate::index::GalleryIndex;
 use crate::scored::Scored;
 use crate::zeroshot::Templates;
+use retrieval::ResidentIndex;
 
 /// Knobs of the model thread.
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +93,7 @@ impl Engine {
     /// Starts the thread that owns `encoder` and searches `gallery`.
     pub fn start(
         encoder: Encoder,
-        gallery: GalleryIndex,
+        gallery: ResidentIndex,
         options: EngineOptions,
     ) -> Result<(Engine, EngineHandle), ServeError> {
         let (tx, rx) = mpsc::sync_channel(options.queue.max(1));
@@ -182,7 +182,7 @@ impl EngineHandle {
 
 struct Worker {
     encoder: Encoder,
-    gallery: GalleryIndex,
+    gallery: ResidentIndex,
     options: EngineOptions,
     stats: Arc<EngineStats>,
     logit_scale: f64,
@@ -339,7 +339,22 @@ impl Worker {
 
     /// Exact top-`k` for each row of `queries` (`[N·dim]`).
     fn rank(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<Scored>>, ServeError> {
-        self.gallery.search(queries, k)
+        let hits = self.gallery.search(queries, k).map_err(|e| match e {
+            retrieval::RetrievalError::NonFinite { .. } => ServeError::Invalid(e.to_string()),
+            e => e.into(),
+        })?;
+        let view = self.gallery.features().view();
+        Ok(hits
+            .into_iter()
+            .map(|list| {
+                list.into_iter()
+                    .map(|h| Scored {
+                        image_id: view.ids()[h.index],
+                        score: h.score,
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
     /// `softmax(exp(logit_scale) · cos(image, class))` over the labels, each class embedding the

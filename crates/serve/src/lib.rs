@@ -22,9 +22,8 @@
 //! |---|---|
 //! | [`server`] | [`ServeConfig`], [`App`] (start-up), serving and graceful shutdown, [`run`] |
 //! | [`http`] | routes, validation, limits, JSON errors |
-//! | [`engine`] | the model thread, micro-batching, zero-shot scoring |
+//! | [`engine`] | the model thread, micro-batching (ranked by [`retrieval::ResidentIndex`]), zero-shot scoring |
 //! | [`encoder`] | checkpoint loading, image and text features |
-//! | [`index`] | the resident gallery tensor and exact top-k per micro-batch |
 //! | [`scored`] | [`Scored`], one ranked gallery image |
 //! | [`gallery`] | LMDB / TSV / folder image stores |
 //! | [`features`] | the gallery feature cache |
@@ -36,7 +35,6 @@ pub mod error;
 pub mod features;
 pub mod gallery;
 pub mod http;
-pub mod index;
 pub mod scored;
 pub mod server;
 pub mod zeroshot;

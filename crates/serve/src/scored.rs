@@ -1,5 +1,5 @@
-//! The unit of a search answer, shared by the ranking ([`crate::index`]), the model thread
-//! ([`crate::engine`]) and the JSON routes ([`crate::http`]).
+//! The unit of a search answer, shared by the model thread ([`crate::engine`], which turns
+//! [`retrieval::ResidentIndex`] hits into image ids) and the JSON routes ([`crate::http`]).
 
 /// One ranked gallery image.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

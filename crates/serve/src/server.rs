@@ -24,7 +24,6 @@ use crate::features::{
 };
 use crate::gallery::Gallery;
 use crate::http::{Limits, Shared, router};
-use crate::index::GalleryIndex;
 
 /// Everything the service needs to start.
 #[derive(Debug, Clone)]
@@ -132,7 +131,7 @@ impl App {
         };
         let preprocessor = *encoder.preprocessor();
         check_logit_scale(&encoder, &config.model.checkpoint)?;
-        let index = GalleryIndex::new(Arc::new(features), encoder.device())?;
+        let index = retrieval::ResidentIndex::new(Arc::new(features), encoder.device())?;
         let (engine, handle) = Engine::start(encoder, index, config.engine)?;
         let (decode_slots, upload_slots) = Shared::slots(&config.limits);
         let shared = Arc::new(Shared {

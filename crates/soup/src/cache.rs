@@ -92,8 +92,7 @@ impl Cache {
         }
         let image = NativeFeatures::open(&ip)?;
         let text = NativeFeatures::open(&tp)?;
-        let score =
-            crate::score::score_features(&image.view(), &text.view(), ground_truth, device)?;
+        let score = retrieval::muge::muge_score(&text.view(), &image.view(), ground_truth, device)?;
         self.write_score(key, &score)?;
         Ok(Some(score))
     }

@@ -1,8 +1,9 @@
 //! Scoring a checkpoint on the validation split, as a contestant does with cn_clip's scripts:
 //! image features of every image in the split's LMDB, text features of its queries (with the
-//! product prompt when asked), top-10 images per query through `retrieval`, and Recall@1/5/10 with
-//! their mean through `eval` — `extract_features.py`, `make_topk_predictions.py` and
-//! `evaluation.py` in one pass, without the files in between.
+//! product prompt when asked), then [`retrieval::muge::muge_score`] — top-10 images per query and
+//! Recall@1/5/10 with their mean, the function training validation reports with too — so
+//! `extract_features.py`, `make_topk_predictions.py` and `evaluation.py` in one pass, without the
+//! files in between.
 //!
 //! Queries and ground truth come from `{split}_texts.jsonl` when one is given (the official
 //! evaluation), else from the LMDB's `pairs/` (every text id once, relevant images = the images it
@@ -15,7 +16,7 @@ use eval::{GroundTruth, Score};
 use muge_data::files::BadRecordPolicy;
 use muge_data::lmdb::LmdbPairs;
 use muge_data::{LmdbImages, TextPipeline};
-use retrieval::{FeatureKind, FeatureView, Features, SearchOptions};
+use retrieval::{FeatureKind, Features};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -291,33 +292,11 @@ pub fn score_model(
             val.image_ids.len()
         )));
     }
-    let score = score_features(
-        &image.view(),
+    let score = retrieval::muge::muge_score(
         &text.view(),
+        &image.view(),
         &val.ground_truth,
         options.device,
     )?;
     Ok(Scored { image, text, score })
-}
-
-/// Top-10 images of every query (exact, `retrieval::search`) and MUGE recall (`eval`).
-pub fn score_features(
-    image: &FeatureView<'_>,
-    text: &FeatureView<'_>,
-    ground_truth: &GroundTruth,
-    device: Device,
-) -> Result<Score, SoupError> {
-    let options = SearchOptions {
-        k: 10,
-        device,
-        ..SearchOptions::default()
-    };
-    let hits = retrieval::search(text, image, &options)?;
-    let rankings: HashMap<i64, Vec<i64>> = text
-        .ids()
-        .iter()
-        .zip(&hits)
-        .map(|(&q, hits)| (q, hits.iter().map(|h| image.ids()[h.index]).collect()))
-        .collect();
-    Ok(eval::muge_score(&rankings, ground_truth)?)
 }

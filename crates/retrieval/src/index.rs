@@ -1,46 +1,40 @@
-//! The gallery kept resident for serving: one `[N, dim]` f32 tensor on the model's device, built
-//! once, so a query costs one small GEMM and a `topk` instead of `retrieval::search`'s per-call
-//! preparation of the whole gallery (a copy, norms and a finiteness check of every row, which is
-//! right for batch prediction and dominates a single query: ~75 ms on a 30k gallery).
+//! A gallery kept resident for repeated queries (a server): one `[N, dim]` f32 tensor on a device,
+//! built once, so a query costs one small GEMM and a `topk` instead of [`search`](crate::search)'s
+//! per-call preparation of the whole gallery (a copy, norms and a finiteness check of every row,
+//! which is right for batch prediction and dominates a single query: ~75 ms on a 30k gallery).
 //!
-//! The ranking is still `retrieval`'s exact one: the GEMM gives approximate scores `s̃` with
-//! `|s̃ − s| ≤ ε` (`ε = (d+2)·u·‖q‖·max‖g‖` plus the canonical rounding, the bound `retrieval`
-//! uses), so every row whose canonical score can reach the k-th best has `s̃ ≥ s̃_k − 2ε`. Those
-//! candidates are rescored with [`retrieval::exact_score`] and ordered by
-//! [`retrieval::search::hit_order`] (higher score, then lower gallery row): the same ids and scores
-//! as `retrieval::search`.
+//! The ranking is [`search`](crate::search)'s exact one: the GEMM gives approximate scores `s̃`
+//! with `|s̃ − s| ≤ ε` ([`bound::fp32_gemm_eps`], the bound the batch search uses), so every row
+//! whose canonical score can reach the k-th best has `s̃ ≥ s̃_k − 2ε`. Those candidates are
+//! rescored with [`exact_score`] and ordered by [`hit_order`] (higher score, then lower gallery
+//! row): the same rows and scores as [`search`](crate::search).
 
 use std::sync::Arc;
 
-use retrieval::search::hit_order;
-use retrieval::{Hit, NativeFeatures, exact_score};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::ServeError;
-use crate::scored::Scored;
-
-/// Unit roundoff of f32.
-const U: f64 = 1.0 / 16_777_216.0;
+use crate::bound;
+use crate::error::{Result, RetrievalError};
+use crate::search::{Hit, exact_score, hit_order};
+use crate::store::NativeFeatures;
 
 /// A gallery ready for repeated exact top-k.
-pub struct GalleryIndex {
+pub struct ResidentIndex {
     features: Arc<NativeFeatures>,
     matrix: Tensor,
     max_norm: f64,
 }
 
-impl GalleryIndex {
+impl ResidentIndex {
     /// Copies the features to `device` once (fails on a non-finite value, naming its id).
-    pub fn new(features: Arc<NativeFeatures>, device: Device) -> Result<Self, ServeError> {
+    pub fn new(features: Arc<NativeFeatures>, device: Device) -> Result<Self> {
         let view = features.view();
         view.check_finite("gallery features")?;
         let matrix = Tensor::f_from_slice(view.data())?
             .f_view([view.len() as i64, view.dim() as i64])?
             .f_to_device(device)?;
-        let max_norm = (0..view.len())
-            .map(|i| norm(view.row(i)))
-            .fold(0f64, f64::max);
-        Ok(GalleryIndex {
+        let max_norm = bound::max_norm(view.data(), view.dim());
+        Ok(ResidentIndex {
             features,
             matrix,
             max_norm,
@@ -55,24 +49,37 @@ impl GalleryIndex {
         self.len() == 0
     }
 
+    /// The gallery (ids, rows) the hits index into.
+    pub fn features(&self) -> &Arc<NativeFeatures> {
+        &self.features
+    }
+
     pub fn dim(&self) -> usize {
         self.features.view().dim()
     }
 
-    /// Exact top-`k` (at most the gallery size) for each row of `queries` (`[n·dim]`).
-    pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<Scored>>, ServeError> {
+    /// Exact top-`k` (at least 1, at most the gallery size) for each row of `queries`
+    /// (`[n·dim]`, row-major); fails on a non-finite value, naming the query row as its id.
+    pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
         let d = self.dim();
         let view = self.features.view();
+        if !queries.len().is_multiple_of(d) {
+            return Err(RetrievalError::Dim {
+                what: "queries".into(),
+                expected: d,
+                actual: queries.len() % d,
+            });
+        }
         let n = queries.len() / d;
         if n == 0 {
             return Ok(Vec::new());
         }
         if let Some(bad) = queries.iter().position(|v| !v.is_finite()) {
-            return Err(ServeError::Invalid(format!(
-                "query {} has a non-finite feature at position {}",
-                bad / d,
-                bad % d
-            )));
+            return Err(RetrievalError::NonFinite {
+                what: "queries".into(),
+                id: (bad / d) as i64,
+                position: bad % d,
+            });
         }
         let k = k.clamp(1, self.len());
         let _guard = tch::no_grad_guard();
@@ -89,9 +96,7 @@ impl GalleryIndex {
         let mut out = Vec::with_capacity(n);
         for (i, kth) in kth.iter().enumerate() {
             let query = &queries[i * d..(i + 1) * d];
-            let qn = norm(query);
-            let eps =
-                up((d as f64 + 2.0) * U * qn * self.max_norm * 1.01 + 2.0 * U * qn * self.max_norm);
+            let eps = bound::fp32_gemm_eps(d, bound::up(bound::norm(query)), self.max_norm);
             let threshold = f64::from(*kth) - 2.0 * eps;
             let rows = Vec::<i64>::try_from(
                 scores
@@ -113,36 +118,17 @@ impl GalleryIndex {
                 .collect();
             hits.sort_by(hit_order);
             hits.truncate(k);
-            out.push(
-                hits.into_iter()
-                    .map(|h| Scored {
-                        image_id: view.ids()[h.index],
-                        score: h.score,
-                    })
-                    .collect(),
-            );
+            out.push(hits);
         }
         Ok(out)
     }
-}
-
-fn norm(v: &[f32]) -> f64 {
-    v.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
-}
-
-/// Rounds a non-negative bound up a little (covers the f64 arithmetic that computed it).
-fn up(x: f64) -> f64 {
-    x * (1.0 + 1e-9) + 1e-12
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use retrieval::{FeatureKind, FeatureView, SearchOptions, write_native};
+    use crate::{FeatureKind, FeatureView, SearchOptions, write_native};
 
     /// Same ids and scores as `retrieval::search`, ties included (duplicated rows).
     #[test]
@@ -162,7 +148,7 @@ mod tests {
         data[400 * d..401 * d].copy_from_slice(&row3);
         let ids: Vec<i64> = (0..n as i64).map(|i| 5000 - i).collect();
         let path =
-            std::env::temp_dir().join(format!("cnclip-serve-index-{}.st", std::process::id()));
+            std::env::temp_dir().join(format!("cnclip-retrieval-index-{}.st", std::process::id()));
         write_native(
             &path,
             &FeatureView::new(&ids, &data, d).unwrap(),
@@ -171,13 +157,13 @@ mod tests {
         )
         .unwrap();
         let features = Arc::new(NativeFeatures::open(&path).unwrap());
-        let index = GalleryIndex::new(features.clone(), Device::Cpu).unwrap();
+        let index = ResidentIndex::new(features.clone(), Device::Cpu).unwrap();
         let mut queries: Vec<f32> = (0..7 * d).map(|_| next()).collect();
         queries[..d].copy_from_slice(features.view().row(3));
         let qids: Vec<i64> = (0..7).collect();
         for k in [1, 3, 10, 600] {
             let ours = index.search(&queries, k).unwrap();
-            let theirs = retrieval::search(
+            let theirs = crate::search(
                 &FeatureView::new(&qids, &queries, d).unwrap(),
                 &features.view(),
                 &SearchOptions {
@@ -186,20 +172,11 @@ mod tests {
                 },
             )
             .unwrap();
-            for (a, b) in ours.iter().zip(&theirs) {
-                let b: Vec<Scored> = b
-                    .iter()
-                    .map(|h| Scored {
-                        image_id: features.view().ids()[h.index],
-                        score: h.score,
-                    })
-                    .collect();
-                assert_eq!(a, &b, "k={k}");
-            }
+            assert_eq!(ours, theirs, "k={k}");
         }
         let first = index.search(&queries[..d], 3).unwrap();
-        let tied: Vec<i64> = first[0].iter().map(|s| s.image_id).collect();
-        assert_eq!(tied, vec![ids[3], ids[10], ids[400]]);
+        let tied: Vec<usize> = first[0].iter().map(|h| h.index).collect();
+        assert_eq!(tied, vec![3, 10, 400]);
         let _ = std::fs::remove_file(path);
     }
 }
