@@ -4,18 +4,15 @@
 //! `tests/fixtures/make_fp16_loop_fixtures.py` (batches shared with `fixtures/loop`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cnclip_model::{Clip, ClipConfig, LoadOptions};
+mod common;
+
 use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
+use common::repo;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use tch::{Kind, Tensor};
 
 fn kind_name(kind: Kind) -> &'static str {
     match kind {
@@ -26,22 +23,8 @@ fn kind_name(kind: Kind) -> &'static str {
 }
 
 fn fp16_trainer(expected: &serde_json::Value, eps: f64) -> Trainer {
-    let model_fx = repo().join("crates/cnclip-model/tests/fixtures/model");
-    let config = ClipConfig::from_json_files(
-        &model_fx.join("configs/tiny-vit.json"),
-        &model_fx.join("configs/tiny-bert.json"),
-    )
-    .unwrap();
-    let init = repo().join(expected["init_checkpoint"].as_str().unwrap());
-    let model = Clip::load(
-        &init,
-        &LoadOptions {
-            config: Some(config),
-            ..Default::default()
-        },
-        Device::Cpu,
-    )
-    .unwrap();
+    let model =
+        common::tiny_model_from(&repo().join(expected["init_checkpoint"].as_str().unwrap()));
     let args = &expected["args"];
     assert_eq!(args["precision"], "fp16");
     let f = |key: &str| args[key].as_f64().unwrap();

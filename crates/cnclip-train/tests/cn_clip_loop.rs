@@ -5,7 +5,7 @@
 
 mod common;
 
-use cnclip_model::{Clip, ClipConfig, LoadOptions};
+use cnclip_model::{Clip, ClipConfig};
 use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
@@ -27,22 +27,8 @@ fn five_steps_equal_cn_clip_main_py() {
     let dir = repo().join("crates/cnclip-train/tests/fixtures/loop");
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let model_fx = repo().join("crates/cnclip-model/tests/fixtures/model");
-    let config = ClipConfig::from_json_files(
-        &model_fx.join("configs/tiny-vit.json"),
-        &model_fx.join("configs/tiny-bert.json"),
-    )
-    .unwrap();
-    let init = repo().join(expected["init_checkpoint"].as_str().unwrap());
-    let model = Clip::load(
-        &init,
-        &LoadOptions {
-            config: Some(config),
-            ..Default::default()
-        },
-        Device::Cpu,
-    )
-    .unwrap();
+    let model =
+        common::tiny_model_from(&repo().join(expected["init_checkpoint"].as_str().unwrap()));
 
     let args = &expected["args"];
     let f = |key: &str| args[key].as_f64().unwrap();

@@ -22,6 +22,12 @@ pub fn temp(name: &str) -> PathBuf {
 
 /// cnclip-model's tiny ViT fixture (an official-layout `.pt`).
 pub fn tiny_model() -> Clip {
+    tiny_model_from(&repo().join("crates/cnclip-model/tests/fixtures/model/tiny_vit.pt"))
+}
+
+/// Official-layout `.pt` weights of cnclip-model's tiny ViT + BERT configs (e.g. a loop fixture's
+/// `init_checkpoint`).
+pub fn tiny_model_from(path: &Path) -> Clip {
     let fx = repo().join("crates/cnclip-model/tests/fixtures/model");
     let config = ClipConfig::from_json_files(
         &fx.join("configs/tiny-vit.json"),
@@ -29,7 +35,7 @@ pub fn tiny_model() -> Clip {
     )
     .unwrap();
     Clip::load(
-        fx.join("tiny_vit.pt"),
+        path,
         &LoadOptions {
             config: Some(config),
             ..Default::default()
