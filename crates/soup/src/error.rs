@@ -9,8 +9,6 @@ pub enum SoupError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a readable safetensors file: {reason}")]
-    Safetensors { path: PathBuf, reason: String },
     #[error("{path}: not a native cnclip checkpoint: {reason}")]
     NotNative { path: PathBuf, reason: String },
     #[error(transparent)]
