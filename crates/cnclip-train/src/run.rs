@@ -18,7 +18,7 @@ use crate::observe::{
 };
 use crate::optim::AdamWConfig;
 use crate::schedule::{CosineSchedule, run_length};
-use crate::trainer::{TrainError, TrainPrecision, Trainer, TrainerConfig};
+use crate::trainer::{TrainError, Trainer, TrainerConfig};
 use cnclip_model::Clip;
 use cnclip_model::preprocess::Preprocessor;
 use muge_data::augment::TrainTransform;
@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use cnclip_train_config::{LoraSettings, Precision, RunConfig, SettingError};
+pub use cnclip_train_config::{LoraSettings, RunConfig, SettingError, TrainPrecision};
 
 /// Which checkpoint a run continues, and what it takes from it besides the weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,7 +213,12 @@ pub fn run(
 ) -> Result<RunSummary, RunError> {
     config.check()?;
     let teacher = if config.distillation {
-        Some(Teacher::load(config, model.config(), model.device())?)
+        Some(Teacher::load(
+            config.teacher_model_name.as_deref(),
+            config.teacher_model.as_deref(),
+            model.config(),
+            model.device(),
+        )?)
     } else {
         None
     };
@@ -362,12 +367,7 @@ pub fn trainer_config(
                 .wrapping_add(rank.wrapping_mul(0x0100_0000_01B3)),
         ),
         grad_checkpointing: config.grad_checkpointing,
-        precision: match config.precision {
-            Precision::Amp => TrainPrecision::Amp,
-            Precision::Bf16 => TrainPrecision::Bf16,
-            Precision::Fp32 => TrainPrecision::Fp32,
-            Precision::Fp16 => TrainPrecision::Fp16,
-        },
+        precision: config.precision,
         mask_ratio: config.mask_ratio,
     })
 }

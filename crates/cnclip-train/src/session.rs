@@ -183,21 +183,18 @@ impl Session {
                 ));
             }
             (Some(path), _) => {
-                let options = match WeightFormat::detect(path).map_err(setup)? {
-                    WeightFormat::Pt => {
-                        if !(config.reset_data_offset && config.reset_optimizer) {
-                            notes.push(format!(
-                                "{}: only the weights of a .pt are used (its epoch, step and \
-                                 optimizer are not restored)",
-                                path.display()
-                            ));
-                        }
-                        LoadOptions {
-                            config: Some(clip_config.clone()),
-                            resize_pos_embed: true,
-                        }
-                    }
-                    _ => LoadOptions::default(),
+                let pt = WeightFormat::detect(path).map_err(setup)? == WeightFormat::Pt;
+                if pt && !(config.reset_data_offset && config.reset_optimizer) {
+                    notes.push(format!(
+                        "{}: only the weights of a .pt are used (its epoch, step and optimizer \
+                         are not restored)",
+                        path.display()
+                    ));
+                }
+                // The flags' config applies to a .pt; the other formats carry their own.
+                let options = LoadOptions {
+                    config: Some(clip_config.clone()),
+                    resize_pos_embed: true,
                 };
                 Clip::load(path, &options, device).map_err(setup)?
             }
@@ -205,7 +202,12 @@ impl Session {
         };
         pretrained_init(&config, resume.as_ref(), &mut model, &mut notes)?;
         let teacher = if config.distillation {
-            let teacher = Teacher::load(&config, &clip_config, device)?;
+            let teacher = Teacher::load(
+                config.teacher_model_name.as_deref(),
+                config.teacher_model.as_deref(),
+                &clip_config,
+                device,
+            )?;
             let vision = &teacher.model().config().vision;
             notes.push(format!(
                 "distillation: teacher {} ({}-wide image features, student {}), kd_loss_weight {}",
