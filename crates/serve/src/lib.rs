@@ -47,4 +47,4 @@ pub use gallery::Gallery;
 pub use http::Limits;
 pub use scored::Scored;
 pub use server::{App, FeatureOrigin, ServeConfig, run, shutdown_signal};
-pub use zeroshot::Templates;
+pub use zeroshot::TemplateChoice;
