@@ -6,10 +6,10 @@
 //! `make_model_fixtures.py --full --out DIR` (about 1.8 GB, so not committed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use cnclip_model::LoadOptions;
 use cnclip_model::config::ClipConfig;
 use cnclip_model::model::{Clip, Precision};
 use cnclip_model::weights::PtHeader;
-use cnclip_model::LoadOptions;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};

@@ -37,7 +37,7 @@ pub enum TrainPrecision {
     #[default]
     Amp,
     /// cn_clip's `--precision fp16` (pure fp16, `main.py:106-107,140-141`): the trainer converts the
-    /// model with `convert_weights`' choice of tensors (`cnclip_model::TrainPrecision::Fp16`: every
+    /// model with `convert_weights`' choice of tensors (`cnclip_model::Precision::Fp16`: every
     /// linear/conv/attention projection, all of BERT and both projections to fp16; the vision
     /// LayerNorms, class and positional embeddings and `logit_scale` stay fp32). No autocast, no
     /// scaler, and no fp32 master copy: cn_clip never calls `convert_models_to_fp32` in this mode,
