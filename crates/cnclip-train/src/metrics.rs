@@ -132,10 +132,11 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, MetricsError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn report(step: u64, loss: f64) -> StepReport {
+    /// A step's report with fixed accuracies and logit scale (also for `observe`'s tests).
+    pub(crate) fn report(step: u64, loss: f64) -> StepReport {
         StepReport {
             step,
             lr: 5e-4 * step as f64,

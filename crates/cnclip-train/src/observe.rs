@@ -501,18 +501,7 @@ pub fn cn_clip_validation_line(e: &ValidationEvent) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn report(step: u64, loss: f64) -> StepReport {
-        StepReport {
-            step,
-            lr: 5e-4 * step as f64,
-            loss,
-            image_to_text_accuracy: 0.25,
-            text_to_image_accuracy: 0.5,
-            logit_scale: 4.4929,
-            skipped: false,
-        }
-    }
+    use crate::metrics::tests::report;
 
     #[test]
     fn line_matches_cn_clip_format() {

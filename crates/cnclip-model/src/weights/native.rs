@@ -481,7 +481,7 @@ impl NativeWriter {
         writer.write_at(0, &head)?;
         if let Some(file) = writer.file.file() {
             file.set_len(data_start + data_len)
-                .map_err(io_err(writer.file.tmp()))?;
+                .map_err(io_err(&writer.path))?;
         }
         Ok(writer)
     }
@@ -555,7 +555,8 @@ impl NativeWriter {
                 reason: "written after finish".into(),
             });
         };
-        write_all_at(file, bytes, at).map_err(io_err(self.file.tmp()))
+        // Errors name the file the caller asked for, not its temporary name.
+        write_all_at(file, bytes, at).map_err(io_err(&self.path))
     }
 
     /// Checks that every tensor byte was written, then fsyncs (unless not [`Self::durable`]) and
@@ -588,4 +589,110 @@ fn write_all_at(file: &std::fs::File, mut bytes: &[u8], mut offset: u64) -> std:
         offset += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cnclip-native-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn layout() -> Vec<(String, Dtype, Vec<usize>)> {
+        vec![
+            ("half".into(), Dtype::F16, vec![4]),
+            ("w".into(), Dtype::F32, vec![2, 3]),
+            ("ids".into(), Dtype::I64, vec![2]),
+        ]
+    }
+
+    /// Pieces written out of order (as the soup's workers do) land at their offsets; the layout is
+    /// by decreasing element size, the given order kept within one size.
+    #[test]
+    fn chunks_in_any_order_read_back_exactly() {
+        let dir = temp("chunks");
+        let path = dir.join("m.safetensors");
+        let meta = native_metadata("{}");
+        let writer = NativeWriter::create(&path, meta, layout()).unwrap();
+        let keys: Vec<&str> = writer.entries().iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["ids", "w", "half"]);
+        let w: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let w_bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let wi = writer.index_of("w").unwrap();
+        writer.write(wi, 12, &w_bytes[12..]).unwrap();
+        writer.write(wi, 0, &w_bytes[..12]).unwrap();
+        let half = Tensor::from_slice(&[1.0f32, -2.0, 0.25, 3.0]).to_kind(Kind::Half);
+        writer
+            .write_tensor(writer.index_of("half").unwrap(), &half)
+            .unwrap();
+        let ids = Tensor::from_slice(&[7i64, -3]);
+        writer
+            .write_tensor(writer.index_of("ids").unwrap(), &ids)
+            .unwrap();
+        writer.finish().unwrap();
+        assert_eq!(files(&dir), ["m.safetensors"]);
+
+        let file = SafetensorsReader::open(&path).unwrap();
+        assert_eq!(file.metadata()[NATIVE_FORMAT_KEY], NATIVE_FORMAT);
+        let sd = file.state_dict().unwrap();
+        let keys: Vec<&str> = sd.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["ids", "w", "half"]);
+        let expected_w = Tensor::from_slice(&w).reshape([2, 3]);
+        assert!(sd.get("w").unwrap().equal(&expected_w));
+        assert!(sd.get("half").unwrap().equal(&half));
+        assert!(sd.get("ids").unwrap().equal(&ids));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A write that misses bytes, overruns a tensor, or is dropped part-way leaves neither the
+    /// target nor a temporary file; an existing target is untouched.
+    #[test]
+    fn incomplete_and_abandoned_writes_leave_nothing() {
+        let dir = temp("abandoned");
+        let path = dir.join("m.safetensors");
+        std::fs::write(&path, b"old").unwrap();
+        let writer = NativeWriter::create(&path, HashMap::new(), layout()).unwrap();
+        let wi = writer.index_of("w").unwrap();
+        let e = writer.write(wi, 20, &[0u8; 8]).unwrap_err().to_string();
+        assert!(
+            e.contains("tensor w: 8 bytes at offset 20 overrun its 24 bytes"),
+            "{e}"
+        );
+        let e = writer
+            .write_tensor(wi, &Tensor::zeros([3, 2], (Kind::Float, tch::Device::Cpu)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tensor w") && e.contains("[3, 2]"), "{e}");
+        writer.write(wi, 0, &[0u8; 24]).unwrap();
+        let e = writer.finish().unwrap_err().to_string();
+        assert!(e.contains("incomplete write: 24 of 48 tensor bytes"), "{e}");
+        assert_eq!(files(&dir), ["m.safetensors"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+
+        let writer = NativeWriter::create(&path, HashMap::new(), layout()).unwrap();
+        writer.write(wi, 0, &[0u8; 24]).unwrap();
+        assert_eq!(
+            files(&dir).len(),
+            2,
+            "the temporary file exists while writing"
+        );
+        drop(writer);
+        assert_eq!(files(&dir), ["m.safetensors"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
