@@ -33,11 +33,13 @@ fn two_ranks_validate_as_one_process() {
 
     let port = free_port().unwrap();
     let timeout = Duration::from_secs(60);
-    let (model, split, prep, text) = (&model, &split, &prep, &text);
+    let (split, prep, text) = (&split, &prep, &text);
     let results: Vec<_> = std::thread::scope(|scope| {
         let ranks: Vec<_> = (0..2)
             .map(|rank| {
                 scope.spawn(move || {
+                    // Each rank its own copy of the weights (a model is not shared across threads).
+                    let model = &tiny_model();
                     let store = Store::tcp("127.0.0.1", port, 2, rank == 0, timeout).unwrap();
                     let loopback = GlooDevice::Hostname("127.0.0.1".into());
                     let group = ProcessGroup::gloo(&store, "validate", rank, 2, timeout, &loopback)
