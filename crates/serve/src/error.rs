@@ -35,8 +35,6 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error("{path}: {message}")]
-    Gallery { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
     Features { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
