@@ -45,14 +45,21 @@ pub enum ValidationError {
     Retrieval(#[from] retrieval::RetrievalError),
     #[error("validation features: {0}")]
     Torch(#[from] tch::TchError),
+    /// Boxed: extraction errors are large, and this enum travels inside `RunError`.
     #[error("validation: {0}")]
-    Extract(#[from] cnclip_extract::ExtractError),
+    Extract(Box<cnclip_extract::ExtractError>),
     #[error("validation: {0}")]
     Lmdb(#[from] muge_data::LmdbError),
     #[error("validation: {0}")]
     Text(#[from] muge_data::text::TextError),
     #[error("validation across ranks: {0}")]
     Dist(#[from] torch_ext::dist::DistError),
+}
+
+impl From<cnclip_extract::ExtractError> for ValidationError {
+    fn from(e: cnclip_extract::ExtractError) -> Self {
+        ValidationError::Extract(Box::new(e))
+    }
 }
 
 /// What a validation pass ranked: every distinct image and text of the split encoded once (in
@@ -262,7 +269,7 @@ pub fn validate_in<T: ImageTransform + ?Sized>(
         t2i += hits(&logits.tr());
     }
     let count = pairs.len() as f64;
-    let last_batch = (n - (batches - 1) * batch as u64) as u64;
+    let last_batch = n - (batches - 1) * batch as u64;
 
     let features = ValidationFeatures {
         images,

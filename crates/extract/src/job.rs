@@ -22,6 +22,10 @@ use crate::source::ImageSource;
 /// Bumped when the way shards are computed changes, so older shards are not reused.
 const SHARD_VERSION: u32 = 1;
 
+/// Encodes `ids[range]` of a job, reporting progress.
+pub type Compute<'a> =
+    dyn FnMut(Range<usize>, &mut dyn FnMut(Progress)) -> Result<Features, ExtractError> + 'a;
+
 /// Who this process is in an extraction, and what it extracts with.
 #[derive(Debug, Clone)]
 pub struct ShardJob {
@@ -121,10 +125,7 @@ impl ShardJob {
         data: &str,
         ids: &[i64],
         batch: usize,
-        compute: &mut dyn FnMut(
-            Range<usize>,
-            &mut dyn FnMut(Progress),
-        ) -> Result<Features, ExtractError>,
+        compute: &mut Compute<'_>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(Option<Features>, ShardOutcome), ExtractError> {
         if self.world == 1 {

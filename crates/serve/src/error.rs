@@ -17,8 +17,9 @@ pub enum ServeError {
     Config(#[from] cnclip_model::config::ConfigError),
     #[error(transparent)]
     Lmdb(#[from] muge_data::LmdbError),
+    /// Boxed: extraction errors are large.
     #[error(transparent)]
-    Extract(#[from] cnclip_extract::ExtractError),
+    Extract(Box<cnclip_extract::ExtractError>),
     #[error(transparent)]
     File(#[from] muge_data::FileError),
     #[error(transparent)]
@@ -40,6 +41,12 @@ pub enum ServeError {
     Invalid(String),
     #[error("the model thread stopped: {0}")]
     Engine(String),
+}
+
+impl From<cnclip_extract::ExtractError> for ServeError {
+    fn from(e: cnclip_extract::ExtractError) -> Self {
+        ServeError::Extract(Box::new(e))
+    }
 }
 
 impl ServeError {
