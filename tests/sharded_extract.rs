@@ -9,16 +9,9 @@ use cnclip::data::files::BadRecordPolicy;
 use cnclip::data::synth::{MiniMugeConfig, write_mini_muge};
 use cnclip::model::weights::PtHeader;
 use cnclip::model::{Clip, ClipConfig};
-use common::example_bin;
+use common::{TINY_TEXT, TINY_VISION, example_bin};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-const VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":1,"vision_width":32,
-    "vision_head_width":16,"vision_patch_size":16}"#;
-const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.1,"text_hidden_act":"gelu",
-    "text_hidden_dropout_prob":0.1,"text_hidden_size":16,"text_initializer_range":0.02,
-    "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
-    "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -104,8 +97,8 @@ fn two_ranks_equal_one_process_and_resume() {
         &mut |_| {},
     )
     .unwrap();
-    std::fs::write(dir.join("vision.json"), VISION).unwrap();
-    std::fs::write(dir.join("text.json"), TEXT).unwrap();
+    std::fs::write(dir.join("vision.json"), TINY_VISION).unwrap();
+    std::fs::write(dir.join("text.json"), TINY_TEXT).unwrap();
     let config =
         ClipConfig::from_json_files(&dir.join("vision.json"), &dir.join("text.json")).unwrap();
     tch::manual_seed(7);

@@ -293,7 +293,8 @@ pub fn validate_in<T: ImageTransform + ?Sized>(
         )?;
     }
     if let Some(group) = group {
-        let device = gather_device(model.device());
+        // The model's device: its GPU under NCCL, the CPU under Gloo with a CPU model.
+        let device = model.device();
         let values = [score.mean_recall, score.r1, score.r5, score.r10];
         let shared = Tensor::from_slice(&values).f_to_device(device)?;
         group.broadcast(&[&shared], 0)?;
@@ -317,11 +318,6 @@ pub fn validate_in<T: ImageTransform + ?Sized>(
     ))
 }
 
-/// Collectives run on the model's GPU under NCCL, on the CPU under Gloo with a CPU model.
-fn gather_device(model: Device) -> Device {
-    model
-}
-
 /// Every rank's rows (`local`: this rank's [`shard_range`] of `n` rows of `dim`), in rank order.
 fn gather(
     group: Option<&ProcessGroup>,
@@ -341,7 +337,7 @@ fn gather(
     let most = lens.iter().copied().max().unwrap_or(0).max(1);
     let mut padded = vec![0f32; most * dim];
     padded[..local.len()].copy_from_slice(local);
-    let padded = Tensor::from_slice(&padded).f_to_device(gather_device(device))?;
+    let padded = Tensor::from_slice(&padded).f_to_device(device)?;
     let mut out = Vec::with_capacity(n * dim);
     for (rows, len) in group.all_gather(&padded)?.into_iter().zip(lens) {
         let rows = Vec::<f32>::try_from(rows.f_to_device(Device::Cpu)?)?;

@@ -164,7 +164,14 @@ impl ShardJob {
         native: Option<&str>,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(Option<Written>, ShardOutcome), ExtractError> {
-        let data = format!("images {}", source.identity()?);
+        // CPU and GPU kernels round differently: shards of one kind only (not the GPU index,
+        // which differs between ranks).
+        let on = if model.device().is_cuda() {
+            "cuda"
+        } else {
+            "cpu"
+        };
+        let data = format!("images {}; on {on}", source.identity()?);
         let ids = source.ids();
         let batch = options.batch_size.max(1);
         let mut compute = |range: Range<usize>, progress: &mut dyn FnMut(Progress)| {
@@ -223,6 +230,12 @@ impl ShardJob {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(Option<Features>, ShardOutcome), ExtractError> {
         let batch = options.batch_size.max(1);
+        let on = if model.device().is_cuda() {
+            "cuda"
+        } else {
+            "cpu"
+        };
+        let data = format!("{data}; on {on}");
         let mut compute = |range: Range<usize>, progress: &mut dyn FnMut(Progress)| {
             let rows = tokens.f_narrow(0, range.start as i64, range.len() as i64)?;
             text_features(model, &ids[range], &rows, options, progress)
@@ -230,7 +243,7 @@ impl ShardJob {
         self.run(
             output,
             FeatureKind::Text,
-            data,
+            &data,
             ids,
             batch,
             &mut compute,
