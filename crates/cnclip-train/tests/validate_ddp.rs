@@ -72,4 +72,9 @@ fn two_ranks_validate_as_one_process() {
         let batches = split.num_samples().div_ceil(batch as u64);
         assert_eq!(seen.last(), Some(&(batches, batches)), "rank {rank}");
     }
+    // The raw files and the LMDB `common::lmdb` made for this test.
+    for tag in ["raw-valid-ddp", "lmdb-valid-ddp"] {
+        let dir = std::env::temp_dir().join(format!("cnclip-train-{}-{tag}", std::process::id()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
