@@ -189,6 +189,75 @@ pub fn probabilities_with_scale(
     (images.matmul(&classifier.to_device(images.device())) * scale).softmax(-1, Kind::Float)
 }
 
+/// Top-1 accuracy in percent of probability rows against class indices (the first maximum
+/// wins, as `argmax`).
+pub fn top1_accuracy(rows: &[Vec<f32>], targets: &[usize]) -> f64 {
+    let argmax =
+        |row: &[f32]| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best });
+    let correct = rows
+        .iter()
+        .zip(targets)
+        .filter(|(row, t)| argmax(row) == **t)
+        .count();
+    100.0 * correct as f64 / rows.len().max(1) as f64
+}
+
+/// `label p, label p, …` of the `k` most likely labels of one row (probabilities to 3 decimals).
+pub fn top_labels(row: &[f32], labels: &[String], k: usize) -> String {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    let top: Vec<String> = order
+        .iter()
+        .take(k)
+        .filter_map(|&i| Some(format!("{} {:.3}", labels.get(i)?, row[i])))
+        .collect();
+    top.join(", ")
+}
+
+/// The `{dataset}.json` `zeroshot_evaluation.py --save-dir` writes: cn_clip's keys, parameter
+/// counts of `model`, and `predictions` as a list holding the one `[N, C]` matrix (rounded to 6
+/// decimals). `vision` names the model (`CN-CLIP-{vision}`; default: the shipped pair's, else
+/// `custom`).
+pub fn predictions_json(
+    model: &Clip,
+    vision: Option<&str>,
+    dataset: &str,
+    rows: &[Vec<f32>],
+) -> serde_json::Value {
+    let predictions: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|&p| (f64::from(p) * 1e6).round() / 1e6)
+                .collect()
+        })
+        .collect();
+    let vision = match (vision, model.config().shipped_pair()) {
+        (Some(v), _) => v.to_string(),
+        (None, Some((v, _))) => v.to_string(),
+        (None, None) => "custom".to_string(),
+    };
+    let tensors = model.named_tensors();
+    let count = |visual: bool| -> usize {
+        tensors
+            .iter()
+            .filter(|(k, _)| !visual || k.starts_with("visual."))
+            .map(|(_, t)| t.numel())
+            .sum()
+    };
+    serde_json::json!({
+        "model_name": format!("CN-CLIP-{vision}"),
+        "dataset_name": dataset,
+        "num_trainable_params": 0,
+        "num_params": count(false),
+        "num_visual_params": count(true),
+        "num_backbone_params": count(false),
+        "n_shot": 0,
+        "rnd_seeds": [123],
+        "predictions": [predictions],
+    })
+}
+
 /// cn_clip's `--index` (`zeroshot_evaluation.py` `run`): a JSON list of row numbers, applied as
 /// `outputs[index]` to the probabilities after accuracy is computed. As torch indexing does, it
 /// may repeat or drop rows and counts negative numbers from the end; a number outside

@@ -529,24 +529,26 @@ fn train_with<T: ImageTransform + 'static>(
         None => None,
     };
     let mut last_validation = None;
-    // Validation on rank 0 (the others wait for it in their next collective).
+    // Validation on every rank: each encodes its share of the images and texts, the features are
+    // gathered, the recall computed on rank 0 and shared (`validate::validate_in`).
     let mut validate_now = |trainer: &Trainer,
                             position: &RunPosition,
                             observer: &mut dyn Observer|
      -> Result<Control, RunError> {
-        let (Some((split, transform)), true) = (&validation, main) else {
+        let Some((split, transform)) = &validation else {
             return Ok(Control::Continue);
         };
         let batches = split.num_samples().div_ceil(config.valid_batch_size as u64);
         observer.on_validation_start(batches)?;
         let mut failed = None;
-        let (v, last_batch_size) = crate::validate::validate_with_progress(
+        let (v, _, last_batch_size) = crate::validate::validate_in(
             trainer.model(),
-            split.clone(),
-            transform.clone(),
-            text.clone(),
+            split,
+            &**transform,
+            &text,
             config.valid_batch_size,
             config.valid_num_workers,
+            ddp.map(|d| d.group()),
             &mut |done, _| {
                 if let (Err(e), None) = (observer.on_validation_batch(done), &failed) {
                     failed = Some(e);

@@ -92,12 +92,9 @@ impl Session {
     pub fn prepare_in(config: RunConfig, dist: Option<&DistEnv>) -> Result<Self, RunError> {
         config.check()?;
         let mut notes = Vec::new();
-        let mut device =
+        let device =
             torch_ext::parse_device(&config.device).map_err(|e| setup(format!("--device: {e}")))?;
-        if let (Some(env), tch::Device::Cuda(_)) = (dist, device) {
-            // One GPU per local rank, as torchrun's convention.
-            device = tch::Device::Cuda(env.local_rank);
-        }
+        let device = DistEnv::rank_device(dist, device);
         let clip_config = ClipConfig::from_tower_args(&config.vision_model, &config.text_model)
             .map_err(|e| setup(format!("--vision-model/--text-model: {e}")))?;
         config.check_world(

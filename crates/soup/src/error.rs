@@ -84,6 +84,8 @@ pub enum SoupError {
     #[error(transparent)]
     Lmdb(#[from] muge_data::LmdbError),
     #[error(transparent)]
+    Extract(#[from] cnclip_extract::ExtractError),
+    #[error(transparent)]
     File(#[from] muge_data::FileError),
     #[error(transparent)]
     Text(#[from] muge_data::text::TextError),

@@ -121,6 +121,28 @@ impl LoraArgs {
     }
 }
 
+/// The launcher flags of `finetune` and `extract_features` (torchrun's names): `--nproc-per-node N`
+/// spawns and supervises N local workers with torchrun's environment.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct LaunchArgs {
+    /// Spawn and supervise this many local workers (one per GPU); one failing stops all
+    /// [default: none, a single process unless launched by torchrun/srun].
+    #[arg(long = "nproc-per-node")]
+    pub nproc_per_node: Option<usize>,
+    /// With --nproc-per-node: machines in the run.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// With --nproc-per-node: this machine's index.
+    #[arg(long = "node-rank", default_value_t = 0)]
+    pub node_rank: usize,
+    /// With --nproc-per-node: the rendezvous host (rank 0's machine).
+    #[arg(long = "master-addr", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// With --nproc-per-node: the rendezvous port [default: a free port on one node, else 29500].
+    #[arg(long = "master-port")]
+    pub master_port: Option<u16>,
+}
+
 /// One fine-tuning run. Field names are cn_clip's flags (`--batch-size` is `batch_size`, and
 /// `batch-size` in TOML/JSON). `Default` is cn_clip's defaults (`params.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
