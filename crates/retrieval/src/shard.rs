@@ -212,6 +212,8 @@ pub fn search_shards(
     if opts.k == 0 {
         return Err(RetrievalError::Param("k must be at least 1".into()));
     }
+    // Here, not in each shard's search: a bad query is not the shard's fault.
+    queries.check_finite("queries")?;
     let mut merged: Vec<Vec<Hit>> = vec![Vec::new(); queries.len()];
     let seen = gallery.for_each(|path, offset, view| {
         if view.is_empty() {

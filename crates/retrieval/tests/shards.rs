@@ -394,6 +394,14 @@ fn bad_shard_sets_are_refused() {
     assert_eq!(bits(&with_empty.hits), bits(&alone.hits));
     assert_eq!(with_empty.rows, [0, 2, 0]);
 
+    let mut nan = rows[..D].to_vec();
+    nan[3] = f32::NAN;
+    let bad_query = FeatureView::new(&[77], &nan, D).unwrap();
+    let msg = search_shards(&bad_query, &shards(&[&a, &empty]), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.starts_with("queries: feature of id 77"), "{msg}");
+
     let e = search_shards(&queries, &shards(&[&a]), &options(0, Precision::Int8, 8192));
     assert!(e.unwrap_err().to_string().contains("k must be at least 1"));
     assert!(Shards::new(Vec::<PathBuf>::new(), FeatureKind::Image).is_err());
