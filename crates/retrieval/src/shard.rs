@@ -37,7 +37,7 @@ use rayon::prelude::*;
 
 use crate::error::{Result, RetrievalError, io_err};
 use crate::predict::{Direction, write_prediction_lines};
-use crate::search::{Hit, SearchOptions, hit_order, search};
+use crate::search::{Hit, SearchOptions, hit_order, search, search_above};
 use crate::store::{FeatureKind, FeatureView, load_features};
 
 /// An ordered list of feature files of one kind that together form one feature set.
@@ -219,9 +219,20 @@ pub fn search_shards(
         if view.is_empty() {
             return Ok(());
         }
-        let local = search(queries, view, opts).map_err(|e| RetrievalError::Shard {
-            path: path.to_path_buf(),
-            source: Box::new(e),
+        // Each query's k-th score merged so far: k rows reach it, so a row of this shard below it
+        // cannot enter the merged top-k and need not be rescored.
+        let floors: Vec<f32> = merged
+            .iter()
+            .map(|acc| match acc.get(opts.k - 1) {
+                Some(kth) => kth.score,
+                None => f32::NEG_INFINITY,
+            })
+            .collect();
+        let local = search_above(queries, view, opts, Some(&floors)).map_err(|e| {
+            RetrievalError::Shard {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            }
         })?;
         merged
             .par_iter_mut()
