@@ -15,7 +15,9 @@
 //! block, shard or device that computed it. Shifting a shard's rows by its offset keeps that order
 //! within the shard, so each member of the global top-`k` is among the top-`k` of its own shard;
 //! merging the shards' lists under the same order and keeping `k` gives the global top-`k`
-//! exactly ([`merge_hits`]).
+//! exactly ([`merge_hits`]). Each shard's scan starts from the `k`-th score merged so far (`k` rows
+//! already reach it, so a row below it cannot enter the merged top-`k`): later shards skip the
+//! exact rescoring of rows that could not make it, without changing the result.
 //!
 //! # Memory
 //!
