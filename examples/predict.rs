@@ -6,9 +6,14 @@
 //!     --text-feats valid_texts.txt_feat.jsonl --top-k 10 --output valid_predictions.jsonl
 //! cargo run --release --example predict -- --image-to-text --image-feats imgs.safetensors \
 //!     --text-feats texts.safetensors --output valid_tr_predictions.jsonl
+//! # a gallery (or query set) in shards: searched one file at a time, merged exactly
+//! cargo run --release --example predict -- --image-feats imgs.0.safetensors imgs.1.safetensors \
+//!     --text-feats texts.safetensors --output valid_predictions.jsonl
 //! ```
 //!
-//! Feature files may be cn_clip jsonl or native `.safetensors` (memory-mapped). `--eval-batch-size`
+//! Feature files may be cn_clip jsonl or native `.safetensors` (memory-mapped). Several files after
+//! `--image-feats` or `--text-feats` are shards: the result equals one file holding their rows in
+//! the order given (ties too: `retrieval::shard`); an id in two shards is an error. `--eval-batch-size`
 //! is the gallery block, as in cn_clip. Ties are ranked by file order, as cn_clip's stable sort does;
 //! scores are exact (see `retrieval::search`), so `--precision` and `--device` change speed only.
 
@@ -17,19 +22,17 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cnclip::retrieval::{
-    Direction, FeatureKind, ScanPrecision, SearchOptions, load_features, search, write_predictions,
-};
+use cnclip::retrieval::{Direction, FeatureKind, ScanPrecision, SearchOptions, Shards, predict_shards};
 
 #[derive(Parser)]
 #[command(about = "Top-k predictions exactly as cn_clip's make_topk_predictions(.py|_tr.py)")]
 struct Args {
-    /// Image features (cn_clip jsonl or native .safetensors).
-    #[arg(long)]
-    image_feats: PathBuf,
-    /// Text features (cn_clip jsonl or native .safetensors).
-    #[arg(long)]
-    text_feats: PathBuf,
+    /// Image features (cn_clip jsonl or native .safetensors): one file, or several shards.
+    #[arg(long, num_args = 1.., required = true)]
+    image_feats: Vec<PathBuf>,
+    /// Text features (cn_clip jsonl or native .safetensors): one file, or several shards.
+    #[arg(long, num_args = 1.., required = true)]
+    text_feats: Vec<PathBuf>,
     /// Hits per query.
     #[arg(long, default_value_t = 10)]
     top_k: usize,
@@ -62,34 +65,13 @@ fn main() -> Result<()> {
         other => bail!("--precision must be int8 or fp32, not {other:?}"),
     };
     let t0 = Instant::now();
-    let images = load_features(&args.image_feats, FeatureKind::Image)
-        .with_context(|| format!("loading {}", args.image_feats.display()))?;
-    let texts = load_features(&args.text_feats, FeatureKind::Text)
-        .with_context(|| format!("loading {}", args.text_feats.display()))?;
-    let (iv, tv) = (images.view(), texts.view());
-    // cn_clip's script writes an empty file for no queries and fails on no gallery; say why.
-    for (view, path, what) in [
-        (&iv, &args.image_feats, "image"),
-        (&tv, &args.text_feats, "text"),
-    ] {
-        if view.is_empty() {
-            let role = if (what == "text") != args.image_to_text {
-                "queries: the predictions file will be empty"
-            } else {
-                "gallery: there is nothing to search"
-            };
-            eprintln!(
-                "warning: {} holds no {what} features (an empty file?); they are the {role}",
-                path.display()
-            );
-        }
-    }
+    let images = Shards::new(args.image_feats.clone(), FeatureKind::Image)?;
+    let texts = Shards::new(args.text_feats.clone(), FeatureKind::Text)?;
     let (queries, gallery, direction) = if args.image_to_text {
-        (iv, tv, Direction::ImageToText)
+        (&images, &texts, Direction::ImageToText)
     } else {
-        (tv, iv, Direction::TextToImage)
+        (&texts, &images, Direction::TextToImage)
     };
-    let loaded = t0.elapsed();
     let opts = SearchOptions {
         k: args.top_k,
         query_block: args.query_block,
@@ -97,29 +79,45 @@ fn main() -> Result<()> {
         precision,
         device,
     };
-    let t1 = Instant::now();
-    // The search names a bad row by its id; say which files the queries and gallery came from.
-    let (query_file, gallery_file) = if args.image_to_text {
-        (&args.image_feats, &args.text_feats)
-    } else {
-        (&args.text_feats, &args.image_feats)
+    let list = |s: &Shards| {
+        let names: Vec<String> = s.paths().iter().map(|p| p.display().to_string()).collect();
+        names.join(" ")
     };
-    let hits = search(&queries, &gallery, &opts).with_context(|| {
-        format!(
-            "searching queries of {} against the gallery of {}",
-            query_file.display(),
-            gallery_file.display()
-        )
-    })?;
-    let searched = t1.elapsed();
-    write_predictions(&args.output, direction, &queries, &gallery, &hits)?;
+    // The search names a bad row by its id (and shard); say which files the two sides came from.
+    let done =
+        predict_shards(&args.output, direction, queries, gallery, &opts).with_context(|| {
+            format!(
+                "searching queries of {} against the gallery of {}",
+                list(queries),
+                list(gallery)
+            )
+        })?;
+    // cn_clip's script writes an empty file for no queries; say why.
+    for path in &done.empty {
+        let what = if images.paths().contains(path) {
+            "image"
+        } else {
+            "text"
+        };
+        let role = match queries.paths().contains(path) {
+            true => "queries: they have no lines in the predictions file",
+            false => "gallery: that shard adds no rows",
+        };
+        eprintln!(
+            "warning: {} holds no {what} features (an empty file?); it is part of the {role}",
+            path.display()
+        );
+    }
     eprintln!(
-        "{} queries x {} gallery (d={}) on {device:?}, {precision:?}: load {:.3} s, search {:.3} s",
-        queries.len(),
-        gallery.len(),
-        gallery.dim(),
-        loaded.as_secs_f64(),
-        searched.as_secs_f64()
+        "{} queries x {} gallery (d={}) in {}+{} files on {device:?}, {precision:?}: \
+         search {:.3} s, total {:.3} s",
+        done.queries,
+        done.gallery,
+        done.dim,
+        queries.paths().len(),
+        gallery.paths().len(),
+        done.search.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
     );
     println!(
         "Top-{} predictions are saved in {}",

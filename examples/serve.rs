@@ -28,9 +28,9 @@ struct Args {
     /// cn_clip LMDB split (or its `imgs/`), a `{split}_imgs.tsv`, or a folder of images.
     #[arg(long)]
     gallery: Option<PathBuf>,
-    /// A native image feature file to search instead of encoding the gallery.
-    #[arg(long)]
-    features: Option<PathBuf>,
+    /// Native image feature files to search instead of encoding the gallery: one, or several shards.
+    #[arg(long, num_args = 1..)]
+    features: Vec<PathBuf>,
     /// Where the gallery feature cache goes (default: next to the gallery).
     #[arg(long = "cache-dir")]
     cache_dir: Option<PathBuf>,
@@ -132,7 +132,7 @@ fn main() -> Result<()> {
     eprintln!("loading {} …", args.checkpoint.display());
     cnclip::serve::run(&config, &args.addr, |addr, app| {
         match app.feature_origin() {
-            FeatureOrigin::File(path) => eprintln!("features: {}", path.display()),
+            FeatureOrigin::Files(paths) => eprintln!("features: {paths:?}"),
             FeatureOrigin::Cache(CacheOutcome::Reused(path)) => {
                 eprintln!("features: reused cache {}", path.display())
             }

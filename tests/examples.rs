@@ -675,3 +675,81 @@ fn misused_inputs_get_messages_that_say_what_to_do() {
     assert_eq!(std::fs::read_to_string(&predictions).unwrap(), "");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 20.4: `predict --image-feats a b c` (and `--text-feats a b c` for `--image-to-text`)
+/// writes the same bytes as one file holding the shards' rows, with tied rows on both sides of a
+/// shard boundary; an id in two shards fails naming the id and both files.
+#[test]
+fn predict_searches_shards_as_one_file() {
+    let dir = std::env::temp_dir().join(format!("cnclip-examples-shards-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = 8;
+    let row = |i: usize| -> Vec<f32> {
+        // Rows 9, 10 and 25 equal row 2: exact ties across the boundaries 10 and 20.
+        let i = if [9, 10, 25].contains(&i) { 2 } else { i };
+        (0..d)
+            .map(|j| ((i * 31 + j * 17) * 2_654_435_761 % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    };
+    let lines = |key: &str, rows: std::ops::Range<usize>| -> String {
+        rows.map(|i| format!("{{\"{key}\": {}, \"feature\": {:?}}}\n", 500 - i, row(i)))
+            .collect()
+    };
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    for (key, flag, queries, direction) in [
+        ("image_id", "--image-feats", "--text-feats", None),
+        (
+            "text_id",
+            "--text-feats",
+            "--image-feats",
+            Some("--image-to-text"),
+        ),
+    ] {
+        let qkey = if key == "image_id" {
+            "text_id"
+        } else {
+            "image_id"
+        };
+        let whole = write(&format!("{key}.all.jsonl"), lines(key, 0..30));
+        let shards: Vec<String> = [0..10, 10..20, 20..30]
+            .into_iter()
+            .enumerate()
+            .map(|(s, r)| write(&format!("{key}.{s}.jsonl"), lines(key, r)))
+            .collect();
+        let q = write(&format!("{qkey}.q.jsonl"), lines(qkey, 0..6));
+        let predict = |gallery: &[&str], out: &str| -> Vec<u8> {
+            let out = dir.join(out);
+            let mut args = vec![flag];
+            args.extend_from_slice(gallery);
+            args.extend([queries, q.as_str(), "--top-k", "30", "--output", s(&out)]);
+            args.extend(direction);
+            run("predict", &args);
+            std::fs::read(&out).unwrap()
+        };
+        let want = predict(&[&whole], "whole.jsonl");
+        let sharded: Vec<&str> = shards.iter().map(String::as_str).collect();
+        assert_eq!(predict(&sharded, "sharded.jsonl"), want, "{key}");
+        // Query 2 equals the tied rows: they rank together, in gallery order (not by id).
+        let text = String::from_utf8(want.clone()).unwrap();
+        assert!(
+            text.lines().nth(2).unwrap().contains("498, 491, 490, 475"),
+            "{text}"
+        );
+
+        let dup = write(&format!("{key}.dup.jsonl"), lines(key, 14..15));
+        let out = dir.join("dup.jsonl");
+        let mut args = vec![flag, shards[0].as_str(), shards[1].as_str(), dup.as_str()];
+        args.extend([queries, q.as_str(), "--output", s(&out)]);
+        args.extend(direction);
+        let err = fails("predict", &args);
+        let what = &key[..key.len() - 3];
+        assert!(err.contains(&format!("{what} id 486")), "{err}");
+        assert!(err.contains(&shards[1]) && err.contains(&dup), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

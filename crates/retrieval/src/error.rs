@@ -42,6 +42,19 @@ pub enum RetrievalError {
         first: usize,
         second: usize,
     },
+    #[error("{what} id {id} appears in two shards: {first} and {second}")]
+    DuplicateShardId {
+        what: &'static str,
+        id: i64,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("shard {path}: {source}")]
+    Shard {
+        path: PathBuf,
+        #[source]
+        source: Box<RetrievalError>,
+    },
     #[error("unknown {what} id {id}")]
     UnknownId { what: &'static str, id: i64 },
     #[error("invalid search parameter: {0}")]

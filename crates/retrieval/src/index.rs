@@ -16,11 +16,17 @@ use tch::{Device, Kind, Tensor};
 use crate::bound;
 use crate::error::{Result, RetrievalError};
 use crate::search::{Hit, exact_score, hit_order};
+use crate::shard::IdOwners;
 use crate::store::NativeFeatures;
 
-/// A gallery ready for repeated exact top-k.
+/// A gallery ready for repeated exact top-k: one feature file, or several shards concatenated in
+/// the order given (row `offset(s) + r` is row `r` of shard `s`, as in [`crate::shard`]).
 pub struct ResidentIndex {
-    features: Arc<NativeFeatures>,
+    shards: Vec<Arc<NativeFeatures>>,
+    /// Row of the whole where each shard starts.
+    offsets: Vec<usize>,
+    ids: Vec<i64>,
+    dim: usize,
     matrix: Tensor,
     max_norm: f64,
 }
@@ -28,41 +34,103 @@ pub struct ResidentIndex {
 impl ResidentIndex {
     /// Copies the features to `device` once (fails on a non-finite value, naming its id).
     pub fn new(features: Arc<NativeFeatures>, device: Device) -> Result<Self> {
-        let view = features.view();
-        view.check_finite("gallery features")?;
-        let matrix = Tensor::f_from_slice(view.data())?
-            .f_view([view.len() as i64, view.dim() as i64])?
-            .f_to_device(device)?;
-        let max_norm = bound::max_norm(view.data(), view.dim());
+        Self::from_shards(vec![features], device)
+    }
+
+    /// One index over several shards (at least one), copied to `device` shard by shard into one
+    /// matrix. Fails on a non-finite value (naming its id and shard), shards of different
+    /// dimensions or kinds, and an id held by two shards (naming both files).
+    pub fn from_shards(shards: Vec<Arc<NativeFeatures>>, device: Device) -> Result<Self> {
+        let first = shards
+            .first()
+            .ok_or_else(|| RetrievalError::Param("no gallery feature files given".into()))?;
+        let (dim, kind) = (first.view().dim(), first.kind());
+        let mut owners = IdOwners::default();
+        let mut offsets = Vec::with_capacity(shards.len());
+        let mut ids = Vec::new();
+        let mut max_norm = 0f64;
+        for (s, shard) in shards.iter().enumerate() {
+            let view = shard.view();
+            // With several shards an error names the shard; one file keeps its plain error.
+            let named = |source: RetrievalError| match shards.len() {
+                1 => source,
+                _ => RetrievalError::Shard {
+                    path: shard.path().to_path_buf(),
+                    source: Box::new(source),
+                },
+            };
+            if view.dim() != dim || shard.kind() != kind {
+                return Err(named(RetrievalError::Param(format!(
+                    "{} features of dimension {}, but {} holds {} features of dimension {dim}",
+                    shard.kind().as_str(),
+                    view.dim(),
+                    first.path().display(),
+                    kind.as_str()
+                ))));
+            }
+            view.check_finite("gallery features").map_err(named)?;
+            owners.add(s, view.ids(), kind, |i| shards[i].path().to_path_buf())?;
+            offsets.push(ids.len());
+            ids.extend_from_slice(view.ids());
+            max_norm = max_norm.max(bound::max_norm(view.data(), dim));
+        }
+        let _guard = tch::no_grad_guard();
+        let matrix = Tensor::f_empty([ids.len() as i64, dim as i64], (Kind::Float, device))?;
+        for (shard, &offset) in shards.iter().zip(&offsets) {
+            let view = shard.view();
+            if view.is_empty() {
+                continue;
+            }
+            let rows =
+                Tensor::f_from_slice(view.data())?.f_view([view.len() as i64, dim as i64])?;
+            matrix
+                .f_narrow(0, offset as i64, view.len() as i64)?
+                .f_copy_(&rows)?;
+        }
         Ok(ResidentIndex {
-            features,
+            shards,
+            offsets,
+            ids,
+            dim,
             matrix,
             max_norm,
         })
     }
 
     pub fn len(&self) -> usize {
-        self.features.view().len()
+        self.ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The gallery (ids, rows) the hits index into.
-    pub fn features(&self) -> &Arc<NativeFeatures> {
-        &self.features
+    /// The ids of the gallery rows the hits index into (all shards, in order).
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+
+    /// The shards, in order.
+    pub fn shards(&self) -> &[Arc<NativeFeatures>] {
+        &self.shards
+    }
+
+    /// Row `index` of the whole gallery (panics when out of range, like slice indexing).
+    pub fn row(&self, index: usize) -> &[f32] {
+        let s = self.offsets.partition_point(|&o| o <= index) - 1;
+        // Empty shards share their offset with the next one: `partition_point` picks the last of
+        // them, the one that holds the row.
+        self.shards[s].view().row(index - self.offsets[s])
     }
 
     pub fn dim(&self) -> usize {
-        self.features.view().dim()
+        self.dim
     }
 
     /// Exact top-`k` (at least 1, at most the gallery size) for each row of `queries`
     /// (`[n·dim]`, row-major); fails on a non-finite value, naming the query row as its id.
     pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
         let d = self.dim();
-        let view = self.features.view();
         if !queries.len().is_multiple_of(d) {
             return Err(RetrievalError::Dim {
                 what: "queries".into(),
@@ -71,6 +139,9 @@ impl ResidentIndex {
             });
         }
         let n = queries.len() / d;
+        if self.is_empty() {
+            return Err(RetrievalError::Param("the gallery is empty".into()));
+        }
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -112,7 +183,7 @@ impl ResidentIndex {
                     let index = r as usize;
                     Hit {
                         index,
-                        score: exact_score(query, view.row(index)),
+                        score: exact_score(query, self.row(index)),
                     }
                 })
                 .collect();

@@ -6,7 +6,9 @@
 //! memory stream, the int8 scan with exact rescoring that returns the same ids as a full fp32 scan,
 //! a gallery kept resident on a device for repeated queries with the same exact ranking
 //! ([`index`], what a server needs), the error bounds both rely on ([`bound`]), and cn_clip's
-//! prediction jsonl ([`predict`]).
+//! prediction jsonl ([`predict`]). A gallery (or query set) may be split over several feature files
+//! ([`shard`]): searched one file at a time and merged per query, with the same ids, score bits and
+//! tie order as one file holding them all.
 //!
 //! Also the MUGE score of features ([`muge`]: top-10 by this ranking, scored by `eval`), the one
 //! function training validation and the soup report recall with.
@@ -20,12 +22,16 @@ pub mod index;
 pub mod muge;
 pub mod predict;
 pub mod search;
+pub mod shard;
 pub mod store;
 
 pub use error::{Result, RetrievalError};
 pub use index::ResidentIndex;
-pub use predict::{Direction, write_predictions};
+pub use predict::{Direction, write_prediction_lines, write_predictions};
 pub use search::{Hit, ScanPrecision, SearchOptions, brute_force, exact_score, search};
+pub use shard::{
+    PredictSummary, ShardedHits, ShardedIds, Shards, merge_hits, predict_shards, search_shards,
+};
 pub use store::{
     FeatureKind, FeatureSource, FeatureView, Features, JsonlReader, NativeFeatures, load_features,
     read_jsonl, write_jsonl, write_native,

@@ -22,21 +22,34 @@ pub fn write_predictions(
     hits: &[Vec<Hit>],
 ) -> Result<()> {
     let path = path.as_ref();
-    if hits.len() != queries.len() {
+    let file = File::create(path).map_err(|e| io_err(path, e))?;
+    let mut w = BufWriter::new(file);
+    write_prediction_lines(&mut w, path, direction, queries.ids(), gallery.ids(), hits)?;
+    w.flush().map_err(|e| io_err(path, e))
+}
+
+/// Writes one line per query to `w`: `hits[i]` belongs to `query_ids[i]` and its rows index
+/// `gallery_ids`; `path` names the destination in errors.
+pub fn write_prediction_lines(
+    w: &mut impl Write,
+    path: &Path,
+    direction: Direction,
+    query_ids: &[i64],
+    gallery_ids: &[i64],
+    hits: &[Vec<Hit>],
+) -> Result<()> {
+    if hits.len() != query_ids.len() {
         return Err(RetrievalError::Param(format!(
             "{} hit lists for {} queries",
             hits.len(),
-            queries.len()
+            query_ids.len()
         )));
     }
     let (qkey, gkey) = (direction.query_key(), direction.items_key());
-    let file = File::create(path).map_err(|e| io_err(path, e))?;
-    let mut w = BufWriter::new(file);
-    let gids = gallery.ids();
-    for (qid, list) in queries.ids().iter().zip(hits) {
+    for (qid, list) in query_ids.iter().zip(hits) {
         let mut line = format!("{{\"{qkey}\": {qid}, \"{gkey}\": [");
         for (j, h) in list.iter().enumerate() {
-            let gid = gids.get(h.index).ok_or_else(|| {
+            let gid = gallery_ids.get(h.index).ok_or_else(|| {
                 RetrievalError::Param(format!("query {qid}: hit row {} out of range", h.index))
             })?;
             if j > 0 {
@@ -47,5 +60,5 @@ pub fn write_predictions(
         line.push_str("]}\n");
         w.write_all(line.as_bytes()).map_err(|e| io_err(path, e))?;
     }
-    w.flush().map_err(|e| io_err(path, e))
+    Ok(())
 }

@@ -290,10 +290,16 @@ struct QueryState {
 }
 
 impl QueryState {
-    fn new(k: usize) -> Self {
+    /// `floor`: a score that `k` rows outside this gallery reach (−∞: none), seeded as `k` lower
+    /// bounds, so `L` starts there (see [`search_above`]).
+    fn new(k: usize, floor: f32) -> Self {
+        let mut lower = BinaryHeap::with_capacity(k + 1);
+        if floor.is_finite() {
+            lower.extend(std::iter::repeat_n(Ord32(floor), k));
+        }
         Self {
             k,
-            lower: BinaryHeap::with_capacity(k + 1),
+            lower,
             cands: Vec::new(),
             unseen: Vec::new(),
         }
@@ -576,7 +582,24 @@ pub fn search(
     gallery: &FeatureView<'_>,
     opts: &SearchOptions,
 ) -> Result<Vec<Vec<Hit>>> {
+    search_above(queries, gallery, opts, None)
+}
+
+/// [`search`] that may leave out rows scoring below `floors[q]` for query `q`: the result holds
+/// every row of the gallery's top-k whose canonical score is at least the floor (and maybe others),
+/// ranked and scored as [`search`] does. Sound when at least `opts.k` rows scored elsewhere reach
+/// the floor (the sharded search passes the k-th score merged so far): such rows cannot enter the
+/// merged top-k, and pruning them spares their exact rescoring.
+pub(crate) fn search_above(
+    queries: &FeatureView<'_>,
+    gallery: &FeatureView<'_>,
+    opts: &SearchOptions,
+    floors: Option<&[f32]>,
+) -> Result<Vec<Vec<Hit>>> {
     validate(queries, gallery, opts.k)?;
+    if floors.is_some_and(|f| f.len() != queries.len()) {
+        return Err(RetrievalError::Param("one floor per query".into()));
+    }
     if opts.query_block == 0 || opts.gallery_block == 0 {
         return Err(RetrievalError::Param(
             "block sizes must be at least 1".into(),
@@ -586,7 +609,9 @@ pub fn search(
     let nq = queries.len();
     let d = queries.dim();
     let k = opts.k.min(gallery.len());
-    let mut states: Vec<QueryState> = (0..nq).map(|_| QueryState::new(k)).collect();
+    let mut states: Vec<QueryState> = (0..nq)
+        .map(|q| QueryState::new(k, floors.map_or(f32::NEG_INFINITY, |f| f[q])))
+        .collect();
     if nq == 0 {
         return Ok(Vec::new());
     }

@@ -75,7 +75,7 @@ fn main() -> Result<()> {
     let clip = Clip::new(&config, tch::Device::Cpu);
     let encoder = Encoder::from_model(clip, format!("random {model}"), 52)?;
     let mut serve = ServeConfig::new(dir.join("unused-checkpoint"), None);
-    serve.features = Some(features);
+    serve.features = vec![features];
     serve.text_prompt = true;
     let app = App::with_encoder(&serve, encoder)?;
 

@@ -344,13 +344,13 @@ impl Worker {
             retrieval::RetrievalError::NonFinite { .. } => ServeError::Invalid(e.to_string()),
             e => e.into(),
         })?;
-        let view = self.gallery.features().view();
+        let ids = self.gallery.ids();
         Ok(hits
             .into_iter()
             .map(|list| {
                 list.into_iter()
                     .map(|h| Scored {
-                        image_id: view.ids()[h.index],
+                        image_id: ids[h.index],
                         score: h.score,
                     })
                     .collect()

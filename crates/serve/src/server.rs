@@ -33,9 +33,10 @@ pub struct ServeConfig {
     pub precision: Precision,
     /// An LMDB split (or its `imgs/`), a `{split}_imgs.tsv`, or a folder of images.
     pub gallery: Option<PathBuf>,
-    /// A native feature file to search instead of computing (and caching) the gallery's features;
-    /// with a gallery, its ids must be the gallery's.
-    pub features: Option<PathBuf>,
+    /// Native feature files to search instead of computing (and caching) the gallery's features:
+    /// one file, or several shards searched as their concatenation in this order (an id in two
+    /// shards is an error); with a gallery, their ids must be the gallery's. Empty: compute.
+    pub features: Vec<PathBuf>,
     pub cache: CacheOptions,
     pub engine: EngineOptions,
     pub limits: Limits,
@@ -51,7 +52,7 @@ impl ServeConfig {
             device: Device::Cpu,
             precision: Precision::Fp32,
             gallery,
-            features: None,
+            features: Vec::new(),
             cache: CacheOptions {
                 dir: None,
                 batch_size: 32,
@@ -67,8 +68,8 @@ impl ServeConfig {
 /// How the gallery's features were obtained.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeatureOrigin {
-    /// `--features`.
-    File(PathBuf),
+    /// `--features` (one file or shards).
+    Files(Vec<PathBuf>),
     /// The feature cache.
     Cache(CacheOutcome),
 }
@@ -93,13 +94,17 @@ impl App {
     pub fn with_encoder(config: &ServeConfig, encoder: Encoder) -> Result<App, ServeError> {
         config.limits.validate().map_err(ServeError::Invalid)?;
         let gallery = config.gallery.as_ref().map(Gallery::open).transpose()?;
-        let (features, origin) = match (&config.features, &gallery) {
-            (Some(path), _) => {
-                let features = NativeFeatures::open(path)?;
-                check_features(&features, gallery.as_ref(), encoder.dim())?;
-                (features, FeatureOrigin::File(path.clone()))
+        let (shards, origin) = match (config.features.as_slice(), &gallery) {
+            ([_, ..], _) => {
+                let mut shards = Vec::with_capacity(config.features.len());
+                for path in &config.features {
+                    let features = NativeFeatures::open(path)?;
+                    check_features(&features, gallery.as_ref(), encoder.dim())?;
+                    shards.push(Arc::new(features));
+                }
+                (shards, FeatureOrigin::Files(config.features.clone()))
             }
-            (None, Some(gallery)) => {
+            ([], Some(gallery)) => {
                 let key = cache_key(
                     &checkpoint_identity(&config.model.checkpoint)?,
                     &gallery.identity()?,
@@ -107,22 +112,27 @@ impl App {
                     config.precision,
                 );
                 let (features, outcome) = gallery_features(&encoder, gallery, &key, &config.cache)?;
-                (features, FeatureOrigin::Cache(outcome))
+                (vec![Arc::new(features)], FeatureOrigin::Cache(outcome))
             }
-            (None, None) => {
+            ([], None) => {
                 return Err(ServeError::Invalid(
                     "nothing to search: give a gallery (LMDB, .tsv or image folder) or a feature file"
                         .into(),
                 ));
             }
         };
-        if features.view().is_empty() {
+        let images: usize = shards.iter().map(|s| s.view().len()).sum();
+        if let (0, [first, rest @ ..]) = (images, shards.as_slice()) {
             return Err(ServeError::Features {
-                path: features.path().to_path_buf(),
-                message: "has no rows; the gallery is empty".into(),
+                path: first.path().to_path_buf(),
+                message: match rest.len() {
+                    0 => "has no rows; the gallery is empty".into(),
+                    n => format!(
+                        "and the {n} other feature files have no rows; the gallery is empty"
+                    ),
+                },
             });
         }
-        let images = features.view().len();
         let dim = encoder.dim();
         let model = encoder.name().to_string();
         let device = match encoder.device() {
@@ -131,7 +141,7 @@ impl App {
         };
         let preprocessor = *encoder.preprocessor();
         check_logit_scale(&encoder, &config.model.checkpoint)?;
-        let index = retrieval::ResidentIndex::new(Arc::new(features), encoder.device())?;
+        let index = retrieval::ResidentIndex::from_shards(shards, encoder.device())?;
         let (engine, handle) = Engine::start(encoder, index, config.engine)?;
         let (decode_slots, upload_slots) = Shared::slots(&config.limits);
         let shared = Arc::new(Shared {

@@ -567,7 +567,7 @@ async fn a_feature_file_alone_is_searchable() -> Result<()> {
     let path = dir.join("feats.safetensors");
     retrieval::write_native(&path, &view, retrieval::FeatureKind::Image, None)?;
     let mut config = cnclip_serve::ServeConfig::new(&checkpoint, None);
-    config.features = Some(path.clone());
+    config.features = vec![path.clone()];
     let server = TestServer::start(config).await?;
     let (status, body) = get_json(&server.url("/api/search?q=手机壳&k=5")).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -583,11 +583,81 @@ async fn a_feature_file_alone_is_searchable() -> Result<()> {
     // A feature file that names images the gallery lacks is refused at start.
     let gallery = folder_gallery(&dir, 2)?;
     let mut config = common::config(&dir, &checkpoint, &gallery);
-    config.features = Some(path);
+    config.features = vec![path];
     let Err(e) = App::build(&config) else {
         panic!("mismatched feature file accepted")
     };
     assert!(e.to_string().contains("has image 7000"), "{e}");
+    Ok(())
+}
+
+/// Issue 20.4: `--features a b c` serves the shards as one gallery — every result (k = all rows,
+/// ids and scores) equals the one-file service's, with tied rows split across shard boundaries —
+/// and an id in two shards is refused at start, naming both files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feature_shards_serve_as_one_file() -> Result<()> {
+    let dir = temp_dir("feature-shards");
+    let checkpoint = tiny_checkpoint(&dir, 9)?;
+    let ids: Vec<i64> = (0..50).map(|i| 9000 - i).collect();
+    let mut data: Vec<f32> = (0..50 * 16)
+        .map(|i| ((i * 37 % 101) as f32) - 50.0)
+        .collect();
+    // Rows 19, 20 and 35 equal row 5: exact ties on both sides of the shard boundaries 20 and 35.
+    let row5 = data[5 * 16..6 * 16].to_vec();
+    for r in [19, 20, 35] {
+        data[r * 16..(r + 1) * 16].copy_from_slice(&row5);
+    }
+    let view = retrieval::FeatureView::new(&ids, &data, 16)?;
+    let whole = dir.join("whole.safetensors");
+    retrieval::write_native(&whole, &view, retrieval::FeatureKind::Image, None)?;
+    let mut shards = Vec::new();
+    for (s, (a, b)) in [(0, 20), (20, 35), (35, 50)].into_iter().enumerate() {
+        let path = dir.join(format!("shard{s}.safetensors"));
+        retrieval::write_native(&path, &view.rows(a, b), retrieval::FeatureKind::Image, None)?;
+        shards.push(path);
+    }
+    let mut answers = Vec::new();
+    for files in [vec![whole], shards.clone()] {
+        let mut config = cnclip_serve::ServeConfig::new(&checkpoint, None);
+        config.features = files;
+        let server = TestServer::start(config).await?;
+        let (status, body) = get_json(&server.url("/api/search?q=手机壳&k=50")).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        answers.push(results(&body));
+        server.stop().await?;
+    }
+    assert_eq!(answers[0].len(), 50);
+    assert_eq!(answers[0], answers[1]);
+    let tied: Vec<i64> = answers[1]
+        .iter()
+        .filter(|(id, _)| [8995, 8981, 8980, 8965].contains(id))
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(tied, [8995, 8981, 8980, 8965], "ties in gallery order");
+
+    let again = dir.join("again.safetensors");
+    retrieval::write_native(
+        &again,
+        &view.rows(30, 31),
+        retrieval::FeatureKind::Image,
+        None,
+    )?;
+    let mut config = cnclip_serve::ServeConfig::new(&checkpoint, None);
+    config.features = vec![
+        shards[0].clone(),
+        shards[2].clone(),
+        again.clone(),
+        shards[1].clone(),
+    ];
+    let Err(e) = App::build(&config) else {
+        panic!("an id in two shards accepted")
+    };
+    let msg = e.to_string();
+    assert!(msg.contains("image id 8970"), "{msg}");
+    assert!(
+        msg.contains("shard1.safetensors") && msg.contains("again.safetensors"),
+        "{msg}"
+    );
     Ok(())
 }
 
