@@ -414,6 +414,30 @@ pub struct NativeWriter {
     durable: bool,
 }
 
+/// The safetensors header of `entries` (in layout order) with `metadata` sorted by key, as JSON
+/// bytes: `{"__metadata__": {...}, "key": {"dtype", "shape", "data_offsets"}, ...}`.
+fn header_json(
+    metadata: &HashMap<String, String>,
+    entries: &[TensorEntry],
+) -> Result<Vec<u8>, serde_json::Error> {
+    let sorted: std::collections::BTreeMap<&String, &String> = metadata.iter().collect();
+    let mut out = b"{\"__metadata__\":".to_vec();
+    serde_json::to_writer(&mut out, &sorted)?;
+    for e in entries {
+        out.push(b',');
+        serde_json::to_writer(&mut out, &e.key)?;
+        out.push(b':');
+        let info = TensorInfo {
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            data_offsets: (e.start, e.end),
+        };
+        serde_json::to_writer(&mut out, &info)?;
+    }
+    out.push(b'}');
+    Ok(out)
+}
+
 impl NativeWriter {
     /// Creates the temporary file of `path` with the header of `tensors` (`(key, dtype, shape)`)
     /// and `metadata` (for a model: [`native_metadata`] plus any extra entries). The tensors are
@@ -453,8 +477,12 @@ impl NativeWriter {
                 (e.key.clone(), info)
             })
             .collect();
-        let header = Metadata::new(Some(metadata), infos).map_err(|e| bad(e.to_string()))?;
-        let mut header = serde_json::to_vec(&header).map_err(|e| bad(e.to_string()))?;
+        // `Metadata::new` checks the layout (contiguous, non-overlapping offsets); the header is
+        // then written here rather than by its `Serialize`, which emits `__metadata__` in a
+        // `HashMap`'s per-process random order: the same tensors and metadata must give the same
+        // bytes in every process (sharded extraction's merge is compared byte for byte).
+        Metadata::new(Some(metadata.clone()), infos).map_err(|e| bad(e.to_string()))?;
+        let mut header = header_json(&metadata, &entries).map_err(|e| bad(e.to_string()))?;
         header.resize(header.len().next_multiple_of(8), b' ');
 
         let data_start = 8 + header.len() as u64;
@@ -655,6 +683,34 @@ mod tests {
         assert!(sd.get("w").unwrap().equal(&expected_w));
         assert!(sd.get("half").unwrap().equal(&half));
         assert!(sd.get("ids").unwrap().equal(&ids));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The same tensors and metadata give the same bytes whatever order the metadata map
+    /// iterates in (each `HashMap` gets its own random order): merged extraction shards are
+    /// compared byte for byte against one process's file. 24 keys: two maps iterating alike by
+    /// chance is far less likely than the suite's other flakes (1/24! per pair of maps).
+    #[test]
+    fn metadata_order_does_not_change_the_bytes() {
+        let dir = temp("order");
+        let write = |name: &str, keys: &mut dyn Iterator<Item = usize>| {
+            let meta: HashMap<String, String> =
+                keys.map(|i| (format!("k{i:02}"), i.to_string())).collect();
+            let path = dir.join(name);
+            let writer = NativeWriter::create(&path, meta, layout()).unwrap();
+            for i in 0..writer.entries().len() {
+                let n = writer.entries()[i].end - writer.entries()[i].start;
+                writer.write(i, 0, &vec![0u8; n]).unwrap();
+            }
+            writer.finish().unwrap();
+            std::fs::read(&path).unwrap()
+        };
+        let a = write("a.safetensors", &mut (0..24));
+        let b = write("b.safetensors", &mut (0..24).rev());
+        assert_eq!(a, b);
+        let text = String::from_utf8_lossy(&a);
+        let (k00, k23) = (text.find("\"k00\"").unwrap(), text.find("\"k23\"").unwrap());
+        assert!(k00 < k23, "metadata sorted by key");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
