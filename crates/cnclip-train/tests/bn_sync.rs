@@ -270,6 +270,58 @@ fn two_ranks_with_bn_sync_equal_one_process_on_the_global_batch() {
     );
 }
 
+/// The run wiring: `--use-bn-sync` attaches the run's process group to the BatchNorms only on
+/// several processes; `--freeze-vision` keeps them in eval mode (cn_clip's `freeze_vision_bn`).
+#[test]
+fn run_settings_pick_the_batch_norm_mode() {
+    use cnclip_train::RunConfig;
+    use cnclip_train::run::batch_norm_mode;
+    let sync = RunConfig {
+        use_bn_sync: true,
+        ..RunConfig::default()
+    };
+    let frozen = RunConfig {
+        freeze_vision: true,
+        ..sync.clone()
+    };
+    assert!(matches!(batch_norm_mode(&sync, None), BatchNormMode::Batch));
+    assert!(matches!(
+        batch_norm_mode(&frozen, None),
+        BatchNormMode::Frozen
+    ));
+    let port = cnclip_train::ddp::launch::free_port().unwrap();
+    let handles: Vec<_> = (0..WORLD)
+        .map(|rank| {
+            let (sync, frozen) = (sync.clone(), frozen.clone());
+            std::thread::spawn(move || {
+                let env = DistEnv {
+                    rank,
+                    world_size: WORLD,
+                    local_rank: rank,
+                    local_world_size: WORLD,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                    agent_store: false,
+                    gloo_interface: None,
+                };
+                let timeout = Duration::from_secs(30);
+                let ddp = Ddp::init(&env, Backend::Gloo, timeout, GatherMode::Aggregate).unwrap();
+                let plain = RunConfig::default();
+                let synced = matches!(
+                    batch_norm_mode(&sync, Some(&ddp)),
+                    BatchNormMode::Synced(g) if g.size() == WORLD && g.rank() == rank
+                );
+                let batch = matches!(batch_norm_mode(&plain, Some(&ddp)), BatchNormMode::Batch);
+                let eval = matches!(batch_norm_mode(&frozen, Some(&ddp)), BatchNormMode::Frozen);
+                (synced, batch, eval)
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), (true, true, true));
+    }
+}
+
 #[test]
 fn frozen_batch_norms_train_with_running_statistics() {
     let (init, images, texts, ..) = setup();
