@@ -19,6 +19,7 @@ fn main() {
         println!("cargo:rerun-if-changed={file}");
     }
     println!("cargo:rerun-if-env-changed=CNCLIP_CUDA_INCLUDE");
+    println!("cargo:rerun-if-changed=src/sync_bn.cpp");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: cannot find libtorch's headers");
         std::process::exit(1);
@@ -33,6 +34,7 @@ fn main() {
         .flag_if_supported("-Wno-unused-parameter")
         .file("src/autocast.cpp")
         .file("src/adamw.cpp")
+        .file("src/sync_bn.cpp")
         .compile("cnclip_torch_ext");
 
     let mut c10d = cc::Build::new();

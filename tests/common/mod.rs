@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod netns;
+
 /// The example `name` as `cargo test` built it (`target/<profile>/examples/`, next to this test's
 /// own `deps/` directory).
 pub fn example_bin(name: &str) -> PathBuf {

@@ -3,6 +3,7 @@
 
 mod demo;
 mod examples;
+mod iproute;
 mod jpeg;
 mod libtorch;
 mod setup;

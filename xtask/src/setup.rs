@@ -6,7 +6,8 @@
 //! wheel needs `libcudart.so.13` and CUPTI even for CPU work); `--cuda` installs torch with all its
 //! dependencies plus the two header-only NCCL build wheels torch does not pull in.
 //!
-//! It also provides `nasm`, which the JPEG decoder's SIMD build needs (see `jpeg.rs`).
+//! It also provides `nasm`, which the JPEG decoder's SIMD build needs (see `jpeg.rs`), and, as root,
+//! `ip` for the two-node test (see `iproute.rs`).
 
 use crate::libtorch::{self, TORCH_VERSION};
 use anyhow::{Context, Result, bail};
@@ -59,6 +60,7 @@ impl Variant {
 
 pub fn run(root: &Path, args: &SetupArgs) -> Result<()> {
     crate::jpeg::ensure_simd_build(root)?;
+    crate::iproute::ensure_ip()?;
     let variant = if args.cuda { &CUDA } else { &CPU };
     let link = root.join(".libtorch");
 

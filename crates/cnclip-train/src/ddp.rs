@@ -184,6 +184,11 @@ impl Ddp {
         &self.group
     }
 
+    /// A shared handle on the process group (e.g. for SyncBatchNorm's collectives).
+    pub fn process_group(&self) -> Arc<ProcessGroup> {
+        self.group.clone()
+    }
+
     /// The loss's row assembly for this run's [`GatherMode`].
     pub fn gather(&self) -> Box<dyn FeatureGather> {
         match self.mode {

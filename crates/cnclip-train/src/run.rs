@@ -20,6 +20,7 @@ use crate::optim::AdamWConfig;
 use crate::schedule::{CosineSchedule, run_length};
 use crate::trainer::{TrainError, Trainer, TrainerConfig};
 use cnclip_model::Clip;
+use cnclip_model::model::BatchNormMode;
 use cnclip_model::preprocess::Preprocessor;
 use muge_data::augment::TrainTransform;
 use muge_data::sampler::{DistributedSampler, pad_dataset_len};
@@ -242,8 +243,6 @@ pub fn run_with_teacher(
             "a teacher is given exactly when --distillation is on".into(),
         ));
     }
-    let world = ddp.map_or(1, |d| d.world_size());
-    config.check_world(world, model.config().vision.is_resnet())?;
     check_model(config, &model)?;
     let split = Arc::new(LmdbSplit::open(&config.train_data)?);
     let size = u32::try_from(model.config().vision.image_resolution)
@@ -279,6 +278,20 @@ pub fn run_with_teacher(
             ddp,
             observer,
         )
+    }
+}
+
+/// How a ResNet tower's BatchNorms train (ViTs have none): eval BatchNorms under
+/// `--freeze-vision` (cn_clip's `freeze_vision_bn`), SyncBatchNorm over the run's process group
+/// with `--use-bn-sync` on several processes, else the batch's own statistics (`model.train()`;
+/// a SyncBatchNorm of one process is exactly that).
+pub fn batch_norm_mode(config: &RunConfig, ddp: Option<&Ddp>) -> BatchNormMode {
+    match ddp {
+        _ if config.freeze_vision => BatchNormMode::Frozen,
+        Some(d) if config.use_bn_sync && d.world_size() > 1 => {
+            BatchNormMode::Synced(d.process_group())
+        }
+        _ => BatchNormMode::Batch,
     }
 }
 
@@ -436,13 +449,17 @@ fn train_with<T: ImageTransform + 'static>(
         ));
     }
     let trainer_config = trainer_config(config, total_steps, rank)?;
-    let make_trainer = |model: Clip| match ddp {
-        Some(d) => {
-            let mut t = Trainer::with_gather(model, trainer_config, d.gather());
-            t.set_gradient_sync(d.gradient_sync());
-            t
+    let bn_mode = batch_norm_mode(config, ddp);
+    let make_trainer = |mut model: Clip| {
+        model.set_batch_norm_mode(bn_mode.clone());
+        match ddp {
+            Some(d) => {
+                let mut t = Trainer::with_gather(model, trainer_config, d.gather());
+                t.set_gradient_sync(d.gradient_sync());
+                t
+            }
+            None => Trainer::new(model, trainer_config),
         }
-        None => Trainer::new(model, trainer_config),
     };
     if let Some(d) = ddp {
         let resuming = u64::from(resume.is_some());

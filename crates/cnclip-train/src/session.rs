@@ -97,10 +97,6 @@ impl Session {
         let device = DistEnv::rank_device(dist, device);
         let clip_config = ClipConfig::from_tower_args(&config.vision_model, &config.text_model)
             .map_err(|e| setup(format!("--vision-model/--text-model: {e}")))?;
-        config.check_world(
-            dist.map_or(1, |d| d.world_size),
-            clip_config.vision.is_resnet(),
-        )?;
         let positions = clip_config.text.text_max_position_embeddings;
         if config.context_length as i64 > positions {
             return Err(RunError::Setting(crate::run::SettingError {

@@ -212,9 +212,9 @@ pub struct RunConfig {
     /// Linear warmup steps before the cosine decay.
     #[arg(long, default_value_t = 500)]
     pub warmup: u64,
-    /// cn_clip's SyncBatchNorm for ResNet towers. ViTs have no BatchNorm, so it changes nothing
-    /// there (as in cn_clip); with a ResNet on several processes it is not supported yet
-    /// [default: off].
+    /// cn_clip's SyncBatchNorm for ResNet towers: on several processes their training forwards
+    /// normalise with the statistics of the global batch. ViTs have no BatchNorm and one process
+    /// has no other ranks, so it changes nothing there (as in cn_clip) [default: off].
     #[arg(long = "use-bn-sync")]
     pub use_bn_sync: bool,
     /// cn_clip's training augmentation (RandomResizedCrop + AutoAugment) [default: off].
@@ -614,18 +614,6 @@ impl RunConfig {
         Ok(())
     }
 
-    /// `--use-bn-sync` with a ResNet tower on several processes (the one case where it would
-    /// change anything) is refused.
-    pub fn check_world(&self, world_size: usize, resnet: bool) -> Result<(), SettingError> {
-        if self.use_bn_sync && resnet && world_size > 1 {
-            return Err(bad(
-                "use-bn-sync",
-                "synchronised BatchNorm across processes (ResNet towers) is not supported yet",
-            ));
-        }
-        Ok(())
-    }
-
     /// The parameters as cn_clip writes them to `params_{time}.txt`: sorted `name: value` lines
     /// (Python's spelling of `None`, `True` and `False`).
     pub fn params_text(&self) -> String {
@@ -920,14 +908,6 @@ mod tests {
             ..ok.clone()
         };
         assert_eq!(flag_of(custom), Err("beta1"));
-        assert!(
-            RunConfig {
-                use_bn_sync: true,
-                ..ok
-            }
-            .check_world(2, true)
-            .is_err_and(|e| e.flag == "use-bn-sync")
-        );
     }
 
     #[test]

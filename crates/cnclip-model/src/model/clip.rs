@@ -114,7 +114,7 @@ impl Visual {
     fn forward(&self, image: &Tensor, train: bool, keep: Option<&Tensor>) -> Tensor {
         match self {
             Visual::Transformer(v) => v.forward(image, train, keep),
-            Visual::ResNet(r) => r.forward(image),
+            Visual::ResNet(r) => r.forward(image, train),
         }
     }
 
@@ -205,6 +205,15 @@ impl Clip {
             text_projection,
             text_projection_delta: None,
             logit_scale,
+        }
+    }
+
+    /// How the ResNet tower's BatchNorms normalise in training forwards (cn_clip's `model.train()`
+    /// by default; `--freeze-vision`'s eval BatchNorms or `--use-bn-sync`'s SyncBatchNorm when a
+    /// training run says so). ViTs have no BatchNorm: nothing changes for them.
+    pub fn set_batch_norm_mode(&mut self, mode: super::BatchNormMode) {
+        if let Visual::ResNet(r) = &mut self.visual {
+            r.set_batch_norm_mode(mode);
         }
     }
 

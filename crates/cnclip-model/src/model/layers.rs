@@ -2,8 +2,11 @@
 //! `VarStore` under cn_clip's names, so the forward code reads like cn_clip's modules.
 
 use super::delta::{self, DeltaSlot};
+use std::sync::Arc;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
+use torch_ext::dist::ProcessGroup;
+use torch_ext::sync_bn::{RunningStats, sync_batch_norm};
 
 /// `nn.Linear`: weight `[out, in]`, optional bias `[out]`, `y = x Wᵀ + b` (+ an adapter's delta
 /// when its slot is filled).
@@ -94,7 +97,24 @@ impl LayerNorm {
     }
 }
 
-/// `nn.BatchNorm2d` in inference mode, with the buffers cn_clip checkpoints carry
+/// How the training forwards of a ResNet's BatchNorms normalise (inference forwards always use the
+/// running statistics). Set with [`crate::Clip::set_batch_norm_mode`]; training code picks it,
+/// the model only carries it out.
+#[derive(Debug, Clone, Default)]
+pub enum BatchNormMode {
+    /// `nn.BatchNorm2d` after `model.train()`: the batch's own statistics, running statistics
+    /// updated (momentum 0.1, unbiased variance) and `num_batches_tracked` counted.
+    #[default]
+    Batch,
+    /// `nn.SyncBatchNorm` (cn_clip's `--use-bn-sync`): as [`BatchNormMode::Batch`] over the global
+    /// batch of every rank of the process group ([`torch_ext::sync_bn`]). Every rank must run the
+    /// same training forwards and backwards, like any collective.
+    Synced(Arc<ProcessGroup>),
+    /// `eval()` BatchNorms also in training forwards (cn_clip's `--freeze-vision`).
+    Frozen,
+}
+
+/// `nn.BatchNorm2d` (eps 1e-5, momentum 0.1) with the buffers cn_clip checkpoints carry
 /// (`running_mean`, `running_var`, `num_batches_tracked`).
 #[derive(Debug)]
 pub struct BatchNorm2d {
@@ -102,7 +122,11 @@ pub struct BatchNorm2d {
     pub bias: Tensor,
     pub running_mean: Tensor,
     pub running_var: Tensor,
+    pub num_batches_tracked: Tensor,
 }
+
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
 
 impl BatchNorm2d {
     pub fn new(p: &Path, channels: i64) -> Self {
@@ -110,7 +134,7 @@ impl BatchNorm2d {
         let bias = p.var("bias", &[channels], Init::Const(0.0));
         let running_mean = p.zeros_no_train("running_mean", &[channels]);
         let running_var = p.ones_no_train("running_var", &[channels]);
-        let _ = p.add(
+        let num_batches_tracked = p.add(
             "num_batches_tracked",
             Tensor::zeros([], (Kind::Int64, p.device())),
             false,
@@ -120,21 +144,44 @@ impl BatchNorm2d {
             bias,
             running_mean,
             running_var,
+            num_batches_tracked,
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        Tensor::batch_norm(
-            x,
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            false,
-            0.1,
-            1e-5,
-            true,
-        )
+    /// In training mode (`train`) as `mode` says; in inference mode with the running statistics.
+    ///
+    /// # Panics
+    /// With [`BatchNormMode::Synced`], when the collective fails (a peer died or timed out): the
+    /// forward has no error channel, as for any failing libtorch op.
+    pub fn forward_t(&self, x: &Tensor, train: bool, mode: &BatchNormMode) -> Tensor {
+        let training = train && !matches!(mode, BatchNormMode::Frozen);
+        if training {
+            // nn.BatchNorm2d counts every training forward, with or without gradient.
+            let mut count = self.num_batches_tracked.shallow_clone();
+            let _ = count.g_add_scalar_(1);
+        }
+        match (training, mode) {
+            (true, BatchNormMode::Synced(group)) => {
+                let running = RunningStats {
+                    mean: &self.running_mean,
+                    var: &self.running_var,
+                    momentum: BN_MOMENTUM,
+                };
+                sync_batch_norm(x, &self.weight, &self.bias, Some(running), BN_EPS, group)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+            _ => Tensor::batch_norm(
+                x,
+                Some(&self.weight),
+                Some(&self.bias),
+                Some(&self.running_mean),
+                Some(&self.running_var),
+                training,
+                BN_MOMENTUM,
+                BN_EPS,
+                true,
+            ),
+        }
     }
 }
 

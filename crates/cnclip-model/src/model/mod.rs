@@ -13,4 +13,5 @@ pub use checkpointing::CheckpointedForward;
 pub(crate) use clip::converted_by_cn_clip;
 pub use clip::{Clip, ModelError, Precision, Visual};
 pub use delta::{DeltaSlot, LinearDelta, LinearSite, WeightLayout};
+pub use layers::BatchNormMode;
 pub use vit::{flip_keep_indices, resize_positional_embedding};

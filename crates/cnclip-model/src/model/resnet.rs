@@ -2,7 +2,7 @@
 //! anti-aliased bottlenecks (average pool before strided work) and an attention pool whose query is
 //! the spatial mean token.
 
-use super::layers::{BatchNorm2d, Conv2d, Linear, multi_head_attention};
+use super::layers::{BatchNorm2d, BatchNormMode, Conv2d, Linear, multi_head_attention};
 use crate::config::VisionConfig;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
@@ -47,14 +47,19 @@ impl Bottleneck {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let out = self.bn1.forward(&self.conv1.forward(x)).relu();
-        let out = self.bn2.forward(&self.conv2.forward(&out)).relu();
+    fn forward(&self, x: &Tensor, train: bool, bn: &BatchNormMode) -> Tensor {
+        let out = self.bn1.forward_t(&self.conv1.forward(x), train, bn).relu();
+        let out = self
+            .bn2
+            .forward_t(&self.conv2.forward(&out), train, bn)
+            .relu();
         let out = self
             .bn3
-            .forward(&self.conv3.forward(&avg_pool(&out, self.stride)));
+            .forward_t(&self.conv3.forward(&avg_pool(&out, self.stride)), train, bn);
         let identity = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(&avg_pool(x, self.stride))),
+            Some((conv, norm)) => {
+                norm.forward_t(&conv.forward(&avg_pool(x, self.stride)), train, bn)
+            }
             None => x.shallow_clone(),
         };
         (out + identity).relu()
@@ -115,6 +120,7 @@ pub struct ModifiedResNet {
     stem: Vec<(Conv2d, BatchNorm2d)>,
     layers: Vec<Bottleneck>,
     attnpool: AttentionPool2d,
+    batch_norm: BatchNormMode,
 }
 
 impl ModifiedResNet {
@@ -156,6 +162,7 @@ impl ModifiedResNet {
             stem,
             layers,
             attnpool,
+            batch_norm: BatchNormMode::default(),
         }
     }
 
@@ -163,14 +170,26 @@ impl ModifiedResNet {
         self.stem[0].0.weight.kind()
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    /// How training forwards normalise ([`BatchNormMode::Batch`] unless set).
+    pub fn set_batch_norm_mode(&mut self, mode: BatchNormMode) {
+        self.batch_norm = mode;
+    }
+
+    pub fn batch_norm_mode(&self) -> &BatchNormMode {
+        &self.batch_norm
+    }
+
+    /// `train`: cn_clip's `model.train()`, whose BatchNorms follow [`Self::batch_norm_mode`];
+    /// otherwise `eval()` (running statistics).
+    pub fn forward(&self, image: &Tensor, train: bool) -> Tensor {
+        let bn = &self.batch_norm;
         let mut x = image.to_kind(self.dtype());
-        for (conv, bn) in &self.stem {
-            x = bn.forward(&conv.forward(&x)).relu();
+        for (conv, norm) in &self.stem {
+            x = norm.forward_t(&conv.forward(&x), train, bn).relu();
         }
         x = avg_pool(&x, 2);
         for block in &self.layers {
-            x = block.forward(&x);
+            x = block.forward(&x, train, bn);
         }
         self.attnpool.forward(&x)
     }
