@@ -13,6 +13,7 @@ mod autocast;
 mod cuda;
 mod device;
 pub mod dist;
+pub mod reducer;
 mod view;
 
 pub use adamw::{AdamWStep, ForeachError, adamw_foreach, adamw_single};
