@@ -5,8 +5,8 @@
 //! cached without gradient, then each micro-batch re-run with gradient against the cached others).
 //!
 //! Data loading and checkpoints feed into this from outside; DDP plugs in through two hooks: the
-//! [`FeatureGather`] that assembles the loss's rows, and a [`GradientSync`] run between backward
-//! and the optimizer.
+//! [`FeatureGather`] that assembles the loss's rows, and a [`GradientSync`] told before every
+//! backward pass whether it reduces (torch's reducer averages inside the backward pass).
 
 use crate::amp::GradScaler;
 use crate::distill::{Teacher, cosine_similarity_loss};
@@ -106,11 +106,22 @@ pub enum TrainError {
     Dist(#[from] torch_ext::dist::DistError),
 }
 
-/// What happens to the gradients between the backward pass and the optimizer: DDP's all-reduce
-/// ([`crate::ddp::Ddp`]). Called once per optimizer step with the optimizer's parameter gradients
-/// (undefined for frozen parameters), before AMP unscales them.
+/// DDP's gradient averaging ([`crate::ddp::Ddp::gradient_sync`]), which happens inside the backward
+/// passes (torch's reducer all-reduces from autograd hooks), so the trainer only tells it when
+/// a backward pass is coming and when the step's last one is done.
 pub trait GradientSync {
-    fn sync(&self, grads: &[Tensor]) -> Result<(), torch_ext::dist::DistError>;
+    /// Right before each backward pass that produces parameter gradients. `sync`: this pass
+    /// averages the gradients over the ranks (the step's last micro-batch); otherwise they only
+    /// accumulate locally (torch's `no_sync`). `outputs`: the tensors the pass starts from, or
+    /// `None` for a staged (gradient-checkpointed) backward whose graph is not all there yet.
+    fn before_backward(
+        &self,
+        sync: bool,
+        outputs: Option<&[&Tensor]>,
+    ) -> Result<(), torch_ext::dist::DistError>;
+    /// After the step's last backward pass, before AMP unscales the gradients: fails unless
+    /// they were all averaged.
+    fn after_backward(&self) -> Result<(), torch_ext::dist::DistError>;
 }
 
 pub struct Trainer {
@@ -187,7 +198,8 @@ impl Trainer {
         &self.model
     }
 
-    /// Installs the gradient synchronisation every optimizer step runs after backward.
+    /// Installs DDP's gradient averaging (build it from [`Trainer::model`], after this trainer
+    /// applied the freeze and precision).
     pub fn set_gradient_sync(&mut self, sync: Box<dyn GradientSync>) {
         self.sync = Some(sync);
     }
@@ -242,7 +254,7 @@ impl Trainer {
                 Some((t, _)) => Some(self.autocast(|| t.features(images))?),
                 None => None,
             };
-            self.forward_backward(images, texts, 0, teacher.as_ref(), |img, txt| {
+            self.forward_backward(images, texts, 0, true, teacher.as_ref(), |img, txt| {
                 (img.shallow_clone(), txt.shallow_clone())
             })?
         } else {
@@ -263,7 +275,7 @@ impl Trainer {
             self.accumulated_backward()?
         };
         if let Some(sync) = &self.sync {
-            sync.sync(&self.optimizer.grads())?;
+            sync.after_backward()?;
         }
         let skipped = match &self.scaler {
             Some(scaler) => scaler.unscale(&self.optimizer.grads()),
@@ -314,12 +326,14 @@ impl Trainer {
     }
 
     /// Forward in training mode (checkpointed or recorded), the loss over the rows `rows` builds
-    /// from this micro-batch's features, the finiteness check, and the backward pass.
+    /// from this micro-batch's features, the finiteness check, and the backward pass (`sync`: the
+    /// one that averages the gradients over the ranks under DDP).
     fn forward_backward(
         &self,
         images: &Tensor,
         texts: &Tensor,
         micro_batch: usize,
+        sync: bool,
         teacher: Option<&Tensor>,
         rows: impl Fn(&Tensor, &Tensor) -> (Tensor, Tensor),
     ) -> Result<ContrastiveOutput, TrainError> {
@@ -356,6 +370,9 @@ impl Trainer {
                 let (out, seed) =
                     self.loss_and_seed(&img, &txt, &fwd.logit_scale, teacher, &scaled)?;
                 check(&out)?;
+                if let Some(s) = &self.sync {
+                    s.before_backward(sync, None)?;
+                }
                 fwd.backward(&self.model, &seed);
                 Ok(out)
             } else {
@@ -365,6 +382,9 @@ impl Trainer {
                 let (img, txt) = rows(&img, &txt);
                 let (out, seed) = self.loss_and_seed(&img, &txt, &scale, teacher, &scaled)?;
                 check(&out)?;
+                if let Some(s) = &self.sync {
+                    s.before_backward(sync, Some(&[&seed]))?;
+                }
                 seed.backward();
                 Ok(out)
             }
@@ -464,9 +484,12 @@ impl Trainer {
                     .collect();
                 Tensor::cat(&parts, 0)
             };
-            let out = self.forward_backward(images, texts, j, teacher.as_ref(), |img, txt| {
-                (rows(img, |p| &p.2), rows(txt, |p| &p.3))
-            })?;
+            // Only the last micro-batch's backward reduces (torch's `no_sync` on the others).
+            let sync = j + 1 == pending.len();
+            let out =
+                self.forward_backward(images, texts, j, sync, teacher.as_ref(), |img, txt| {
+                    (rows(img, |p| &p.2), rows(txt, |p| &p.3))
+                })?;
             last = Some(out);
         }
         last.ok_or(TrainError::EmptyAccumulationGroup)

@@ -202,7 +202,8 @@ fn worker(args: &[String]) -> Result<()> {
                 ..trainer_config()
             };
             let mut trainer = Trainer::with_gather(model, config, ddp.gather());
-            trainer.set_gradient_sync(ddp.gradient_sync());
+            let sync = ddp.gradient_sync(trainer.model())?;
+            trainer.set_gradient_sync(sync);
             if kd {
                 trainer.set_distillation(teacher(), KD_WEIGHT);
             }

@@ -130,6 +130,8 @@ char* cnclip_reducer_sync_module_states(void* group, int nccl, at::Tensor** para
                                         at::Tensor** states, size_t n_states,
                                         int64_t buffer_size) {
   return guarded([&] {
+    // The parameters are leaves that require grad: overwrite them outside autograd.
+    at::NoGradGuard no_grad;
     auto pg = process_group_of(group, nccl);
     c10d::verify_params_across_processes(pg, tensors_of(params, n_params), std::nullopt);
     auto list = tensors_of(states, n_states);
