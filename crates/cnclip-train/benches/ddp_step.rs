@@ -190,7 +190,10 @@ fn main() -> Result<()> {
         let model = args.get(2).context("model")?;
         let batch = args.get(3).context("batch")?.parse()?;
         let steps: usize = args.get(4).context("steps")?.parse()?;
-        anyhow::ensure!(steps >= 2, "STEPS must be at least 2 (the first is not timed)");
+        anyhow::ensure!(
+            steps >= 2,
+            "STEPS must be at least 2 (the first is not timed)"
+        );
         return worker(engine, model, batch, steps);
     }
     let model = args.first().cloned().unwrap_or_else(|| "ViT-B-16".into());

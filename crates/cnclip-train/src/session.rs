@@ -51,10 +51,10 @@ use crate::ddp::{Ddp, DistEnv, GatherMode};
 use crate::distill::Teacher;
 use crate::observe::Observer;
 use crate::run::{Resume, RunConfig, RunError, RunSummary, check_model};
-use torch_ext::reducer::CommHook;
 use cnclip_model::{Clip, ClipConfig, LoadOptions, WeightFormat};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use torch_ext::reducer::CommHook;
 
 /// A run ready to train: model on its device, process group joined, resume decided.
 pub struct Session {

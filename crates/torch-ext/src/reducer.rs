@@ -431,8 +431,9 @@ mod tests {
                         let _ = g.zero_();
                     }
                 }
-                // Step 2 accumulates a no_sync micro-batch first.
-                if step == 2 {
+                // Step 2: rank 1 alone accumulates a no_sync micro-batch first. Were it to
+                // communicate, rank 0 would have no matching collective and the step would fail.
+                if step == 2 && rank == 1 {
                     let l = loss(rank, &a, &b);
                     reducer.prepare(false, &[&l]).unwrap();
                     l.backward();
@@ -452,9 +453,12 @@ mod tests {
             assert_eq!(after.len(), 2, "{after:?}");
             assert_eq!(after.iter().map(|b| b.1).sum::<usize>(), 32);
             for (step, (ga, gb)) in out.iter().enumerate() {
-                let k = if step == 2 { 2.0 } else { 1.0 };
-                assert_eq!(ga, &vec![1.5 * k; 5], "step {step}");
-                assert_eq!(gb, &vec![1.5 * k, -3.0 * k, 6.0 * k], "step {step}");
+                // Step 2: rank 0 holds 1·(1, 2b), rank 1 2·2·(1, 2b): the mean is 2.5·(1, 2b).
+                let k = if step == 2 { 2.5 / 1.5 } else { 1.0 };
+                assert_eq!(ga, &vec![1.5 * k as f32; 5], "step {step}");
+                let b = [0.5f32, -1.0, 2.0];
+                let want: Vec<f32> = b.iter().map(|b| 3.0 * k as f32 * b).collect();
+                assert_eq!(gb, &want, "step {step}");
             }
         }
         assert_eq!(mine, theirs);

@@ -770,6 +770,25 @@ mod tests {
     }
 
     #[test]
+    fn ddp_flags_parse_and_find_unused_refuses_checkpointing() {
+        let c = parse(&["--train-data=t", "--ddp-comm-hook", "bf16"]);
+        assert_eq!(c.ddp_comm_hook, DdpCommHook::Bf16);
+        assert!(!c.ddp_find_unused_parameters);
+        let c: RunConfig =
+            toml::from_str("train-data = \"t\"\nddp-comm-hook = \"fp16\"\n").unwrap();
+        assert_eq!(c.ddp_comm_hook, DdpCommHook::Fp16);
+        let c = parse(&[
+            "--train-data=t",
+            "--ddp-find-unused-parameters",
+            "--grad-checkpointing",
+        ]);
+        assert_eq!(
+            c.check().map_err(|e| e.flag),
+            Err("ddp-find-unused-parameters")
+        );
+    }
+
+    #[test]
     fn a_config_file_alone_parses() {
         // `finetune --config FILE` gives no --train-data on the command line.
         let c = parse(&[]);
