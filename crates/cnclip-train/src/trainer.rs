@@ -101,6 +101,10 @@ pub enum TrainError {
     Autocast(#[from] torch_ext::AutocastError),
     #[error(transparent)]
     Optimizer(#[from] crate::optim::OptimError),
+    #[error(
+        "the backward pass failed (under DDP, possibly the gradient all-reduce inside it): {0}"
+    )]
+    Backward(tch::TchError),
     /// A collective failed: a peer died, or it did not answer within the process group's timeout.
     #[error(transparent)]
     Dist(#[from] torch_ext::dist::DistError),
@@ -385,7 +389,9 @@ impl Trainer {
                 if let Some(s) = &self.sync {
                     s.before_backward(sync, Some(&[&seed]))?;
                 }
-                seed.backward();
+                // Under DDP the reducer's all-reduce runs inside backward: a dead or stalled
+                // peer surfaces here, as an error rather than a panic.
+                seed.f_backward().map_err(TrainError::Backward)?;
                 Ok(out)
             }
         })?
