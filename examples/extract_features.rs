@@ -4,74 +4,70 @@
 //! ```text
 //! cargo run --release --example extract_features -- --extract-image-feats --extract-text-feats \
 //!     --image-data LMDB/valid/imgs --text-data DATA/valid_texts.jsonl --resume clip_cn_vit-b-16.pt \
-//!     --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese
+//!     --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese [--nproc-per-node 8]
 //! ```
-//! Without `--vision-model`/`--text-model`, an official `.pt`'s architecture is read from its
-//! tensor shapes (the shipped config they match); the other formats carry their config.
-//! `--precision amp|fp32` is cn_clip's fp32 path; `fp16` its GPU fp16 path; `bf16` ours. Images are
-//! decoded and preprocessed on a separate thread while the previous batch is encoded.
+//! An official `.pt`'s architecture is read from its shapes unless `--vision-model`/`--text-model`.
+//! `--precision amp|fp32`: cn_clip's fp32 path; `fp16` its GPU fp16 path; `bf16` ours. Sharded
+//! (`--nproc-per-node N`, torchrun, srun): each rank encodes a run of whole batches into
+//! `<output>.<key>.shards/` (reused by a rerun); rank 0 merges them into the files one process
+//! writes, byte for byte. The pipeline, decoding ahead on other threads, is `cnclip_extract`'s.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
-use cnclip::data::files::BadRecordPolicy;
-use cnclip::data::{LmdbImages, TextPipeline};
-use cnclip::model::preprocess::Preprocessor;
-use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision};
-use cnclip::retrieval::{FeatureKind, Features, write_jsonl, write_native};
-use indicatif::{ProgressBar, ProgressStyle};
+use cnclip::data::{PRODUCT_PROMPT, TextPipeline};
+use cnclip::extract::{ExtractOptions, ImageSource, ShardJob, ShardOutcome, Written, progress_bar};
+use cnclip::model::{Precision, preprocess::Preprocessor};
+use cnclip::torch_ext::parse_device;
+use cnclip::train::{config::LaunchArgs, ddp::DistEnv};
 use std::path::{Path, PathBuf};
-use tch::Tensor;
 
 #[derive(Parser)]
 #[command(about = "Extract image/text features like cn_clip's extract_features.py")]
 struct Args {
-    #[arg(long = "extract-image-feats")]
+    #[arg(long)]
     extract_image_feats: bool,
-    #[arg(long = "extract-text-feats")]
+    #[arg(long)]
     extract_text_feats: bool,
     /// LMDB `imgs` directory of a split.
-    #[arg(
-        long = "image-data",
-        default_value = "../Multimodal_Retrieval/lmdb/test/imgs"
-    )]
+    #[arg(long, default_value = "../Multimodal_Retrieval/lmdb/test/imgs")]
     image_data: PathBuf,
     /// `{split}_texts.jsonl`.
-    #[arg(
-        long = "text-data",
-        default_value = "../Multimodal_Retrieval/test_texts.jsonl"
-    )]
+    #[arg(long, default_value = "../Multimodal_Retrieval/test_texts.jsonl")]
     text_data: String,
-    #[arg(long = "image-feat-output-path")]
+    #[arg(long)]
     image_feat_output_path: Option<PathBuf>,
-    #[arg(long = "text-feat-output-path")]
+    #[arg(long)]
     text_feat_output_path: Option<PathBuf>,
-    #[arg(long = "img-batch-size", default_value_t = 64)]
+    #[arg(long, default_value_t = 64)]
     img_batch_size: usize,
-    #[arg(long = "text-batch-size", default_value_t = 64)]
+    #[arg(long, default_value_t = 64)]
     text_batch_size: usize,
-    #[arg(long = "context-length", default_value_t = 52)]
+    #[arg(long, default_value_t = 52)]
     context_length: usize,
     /// Official `.pt`, Hugging Face directory or native `.safetensors` checkpoint.
     #[arg(long)]
     resume: PathBuf,
     #[arg(long, default_value = "amp", value_parser = ["amp", "fp32", "fp16", "bf16"])]
     precision: String,
-    /// A shipped vision config name, or a path to a JSON file in cn_clip's schema (default: read
-    /// from the checkpoint).
-    #[arg(long = "vision-model")]
+    /// A shipped vision config name or a JSON file in cn_clip's schema [default: the checkpoint's].
+    #[arg(long)]
     vision_model: Option<String>,
     /// A shipped text config name, or a path to a JSON file in cn_clip's schema.
-    #[arg(long = "text-model")]
+    #[arg(long)]
     text_model: Option<String>,
-    /// Prefix every text with the product prompt `这是一张图片，里面存在商品：` (as in training with
-    /// `--text-prompt`).
-    #[arg(long = "text-prompt")]
+    /// Prefix every text with the product prompt `这是一张图片，里面存在商品：` (training's too).
+    #[arg(long)]
     text_prompt: bool,
     /// Also write `<output>.safetensors` native feature files (ids + L2-normalised matrix).
-    #[arg(long = "native")]
+    #[arg(long)]
     native: bool,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Sharded runs: how long rank 0 waits for the other ranks' shards, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    shard_timeout: u64,
+    #[command(flatten)]
+    launch: LaunchArgs,
     /// Accepted for compatibility with cn_clip's script; has no effect.
     #[arg(long)]
     debug: bool,
@@ -79,190 +75,75 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    // First: loading libtorch's CUDA half must precede other torch calls.
-    let device = cnclip::torch_ext::parse_device(&args.device)?;
     if !args.extract_image_feats && !args.extract_text_feats {
         bail!("--extract-image-feats and --extract-text-feats cannot both be false");
     }
-    let config = ClipConfig::from_optional_tower_args(
-        args.vision_model.as_deref(),
-        args.text_model.as_deref(),
-    )?;
-    // The other formats carry their config (checked against the flags when given).
-    let options = LoadOptions {
-        config,
-        ..Default::default()
-    };
-    let mut model = Clip::load(&args.resume, &options, device)?;
-    model.set_precision(match args.precision.as_str() {
-        "fp16" => Precision::Fp16,
-        "bf16" => Precision::Bf16,
-        _ => Precision::Fp32,
-    });
-    println!("=> loaded checkpoint '{}'", args.resume.display());
-    let _guard = tch::no_grad_guard();
-
-    if args.extract_text_feats {
-        let output = args.text_feat_output_path.clone().unwrap_or_else(|| {
-            PathBuf::from(format!(
-                "{}.txt_feat.jsonl",
-                args.text_data
-                    .strip_suffix(".jsonl")
-                    .unwrap_or(&args.text_data)
-            ))
-        });
-        let mut pipeline = TextPipeline::new(args.context_length)?;
-        if args.text_prompt {
-            pipeline = pipeline.with_product_prompt();
-        }
-        let encoded = pipeline.encode_texts_file(&args.text_data, BadRecordPolicy::Fail)?;
-        if encoded.text_ids.is_empty() {
-            eprintln!(
-                "warning: {} holds no texts; {} will be empty",
-                args.text_data,
-                output.display()
-            );
-        }
-        let dim = model.config().vision.embed_dim as usize;
-        let mut features = Features::new(FeatureKind::Text, dim);
-        let n = encoded.text_ids.len();
-        let bar = progress(n as u64, "texts");
-        for start in (0..n).step_by(args.text_batch_size.max(1)) {
-            let len = args.text_batch_size.min(n - start);
-            let ids = encoded.ids.narrow(0, start as i64, len as i64);
-            let feats = model.text_features(&ids);
-            push_rows(&mut features, &encoded.text_ids[start..start + len], &feats)?;
-            bar.inc(len as u64);
-        }
-        bar.finish();
-        write_outputs(
-            &features,
-            &output,
-            FeatureKind::Text,
-            args.native,
-            &args,
-            model.config(),
-        )?;
-        println!("{n} text features are stored in {}", output.display());
+    if cnclip::train::ddp::launch::relaunch_self(&args.launch)? {
+        return Ok(());
     }
-
-    if args.extract_image_feats {
-        let output = args.image_feat_output_path.clone().unwrap_or_else(|| {
-            PathBuf::from(format!(
-                "{}.img_feat.jsonl",
-                args.text_data.replace("_texts.jsonl", "_imgs")
-            ))
-        });
-        let images = LmdbImages::open(&args.image_data)?;
-        let ids = images.ids_in_key_order()?;
-        let size =
-            u32::try_from(model.config().vision.image_resolution).context("image resolution")?;
-        let preprocessor = Preprocessor::new(size)?;
-        let dim = model.config().vision.embed_dim as usize;
-        let mut features = Features::new(FeatureKind::Image, dim);
-        let bar = progress(ids.len() as u64, "images");
-        let batch = args.img_batch_size.max(1);
-        std::thread::scope(|scope| -> Result<()> {
-            // Decoding runs one batch ahead of the encoder.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<i64>, Tensor)>>(1);
-            let images = &images;
-            let preprocessor = &preprocessor;
-            let ids = &ids;
-            scope.spawn(move || {
-                for chunk in ids.chunks(batch) {
-                    let item = (|| -> Result<(Vec<i64>, Tensor)> {
-                        let reader = images.reader()?;
-                        let mut items = Vec::with_capacity(chunk.len());
-                        for id in chunk {
-                            let bytes = reader.image_bytes(*id, &format!("image {id}"))?;
-                            items.push((
-                                format!("image {id} in {}", images.path().display()),
-                                bytes,
-                            ));
-                        }
-                        Ok((chunk.to_vec(), preprocessor.preprocess_batch(&items)?))
-                    })();
-                    let failed = item.is_err();
-                    if tx.send(item).is_err() || failed {
-                        return;
-                    }
-                }
-            });
-            for received in rx {
-                let (chunk, pixels) = received?;
-                let feats = model.image_features(&pixels);
-                push_rows(&mut features, &chunk, &feats)?;
-                bar.inc(chunk.len() as u64);
-            }
-            Ok(())
-        })?;
-        bar.finish();
-        if features.view().len() != ids.len() {
-            bail!(
-                "only {} of {} images were encoded",
-                features.view().len(),
-                ids.len()
-            );
+    let dist = DistEnv::from_env()?;
+    // First: loading libtorch's CUDA half must precede other torch calls.
+    let device = DistEnv::rank_device(dist.as_ref(), parse_device(&args.device)?);
+    let towers = (args.vision_model.as_deref(), args.text_model.as_deref());
+    let precision = Precision::from_cn_clip_flag(&args.precision).unwrap_or(Precision::Fp32);
+    let model = cnclip::extract::load_model(&args.resume, towers, precision, device)?;
+    let name = cnclip::extract::model_name(towers, model.config(), &args.resume);
+    let native = args.native.then_some(name.as_str());
+    let world = dist.as_ref().map_or((0, 1), |d| (d.rank, d.world_size));
+    let job = ShardJob::new(&args.resume, precision, world)?
+        .with_timeout(std::time::Duration::from_secs(args.shard_timeout));
+    println!("=> loaded checkpoint '{}'", args.resume.display());
+    if args.extract_text_feats {
+        let stem = args.text_data.strip_suffix(".jsonl");
+        let default = format!("{}.txt_feat.jsonl", stem.unwrap_or(&args.text_data));
+        let output = args.text_feat_output_path.clone().unwrap_or(default.into());
+        let prompt = args.text_prompt.then_some(PRODUCT_PROMPT);
+        let pipeline = TextPipeline::new(args.context_length)?.with_prompt(prompt);
+        let options = ExtractOptions::new(args.text_batch_size);
+        let path = Path::new(&args.text_data);
+        let progress = &mut progress_bar("texts", true);
+        let (done, outcome, n) =
+            job.texts_file(&model, path, &pipeline, &options, &output, native, progress)?;
+        if n == 0 {
+            let (data, out) = (&args.text_data, output.display());
+            eprintln!("warning: {data} holds no texts; {out} will be empty");
         }
-        write_outputs(
-            &features,
-            &output,
-            FeatureKind::Image,
-            args.native,
-            &args,
-            model.config(),
-        )?;
+        report(&job, outcome, done, "text", &output);
+    }
+    if args.extract_image_feats {
+        let stem = args.text_data.replace("_texts.jsonl", "_imgs");
+        let output = (args.image_feat_output_path.clone())
+            .unwrap_or(format!("{stem}.img_feat.jsonl").into());
+        let images = ImageSource::lmdb(&args.image_data)?;
+        let prep = Preprocessor::new(u32::try_from(model.config().vision.image_resolution)?)?;
+        let options = ExtractOptions::new(args.img_batch_size);
+        let progress = &mut progress_bar("images", true);
+        let (done, outcome) =
+            job.images(&model, &images, &prep, &options, &output, native, progress)?;
+        report(&job, outcome, done, "image", &output);
+    }
+    Ok(())
+}
+
+/// Says what happened to this rank's shard and what rank 0 (or a single process) wrote.
+fn report(
+    job: &ShardJob,
+    outcome: ShardOutcome,
+    written: Option<Written>,
+    what: &str,
+    output: &Path,
+) {
+    if outcome != ShardOutcome::Alone {
         println!(
-            "{} image features are stored in {}",
-            ids.len(),
-            output.display()
+            "rank {} of {}: {what} shard {outcome:?}",
+            job.rank(),
+            job.world()
         );
     }
-    Ok(())
-}
-
-fn progress(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template(&format!(
-        "{{bar:40}} {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}})"
-    )) {
-        bar.set_style(style);
+    if let Some(Written { rows, native }) = written {
+        if let Some(path) = native {
+            println!("native features: {}", path.display());
+        }
+        println!("{rows} {what} features are stored in {}", output.display());
     }
-    bar
-}
-
-/// Appends normalised feature rows (as f32, on the CPU) under their ids.
-fn push_rows(features: &mut Features, ids: &[i64], rows: &Tensor) -> Result<()> {
-    let rows = rows
-        .to_kind(tch::Kind::Float)
-        .to_device(tch::Device::Cpu)
-        .contiguous();
-    let data = Vec::<f32>::try_from(rows.flatten(0, -1))?;
-    let dim = features.view().dim();
-    for (id, row) in ids.iter().zip(data.chunks_exact(dim)) {
-        features.push(*id, row)?;
-    }
-    Ok(())
-}
-
-fn write_outputs(
-    features: &Features,
-    output: &Path,
-    kind: FeatureKind,
-    native: bool,
-    args: &Args,
-    config: &ClipConfig,
-) -> Result<()> {
-    write_jsonl(output, &features.view(), kind)?;
-    if native {
-        let path = output.with_extension("safetensors");
-        let model = match (&args.vision_model, &args.text_model, config.shipped_pair()) {
-            (Some(v), Some(t), _) => format!("{v}@{t}"),
-            (_, _, Some((v, t))) => format!("{v}@{t}"),
-            _ => args.resume.display().to_string(),
-        };
-        write_native(&path, &features.view(), kind, Some(&model))?;
-        println!("native features: {}", path.display());
-    }
-    Ok(())
 }

@@ -15,7 +15,9 @@
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser};
-use cnclip::train::config::{LoraArgs, RunConfig, from_file, normalize_none, override_with_flags};
+use cnclip::train::config::{
+    LaunchArgs, LoraArgs, RunConfig, from_file, normalize_none, override_with_flags,
+};
 use cnclip::train::observe::{CnClipLog, Observers, ProgressBars, utc_now};
 use cnclip::train::{Session, run::file_observers};
 use std::io::IsTerminal;
@@ -34,43 +36,8 @@ struct Args {
     config: Option<PathBuf>,
     #[command(flatten)]
     lora: LoraArgs,
-    /// Spawn and supervise this many local workers (one per GPU); one failing stops all
-    /// [default: none, a single process unless launched by torchrun/srun].
-    #[arg(long = "nproc-per-node")]
-    nproc_per_node: Option<usize>,
-    /// With --nproc-per-node: machines in the run.
-    #[arg(long, default_value_t = 1)]
-    nnodes: usize,
-    /// With --nproc-per-node: this machine's index.
-    #[arg(long = "node-rank", default_value_t = 0)]
-    node_rank: usize,
-    /// With --nproc-per-node: the rendezvous host (rank 0's machine).
-    #[arg(long = "master-addr", default_value = "127.0.0.1")]
-    master_addr: String,
-    /// With --nproc-per-node: the rendezvous port [default: a free port on one node, else 29500].
-    #[arg(long = "master-port")]
-    master_port: Option<u16>,
-}
-
-/// Our `--nproc-per-node` launcher: re-runs this command line as N workers with torchrun's
-/// environment (the workers see CNCLIP_LAUNCHED and train instead of launching again).
-fn launch_workers(args: &Args, nproc: usize) -> Result<()> {
-    use cnclip::train::ddp::launch::{LaunchConfig, free_port, launch};
-    let master_port = match (args.master_port, args.nnodes) {
-        (Some(port), _) => port,
-        (None, 1) => free_port().context("cannot find a free local port for the rendezvous")?,
-        (None, _) => cnclip::train::ddp::env::DEFAULT_MASTER_PORT,
-    };
-    launch(&LaunchConfig {
-        program: std::env::current_exe().context("cannot find this program to launch workers")?,
-        args: std::env::args_os().skip(1).collect(),
-        nproc_per_node: nproc,
-        nnodes: args.nnodes,
-        node_rank: args.node_rank,
-        master_addr: args.master_addr.clone(),
-        master_port,
-    })?;
-    Ok(())
+    #[command(flatten)]
+    launch: LaunchArgs,
 }
 
 fn main() -> Result<()> {
@@ -87,14 +54,9 @@ fn main() -> Result<()> {
         config.lora = args.lora.settings();
     }
     config.check()?;
-    let launched = std::env::var_os(cnclip::train::ddp::launch::LAUNCHED_VAR).is_some();
-    if let (Some(nproc), false) = (args.nproc_per_node, launched) {
-        anyhow::ensure!(
-            cnclip::train::ddp::DistEnv::from_env()?.is_none(),
-            "--nproc-per-node launches workers itself; it cannot run under torchrun or srun, \
-             which already set RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS)"
-        );
-        return launch_workers(&args, nproc);
+    // Our `--nproc-per-node` launcher: re-runs this command line as the workers.
+    if cnclip::train::ddp::launch::relaunch_self(&args.launch)? {
+        return Ok(());
     }
     let session = Session::prepare(config)?;
     let (main, config) = (session.is_main(), session.config().clone());

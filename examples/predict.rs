@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cnclip::retrieval::{
-    Direction, FeatureKind, Precision, SearchOptions, load_features, search, write_predictions,
+    Direction, FeatureKind, ScanPrecision, SearchOptions, load_features, search, write_predictions,
 };
 
 #[derive(Parser)]
@@ -57,8 +57,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = cnclip::torch_ext::parse_device(&args.device)?;
     let precision = match args.precision.as_str() {
-        "int8" => Precision::Int8,
-        "fp32" => Precision::Fp32,
+        "int8" => ScanPrecision::Int8,
+        "fp32" => ScanPrecision::Fp32,
         other => bail!("--precision must be int8 or fp32, not {other:?}"),
     };
     let t0 = Instant::now();

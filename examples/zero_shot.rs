@@ -16,12 +16,12 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cnclip::model::preprocess::Preprocessor;
+use cnclip::extract::{ExtractOptions, ImageSource, classify, load_model};
 use cnclip::model::tokenizer::Tokenizer;
-use cnclip::model::zeroshot::{Templates, classifier, parse_index, probabilities};
-use cnclip::model::{Clip, ClipConfig, LoadOptions, Precision};
-use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use cnclip::model::zeroshot::{Templates, classifier, parse_index, predictions_json};
+use cnclip::model::zeroshot::{top_labels, top1_accuracy};
+use cnclip::model::{Precision, preprocess::Preprocessor};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -64,14 +64,12 @@ struct Args {
     img_batch_size: usize,
     #[arg(long = "context-length", default_value_t = 52)]
     context_length: usize,
-    /// Accepted for compatibility with cn_clip's script (decoding runs on this thread).
+    /// Accepted for compatibility with cn_clip's script (images are decoded ahead on rayon's pool).
     #[arg(long = "num-workers", default_value_t = 4)]
     num_workers: usize,
     #[arg(long, default_value = "auto")]
     device: String,
 }
-
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -98,8 +96,11 @@ fn main() -> Result<()> {
             templates
         }
     };
-    let (images, targets) = list_images(&args.datapath, labels.len())?;
-    let model = load_model(&args, device)?;
+    let (images, targets) = ImageSource::image_folder(&args.datapath, labels.len())?;
+    let towers = (args.vision_model.as_deref(), args.text_model.as_deref());
+    let precision = Precision::from_cn_clip_flag(&args.precision).unwrap_or(Precision::Fp32);
+    let model = load_model(&args.resume, towers, precision, device)
+        .with_context(|| format!("loading {}", args.resume.display()))?;
     let tokenizer = Tokenizer::new();
     let weights = classifier(&model, &tokenizer, &labels, &templates, args.context_length)?;
     println!(
@@ -110,37 +111,16 @@ fn main() -> Result<()> {
     );
 
     let size = u32::try_from(model.config().vision.image_resolution).context("image resolution")?;
-    let preprocessor = Preprocessor::new(size)?;
-    let _guard = tch::no_grad_guard();
-    let mut all = Vec::with_capacity(images.len());
-    for chunk in images.chunks(args.img_batch_size.max(1)) {
-        let pixels = preprocessor.preprocess_files(chunk)?.to_device(device);
-        let probs = probabilities(&model.image_features(&pixels), &weights).to_kind(Kind::Float);
-        all.push(probs.to_device(tch::Device::Cpu));
-    }
-    let probs = Tensor::cat(&all, 0);
-    let mut rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs).context("probabilities")?;
-
+    let options = ExtractOptions::new(args.img_batch_size);
+    let prep = Preprocessor::new(size)?;
+    let mut rows = classify(&model, &images, &weights, &prep, &options, &mut |_| {})?;
     if let Some(targets) = &targets {
-        let correct = rows
-            .iter()
-            .zip(targets)
-            .filter(|(row, t)| argmax(row) == **t)
-            .count();
-        println!(
-            "Result: zeroshot-top1: {:.2}",
-            100.0 * correct as f64 / rows.len().max(1) as f64
-        );
+        let accuracy = top1_accuracy(&rows, targets);
+        println!("Result: zeroshot-top1: {accuracy:.2}");
     } else {
-        for (path, row) in images.iter().zip(&rows) {
-            let mut order: Vec<usize> = (0..row.len()).collect();
-            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-            let top: Vec<String> = order
-                .iter()
-                .take(3)
-                .map(|&i| format!("{} {:.3}", labels[i], row[i]))
-                .collect();
-            println!("{}: {}", path.display(), top.join(", "));
+        for (id, row) in images.ids().iter().zip(&rows) {
+            let path = images.file(*id).unwrap_or(images.path());
+            println!("{}: {}", path.display(), top_labels(row, &labels, 3));
         }
     }
     if !args.index.is_empty() {
@@ -154,118 +134,10 @@ fn main() -> Result<()> {
         let dir = PathBuf::from(&args.save_dir);
         std::fs::create_dir_all(&dir)?;
         let out = dir.join(format!("{}.json", args.dataset));
-        let predictions: Vec<Vec<f64>> = rows
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .map(|&p| (f64::from(p) * 1e6).round() / 1e6)
-                    .collect()
-            })
-            .collect();
-        let vision = match (&args.vision_model, model.config().shipped_pair()) {
-            (Some(v), _) => v.clone(),
-            (None, Some((v, _))) => v.to_string(),
-            (None, None) => "custom".to_string(),
-        };
-        let tensors = model.named_tensors();
-        let count = |visual: bool| -> usize {
-            tensors
-                .iter()
-                .filter(|(k, _)| !visual || k.starts_with("visual."))
-                .map(|(_, t)| t.numel())
-                .sum()
-        };
-        // cn_clip's keys and shape: `predictions` is a list holding the one [N, C] matrix.
-        let json = serde_json::json!({
-            "model_name": format!("CN-CLIP-{vision}"),
-            "dataset_name": args.dataset,
-            "num_trainable_params": 0,
-            "num_params": count(false),
-            "num_visual_params": count(true),
-            "num_backbone_params": count(false),
-            "n_shot": 0,
-            "rnd_seeds": [123],
-            "predictions": [predictions],
-        });
+        let json = predictions_json(&model, args.vision_model.as_deref(), &args.dataset, &rows);
         std::fs::write(&out, serde_json::to_string(&json)?)
             .with_context(|| format!("cannot write {}", out.display()))?;
         println!("predictions written to {}", out.display());
     }
     Ok(())
-}
-
-fn argmax(row: &[f32]) -> usize {
-    (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
-}
-
-fn is_image(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-}
-
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read the folder {}", dir.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("listing {}", dir.display()))?;
-    entries.sort();
-    Ok(entries)
-}
-
-/// Images and, for an ImageFolder, their class indices (sub-directories in sorted order, as
-/// torchvision's ImageFolder numbers them).
-fn list_images(root: &Path, classes: usize) -> Result<(Vec<PathBuf>, Option<Vec<usize>>)> {
-    let entries = sorted_entries(root)?;
-    let dirs: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
-    if dirs.is_empty() {
-        let images: Vec<PathBuf> = entries.into_iter().filter(|p| is_image(p)).collect();
-        if images.is_empty() {
-            bail!(
-                "{}: no images ({})",
-                root.display(),
-                IMAGE_EXTENSIONS.join(", ")
-            );
-        }
-        return Ok((images, None));
-    }
-    if dirs.len() > classes {
-        bail!(
-            "{} has {} class folders but the label file has {classes} labels",
-            root.display(),
-            dirs.len()
-        );
-    }
-    let (mut images, mut targets) = (Vec::new(), Vec::new());
-    for (class, dir) in dirs.iter().enumerate() {
-        for path in sorted_entries(dir)? {
-            if is_image(&path) {
-                images.push(path);
-                targets.push(class);
-            }
-        }
-    }
-    if images.is_empty() {
-        bail!("{}: the class folders hold no images", root.display());
-    }
-    Ok((images, Some(targets)))
-}
-
-fn load_model(args: &Args, device: tch::Device) -> Result<Clip> {
-    let options = LoadOptions {
-        config: ClipConfig::from_optional_tower_args(
-            args.vision_model.as_deref(),
-            args.text_model.as_deref(),
-        )?,
-        ..Default::default()
-    };
-    let mut model = Clip::load(&args.resume, &options, device)
-        .with_context(|| format!("loading {}", args.resume.display()))?;
-    model.set_precision(match args.precision.as_str() {
-        "fp16" => Precision::Fp16,
-        "bf16" => Precision::Bf16,
-        _ => Precision::Fp32,
-    });
-    Ok(model)
 }

@@ -33,6 +33,7 @@
 //! # }
 //! ```
 
+pub use cnclip_extract as extract;
 pub use cnclip_lora as lora;
 pub use cnclip_model as model;
 pub use cnclip_serve as serve;

@@ -18,3 +18,15 @@ pub fn example_bin(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// A tiny ViT config in cn_clip's schema (16-wide features, 32 px images, one block).
+#[allow(dead_code)]
+pub const TINY_VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":1,"vision_width":32,
+    "vision_head_width":16,"vision_patch_size":16}"#;
+
+/// A tiny BERT config in cn_clip's schema (one 16-wide layer, cn_clip's vocabulary).
+#[allow(dead_code)]
+pub const TINY_TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.1,"text_hidden_act":"gelu",
+    "text_hidden_dropout_prob":0.1,"text_hidden_size":16,"text_initializer_range":0.02,
+    "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
+    "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;

@@ -33,14 +33,6 @@ pub enum LoadError {
         differences: Vec<String>,
         hint: String,
     },
-    #[error(
-        "{path} describes a different model than the one requested:\n  file:      {found}\n  requested: {requested}"
-    )]
-    ConfigMismatch {
-        path: PathBuf,
-        found: String,
-        requested: String,
-    },
     #[error("{path} does not exist")]
     NotFound { path: PathBuf },
 }
@@ -80,9 +72,10 @@ impl WeightFormat {
 /// How to load.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// For `.pt` files, which carry no config: checked against the tensor shapes, and inferred
-    /// from them when `None` (see [`pt_config`]). Checked against the file's own config for the
-    /// other formats.
+    /// The architecture, used when the file carries none (an official `.pt`): checked against
+    /// the tensor shapes, and inferred from them when `None` (see [`pt_config`]). A file that
+    /// records its config (native, Hugging Face) is loaded with its own, whatever is given here,
+    /// so a caller passes the user's `--vision-model`/`--text-model` without asking the format.
     pub config: Option<ClipConfig>,
     /// Resize a ViT positional embedding whose grid differs from the config's (fine-tuning at
     /// another resolution), as cn_clip's training resume does. Off: a mismatch is an error.
@@ -187,12 +180,13 @@ fn flags_for(found: &ArchShapes) -> String {
     )
 }
 
-/// Reads the weights at `path` and returns the model's config and cn_clip-keyed state dict.
+/// Reads the weights at `path` and returns the model's config (the file's own, or for an official
+/// `.pt` the one [`LoadOptions::config`] gives or its shapes imply) and cn_clip-keyed state dict.
 pub fn read_weights(
     path: &Path,
     options: &LoadOptions,
 ) -> Result<(ClipConfig, StateDict), LoadError> {
-    let (found, state_dict) = match WeightFormat::detect(path)? {
+    Ok(match WeightFormat::detect(path)? {
         WeightFormat::Pt => {
             let state_dict = weights::read_pt(path)?.into_cn_clip_state_dict();
             let (config, _) = pt_config(
@@ -201,21 +195,11 @@ pub fn read_weights(
                 options.config.as_ref(),
                 options.resize_pos_embed,
             )?;
-            return Ok((config, state_dict));
+            (config, state_dict)
         }
         WeightFormat::HuggingFace => weights::import_hf(path)?,
         WeightFormat::Native => weights::load_native(path)?,
-    };
-    if let Some(requested) = &options.config
-        && requested != &found
-    {
-        return Err(LoadError::ConfigMismatch {
-            path: path.to_path_buf(),
-            found: found.to_json(),
-            requested: requested.to_json(),
-        });
-    }
-    Ok((found, state_dict))
+    })
 }
 
 impl Clip {

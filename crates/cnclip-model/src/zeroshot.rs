@@ -1,6 +1,9 @@
 //! Zero-shot classification as cn_clip's `cn_clip/eval/zeroshot_evaluation.py` does it: each class
-//! is the normalised mean of its normalised prompt embeddings, and an image's class probabilities
-//! are `softmax(100 · image · W)` — a fixed 100, not the model's `logit_scale`.
+//! is the normalised mean of its normalised prompt embeddings ([`class_vector`], [`classifier`]),
+//! and an image's class probabilities are `softmax(scale · image · W)`
+//! ([`probabilities_with_scale`]): the script's fixed 100 ([`probabilities`]), or the model's
+//! `exp(logit_scale)` as `get_similarity` in cn_clip's README (what the search service uses; the
+//! same for a trained model, whose `logit_scale` sits at cn_clip's clamp of ln 100).
 //!
 //! Prompts go through the datasets' text preprocessing (lower-casing, curly quotes), as cn_clip's
 //! script applies it to every template.
@@ -51,6 +54,36 @@ impl Default for Templates {
 }
 
 impl Templates {
+    /// These templates, each of which must hold a `{}`; `origin` names the source in errors.
+    pub fn new(
+        templates: impl IntoIterator<Item = impl Into<String>>,
+        origin: &str,
+    ) -> Result<Self, ZeroShotError> {
+        let templates: Vec<String> = templates.into_iter().map(Into::into).collect();
+        if let Some((i, t)) = templates
+            .iter()
+            .enumerate()
+            .find(|(_, t)| !t.contains("{}"))
+        {
+            return Err(ZeroShotError::TemplateWithoutSlot {
+                origin: origin.to_string(),
+                line: i + 1,
+                template: t.clone(),
+            });
+        }
+        if templates.is_empty() {
+            return Err(ZeroShotError::NoTemplates {
+                origin: origin.to_string(),
+            });
+        }
+        Ok(Self(templates))
+    }
+
+    /// The single template `{}`: the label alone.
+    pub fn label_only() -> Self {
+        Self(vec!["{}".to_string()])
+    }
+
     /// One template per non-empty line; `origin` names the source in errors.
     pub fn from_lines(text: &str, origin: &str) -> Result<Self, ZeroShotError> {
         let mut templates = Vec::new();
@@ -125,19 +158,104 @@ pub fn classifier(
         let ids = tokenizer
             .tokenize(&templates.prompts(label), context_length)?
             .to_device(model.device());
-        let features = model.text_features(&ids).to_kind(Kind::Float);
-        let mean = features.mean_dim(0, false, Kind::Float);
-        columns.push(&mean / mean.norm());
+        columns.push(class_vector(&model.text_features(&ids)));
     }
     Ok(Tensor::stack(&columns, 1))
 }
 
-/// `softmax(100 · normalise(image_features) · classifier)`: `[N, C]` probabilities.
+/// One label's `[E]` class vector from its prompts' L2-normalised features `[P, E]`
+/// (`Clip::text_features`): their mean in fp32, normalised (cn_clip's `zero_shot_classifier`).
+pub fn class_vector(prompt_features: &Tensor) -> Tensor {
+    let features = prompt_features.to_kind(Kind::Float);
+    let mean = features.mean_dim(0, false, Kind::Float);
+    &mean / mean.norm()
+}
+
+/// `softmax(100 · normalise(image_features) · classifier)`: `[N, C]` probabilities, with
+/// `zeroshot_evaluation.py`'s fixed scale.
 pub fn probabilities(image_features: &Tensor, classifier: &Tensor) -> Tensor {
+    probabilities_with_scale(image_features, classifier, ZERO_SHOT_SCALE)
+}
+
+/// `softmax(scale · normalise(image_features) · classifier)`: `[N, C]` probabilities for `[N, E]`
+/// image features and `[E, C]` class vectors.
+pub fn probabilities_with_scale(
+    image_features: &Tensor,
+    classifier: &Tensor,
+    scale: f64,
+) -> Tensor {
     let images = image_features.to_kind(Kind::Float);
     let images = &images / images.norm_scalaropt_dim(2.0, [-1], true);
-    (images.matmul(&classifier.to_device(images.device())) * ZERO_SHOT_SCALE)
-        .softmax(-1, Kind::Float)
+    (images.matmul(&classifier.to_device(images.device())) * scale).softmax(-1, Kind::Float)
+}
+
+/// Top-1 accuracy in percent of probability rows against class indices (the first maximum
+/// wins, as `argmax`).
+pub fn top1_accuracy(rows: &[Vec<f32>], targets: &[usize]) -> f64 {
+    let argmax =
+        |row: &[f32]| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best });
+    let correct = rows
+        .iter()
+        .zip(targets)
+        .filter(|(row, t)| argmax(row) == **t)
+        .count();
+    100.0 * correct as f64 / rows.len().max(1) as f64
+}
+
+/// `label p, label p, …` of the `k` most likely labels of one row (probabilities to 3 decimals).
+pub fn top_labels(row: &[f32], labels: &[String], k: usize) -> String {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    let top: Vec<String> = order
+        .iter()
+        .take(k)
+        .filter_map(|&i| Some(format!("{} {:.3}", labels.get(i)?, row[i])))
+        .collect();
+    top.join(", ")
+}
+
+/// The `{dataset}.json` `zeroshot_evaluation.py --save-dir` writes: cn_clip's keys, parameter
+/// counts of `model`, and `predictions` as a list holding the one `[N, C]` matrix (rounded to 6
+/// decimals). `vision` names the model (`CN-CLIP-{vision}`; default: the shipped pair's, else
+/// `custom`).
+pub fn predictions_json(
+    model: &Clip,
+    vision: Option<&str>,
+    dataset: &str,
+    rows: &[Vec<f32>],
+) -> serde_json::Value {
+    let predictions: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|&p| (f64::from(p) * 1e6).round() / 1e6)
+                .collect()
+        })
+        .collect();
+    let vision = match (vision, model.config().shipped_pair()) {
+        (Some(v), _) => v.to_string(),
+        (None, Some((v, _))) => v.to_string(),
+        (None, None) => "custom".to_string(),
+    };
+    let tensors = model.named_tensors();
+    let count = |visual: bool| -> usize {
+        tensors
+            .iter()
+            .filter(|(k, _)| !visual || k.starts_with("visual."))
+            .map(|(_, t)| t.numel())
+            .sum()
+    };
+    serde_json::json!({
+        "model_name": format!("CN-CLIP-{vision}"),
+        "dataset_name": dataset,
+        "num_trainable_params": 0,
+        "num_params": count(false),
+        "num_visual_params": count(true),
+        "num_backbone_params": count(false),
+        "n_shot": 0,
+        "rnd_seeds": [123],
+        "predictions": [predictions],
+    })
 }
 
 /// cn_clip's `--index` (`zeroshot_evaluation.py` `run`): a JSON list of row numbers, applied as
@@ -237,6 +355,53 @@ mod tests {
             t.prompts("Ｔ恤“新”"),
             ["ｔ恤\"新\"的照片", "一张ｔ恤\"新\""]
         );
+    }
+
+    #[test]
+    fn templates_from_a_list_need_a_slot() {
+        let t = Templates::new(["{}", "一张{}"], "list").unwrap();
+        assert_eq!(t.prompts("猫"), ["猫", "一张猫"]);
+        assert_eq!(Templates::label_only().prompts("Ｔ"), ["ｔ"]);
+        let e = Templates::new(["{}", "照片"], "request").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "request line 2: template \"照片\" has no `{}` for the label"
+        );
+        assert!(Templates::new(Vec::<String>::new(), "request").is_err());
+    }
+
+    /// The scale is the softmax's temperature: with scale `s`, two classes at cosines `a` and
+    /// `b` get `1 / (1 + exp(-s (a - b)))`.
+    #[test]
+    fn the_scale_sets_the_temperature() {
+        let classifier = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).reshape([2, 2]);
+        let image = Tensor::from_slice(&[0.6f32, 0.8]).reshape([1, 2]);
+        for scale in [1.0, 14.285_714, 100.0] {
+            let p = probabilities_with_scale(&image, &classifier, scale);
+            let got = p.double_value(&[0, 0]);
+            let expected = 1.0 / (1.0 + (-scale * (0.6 - 0.8f64)).exp());
+            // fp32 softmax of logits below 100: relative error a few ulps of 1.
+            assert!(
+                (got - expected).abs() < 1e-6,
+                "{scale}: {got} vs {expected}"
+            );
+        }
+        assert!(
+            probabilities(&image, &classifier).equal(&probabilities_with_scale(
+                &image,
+                &classifier,
+                ZERO_SHOT_SCALE
+            ))
+        );
+    }
+
+    #[test]
+    fn class_vectors_are_normalised_means() {
+        let rows = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).reshape([2, 2]);
+        let v = class_vector(&rows);
+        let half = std::f64::consts::FRAC_1_SQRT_2;
+        assert!((v.double_value(&[0]) - half).abs() < 1e-7);
+        assert!((v.double_value(&[1]) - half).abs() < 1e-7);
     }
 
     #[test]

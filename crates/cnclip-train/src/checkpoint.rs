@@ -13,10 +13,7 @@
 //! and resuming puts it back onto the run's base model ([`load_onto`]).
 
 use crate::trainer::Trainer;
-use cnclip_model::weights::{
-    self, NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
-    StateDict, WeightsError,
-};
+use cnclip_model::weights::{self, StateDict, WeightsError};
 use cnclip_model::{Clip, LoadOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -115,13 +112,9 @@ pub fn save(
             key,
         });
     }
-    let model_meta = HashMap::from([
-        (NATIVE_FORMAT_KEY.to_string(), NATIVE_FORMAT.to_string()),
-        (NATIVE_VERSION_KEY.to_string(), NATIVE_VERSION.to_string()),
-        (NATIVE_CONFIG_KEY.to_string(), model.config().to_json()),
-        (CHECKPOINT_ID_KEY.to_string(), id.clone()),
-    ]);
     if cnclip_lora::attached(model).is_empty() {
+        let mut model_meta = weights::native_metadata(&model.config().to_json());
+        model_meta.insert(CHECKPOINT_ID_KEY.to_string(), id.clone());
         weights::save_safetensors(&model_path, &model.state_dict(), model_meta)?;
     } else {
         let meta = HashMap::from([(CHECKPOINT_ID_KEY.to_string(), id.clone())]);

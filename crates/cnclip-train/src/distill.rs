@@ -12,8 +12,8 @@
 //! features). Here the teacher is a local checkpoint of any architecture this program loads, and
 //! its features are likewise its `encode_image` (the cosine ignores their scale).
 
-use crate::run::{RunConfig, RunError, SettingError};
-use cnclip_model::{Clip, ClipConfig, LoadOptions, WeightFormat};
+use cnclip_model::{Clip, ClipConfig, LoadError, LoadOptions};
+use cnclip_train_config::SettingError;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -47,8 +47,8 @@ impl std::fmt::Debug for Teacher {
     }
 }
 
-fn setting(flag: &'static str, message: String) -> RunError {
-    RunError::Setting(SettingError { flag, message })
+fn setting(flag: &'static str, message: String) -> SettingError {
+    SettingError { flag, message }
 }
 
 impl Teacher {
@@ -60,24 +60,22 @@ impl Teacher {
         Self { model }
     }
 
-    /// The teacher of `config` (`--teacher-model-name`, `--teacher-model`) on `device`, checked
-    /// against the student: it must take the student's images (same resolution).
+    /// The teacher at `path` (`--teacher-model-name`; an official `.pt` also needs its
+    /// architecture, `model`: `--teacher-model`) on `device`, checked against the student: it
+    /// must take the student's images (same resolution). Errors name the flag to change.
     pub fn load(
-        config: &RunConfig,
+        path: Option<&str>,
+        model: Option<&str>,
         student: &ClipConfig,
         device: Device,
-    ) -> Result<Self, RunError> {
+    ) -> Result<Self, SettingError> {
         let flag = "teacher-model-name";
-        let name = config
-            .teacher_model_name
-            .as_deref()
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| {
-                setting(
-                    flag,
-                    "required with --distillation: the path of a local teacher checkpoint".into(),
-                )
-            })?;
+        let name = path.filter(|n| !n.is_empty()).ok_or_else(|| {
+            setting(
+                flag,
+                "required with --distillation: the path of a local teacher checkpoint".into(),
+            )
+        })?;
         let path = Path::new(name);
         if !path.exists() {
             return Err(setting(
@@ -89,28 +87,28 @@ impl Teacher {
                 ),
             ));
         }
-        let arch = match config.teacher_model.as_deref() {
+        let arch = match model {
             Some(m) => Some(
                 ClipConfig::from_name(m)
                     .map_err(|e| setting("teacher-model", format!("{m}: {e}")))?,
             ),
             None => None,
         };
-        let format = WeightFormat::detect(path).map_err(|e| setting(flag, e.to_string()))?;
-        if format == WeightFormat::Pt && arch.is_none() {
-            return Err(setting(
+        // The architecture is used only for a file that records none (an official .pt).
+        let options = LoadOptions {
+            config: arch,
+            resize_pos_embed: false,
+        };
+        let model = Clip::load(path, &options, device).map_err(|e| match e {
+            LoadError::ConfigRequired { .. } if model.is_none() => setting(
                 "teacher-model",
                 format!(
                     "required for the official .pt teacher {name}, which does not record its \
                      architecture: pass its cn_clip model name (e.g. ViT-H-14, or VISION@TEXT)"
                 ),
-            ));
-        }
-        let options = LoadOptions {
-            config: arch,
-            resize_pos_embed: false,
-        };
-        let model = Clip::load(path, &options, device).map_err(|e| setting(flag, e.to_string()))?;
+            ),
+            e => setting(flag, e.to_string()),
+        })?;
         let (theirs, ours) = (
             model.config().vision.image_resolution,
             student.vision.image_resolution,

@@ -131,62 +131,12 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, MetricsError> {
     Ok(records)
 }
 
-/// cn_clip's training log line (`train.py:269-286`), accuracy fields only with
-/// `--report-training-batch-acc`.
-pub fn cn_clip_train_line(s: &crate::observe::StepEvent, report_accuracy: bool) -> String {
-    let accum = s.accum_freq.max(1);
-    let groups_done = s.batches_into_epoch / accum;
-    let steps_per_epoch = (s.batches_per_epoch / accum).max(1);
-    let accuracy = if report_accuracy {
-        format!(
-            "Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | ",
-            s.report.image_to_text_accuracy * 100.0,
-            s.report.text_to_image_accuracy * 100.0
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "Global Steps: {}/{} | Train Epoch: {} [{}/{} ({:.0}%)] | Loss: {:.6} | {accuracy}Data Time: {:.3}s | Batch Time: {:.3}s | LR: {:.6} | logit_scale: {:.3} | Global Batch Size: {}",
-        s.report.step,
-        s.total_steps,
-        s.epoch + 1,
-        groups_done * s.global_batch,
-        s.padded_len,
-        100.0 * groups_done as f64 / steps_per_epoch as f64,
-        s.report.loss,
-        s.data_time,
-        s.batch_time,
-        s.report.lr,
-        s.report.logit_scale,
-        s.global_batch
-    )
-}
-
-/// cn_clip's validation line (`train.py:397-404`) followed by the MUGE recall it does not compute.
-pub fn cn_clip_validation_line(e: &crate::observe::ValidationEvent) -> String {
-    let v = &e.validation;
-    format!(
-        "Validation Result (epoch {} @ {} steps) | Valid Loss: {:.6} | Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | logit_scale: {:.3} | Valid Batch Size: {} | Recall@1/5/10: {:.2}/{:.2}/{:.2} | Mean Recall: {:.2}",
-        e.epoch + 1,
-        e.step,
-        v.loss,
-        v.image_to_text_accuracy * 100.0,
-        v.text_to_image_accuracy * 100.0,
-        e.logit_scale,
-        e.last_batch_size,
-        v.score.r1,
-        v.score.r5,
-        v.score.r10,
-        v.score.mean_recall
-    )
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn report(step: u64, loss: f64) -> StepReport {
+    /// A step's report with fixed accuracies and logit scale (also for `observe`'s tests).
+    pub(crate) fn report(step: u64, loss: f64) -> StepReport {
         StepReport {
             step,
             lr: 5e-4 * step as f64,
@@ -196,28 +146,6 @@ mod tests {
             logit_scale: 4.4929,
             skipped: false,
         }
-    }
-
-    #[test]
-    fn line_matches_cn_clip_format() {
-        // cn_clip's line format (`train.py:269-286`) with 2 ranks × batch 512, step 1 of epoch 1.
-        let event = crate::observe::StepEvent {
-            report: report(1, 3.554692506790161),
-            epoch: 0,
-            batches_into_epoch: 1,
-            batches_per_epoch: 245,
-            accum_freq: 1,
-            padded_len: 250_880,
-            total_steps: 735,
-            global_batch: 1024,
-            data_time: 1.039,
-            batch_time: 3.625,
-        };
-        assert_eq!(
-            cn_clip_train_line(&event, true),
-            "Global Steps: 1/735 | Train Epoch: 1 [1024/250880 (0%)] | Loss: 3.554693 | Image2Text Acc: 25.00 | Text2Image Acc: 50.00 | Data Time: 1.039s | Batch Time: 3.625s | LR: 0.000500 | logit_scale: 4.493 | Global Batch Size: 1024"
-        );
-        assert!(!cn_clip_train_line(&event, false).contains("Acc"));
     }
 
     #[test]

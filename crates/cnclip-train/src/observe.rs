@@ -260,13 +260,13 @@ pub fn utc_now(pattern: &str) -> String {
 impl<W: Write> Observer for CnClipLog<W> {
     fn on_step(&mut self, s: &StepEvent) -> Result<Control, ObserverError> {
         if s.report.step.is_multiple_of(self.log_interval) {
-            let line = metrics::cn_clip_train_line(s, self.report_accuracy);
+            let line = cn_clip_train_line(s, self.report_accuracy);
             self.line(&line)?;
         }
         Ok(Control::Continue)
     }
     fn on_validation(&mut self, e: &ValidationEvent) -> Result<Control, ObserverError> {
-        let line = metrics::cn_clip_validation_line(e);
+        let line = cn_clip_validation_line(e);
         self.line(&line)?;
         Ok(Control::Continue)
     }
@@ -389,7 +389,7 @@ impl Observer for ProgressBars {
             s.report.lr
         ));
         if s.report.step.is_multiple_of(self.log_interval) {
-            self.println(&metrics::cn_clip_train_line(s, self.report_accuracy));
+            self.println(&cn_clip_train_line(s, self.report_accuracy));
         }
         Ok(Control::Continue)
     }
@@ -415,7 +415,7 @@ impl Observer for ProgressBars {
             bar.finish_and_clear();
             self.multi.remove(&bar);
         }
-        self.println(&metrics::cn_clip_validation_line(e));
+        self.println(&cn_clip_validation_line(e));
         Ok(Control::Continue)
     }
     fn on_checkpoint(&mut self, e: &CheckpointEvent) -> Result<(), ObserverError> {
@@ -447,9 +447,83 @@ impl Observer for StopAfter {
     }
 }
 
+/// cn_clip's training log line (`train.py:269-286`), accuracy fields only with
+/// `--report-training-batch-acc`.
+pub fn cn_clip_train_line(s: &StepEvent, report_accuracy: bool) -> String {
+    let accum = s.accum_freq.max(1);
+    let groups_done = s.batches_into_epoch / accum;
+    let steps_per_epoch = (s.batches_per_epoch / accum).max(1);
+    let accuracy = if report_accuracy {
+        format!(
+            "Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | ",
+            s.report.image_to_text_accuracy * 100.0,
+            s.report.text_to_image_accuracy * 100.0
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "Global Steps: {}/{} | Train Epoch: {} [{}/{} ({:.0}%)] | Loss: {:.6} | {accuracy}Data Time: {:.3}s | Batch Time: {:.3}s | LR: {:.6} | logit_scale: {:.3} | Global Batch Size: {}",
+        s.report.step,
+        s.total_steps,
+        s.epoch + 1,
+        groups_done * s.global_batch,
+        s.padded_len,
+        100.0 * groups_done as f64 / steps_per_epoch as f64,
+        s.report.loss,
+        s.data_time,
+        s.batch_time,
+        s.report.lr,
+        s.report.logit_scale,
+        s.global_batch
+    )
+}
+
+/// cn_clip's validation line (`train.py:397-404`) followed by the MUGE recall it does not compute.
+pub fn cn_clip_validation_line(e: &ValidationEvent) -> String {
+    let v = &e.validation;
+    format!(
+        "Validation Result (epoch {} @ {} steps) | Valid Loss: {:.6} | Image2Text Acc: {:.2} | Text2Image Acc: {:.2} | logit_scale: {:.3} | Valid Batch Size: {} | Recall@1/5/10: {:.2}/{:.2}/{:.2} | Mean Recall: {:.2}",
+        e.epoch + 1,
+        e.step,
+        v.loss,
+        v.image_to_text_accuracy * 100.0,
+        v.text_to_image_accuracy * 100.0,
+        e.logit_scale,
+        e.last_batch_size,
+        v.score.r1,
+        v.score.r5,
+        v.score.r10,
+        v.score.mean_recall
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::tests::report;
+
+    #[test]
+    fn line_matches_cn_clip_format() {
+        // cn_clip's line format (`train.py:269-286`) with 2 ranks × batch 512, step 1 of epoch 1.
+        let event = StepEvent {
+            report: report(1, 3.554692506790161),
+            epoch: 0,
+            batches_into_epoch: 1,
+            batches_per_epoch: 245,
+            accum_freq: 1,
+            padded_len: 250_880,
+            total_steps: 735,
+            global_batch: 1024,
+            data_time: 1.039,
+            batch_time: 3.625,
+        };
+        assert_eq!(
+            cn_clip_train_line(&event, true),
+            "Global Steps: 1/735 | Train Epoch: 1 [1024/250880 (0%)] | Loss: 3.554693 | Image2Text Acc: 25.00 | Text2Image Acc: 50.00 | Data Time: 1.039s | Batch Time: 3.625s | LR: 0.000500 | logit_scale: 4.493 | Global Batch Size: 1024"
+        );
+        assert!(!cn_clip_train_line(&event, false).contains("Acc"));
+    }
 
     #[test]
     fn utc_format_has_cn_clip_shape() {

@@ -18,7 +18,7 @@ use crate::observe::{
 };
 use crate::optim::AdamWConfig;
 use crate::schedule::{CosineSchedule, run_length};
-use crate::trainer::{TrainError, TrainPrecision, Trainer, TrainerConfig};
+use crate::trainer::{TrainError, Trainer, TrainerConfig};
 use cnclip_model::Clip;
 use cnclip_model::preprocess::Preprocessor;
 use muge_data::augment::TrainTransform;
@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use cnclip_train_config::{LoraSettings, Precision, RunConfig, SettingError};
+pub use cnclip_train_config::{LoraSettings, RunConfig, SettingError, TrainPrecision};
 
 /// Which checkpoint a run continues, and what it takes from it besides the weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,7 +213,12 @@ pub fn run(
 ) -> Result<RunSummary, RunError> {
     config.check()?;
     let teacher = if config.distillation {
-        Some(Teacher::load(config, model.config(), model.device())?)
+        Some(Teacher::load(
+            config.teacher_model_name.as_deref(),
+            config.teacher_model.as_deref(),
+            model.config(),
+            model.device(),
+        )?)
     } else {
         None
     };
@@ -362,12 +367,7 @@ pub fn trainer_config(
                 .wrapping_add(rank.wrapping_mul(0x0100_0000_01B3)),
         ),
         grad_checkpointing: config.grad_checkpointing,
-        precision: match config.precision {
-            Precision::Amp => TrainPrecision::Amp,
-            Precision::Bf16 => TrainPrecision::Bf16,
-            Precision::Fp32 => TrainPrecision::Fp32,
-            Precision::Fp16 => TrainPrecision::Fp16,
-        },
+        precision: config.precision,
         mask_ratio: config.mask_ratio,
     })
 }
@@ -534,24 +534,26 @@ fn train_with<T: ImageTransform + 'static>(
         None => None,
     };
     let mut last_validation = None;
-    // Validation on rank 0 (the others wait for it in their next collective).
+    // Validation on every rank: each encodes its share of the images and texts, the features are
+    // gathered, the recall computed on rank 0 and shared (`validate::validate_in`).
     let mut validate_now = |trainer: &Trainer,
                             position: &RunPosition,
                             observer: &mut dyn Observer|
      -> Result<Control, RunError> {
-        let (Some((split, transform)), true) = (&validation, main) else {
+        let Some((split, transform)) = &validation else {
             return Ok(Control::Continue);
         };
         let batches = split.num_samples().div_ceil(config.valid_batch_size as u64);
         observer.on_validation_start(batches)?;
         let mut failed = None;
-        let (v, last_batch_size) = crate::validate::validate_with_progress(
+        let (v, _, last_batch_size) = crate::validate::validate_in(
             trainer.model(),
-            split.clone(),
-            transform.clone(),
-            text.clone(),
+            split,
+            &**transform,
+            &text,
             config.valid_batch_size,
             config.valid_num_workers,
+            ddp.map(|d| d.group()),
             &mut |done, _| {
                 if let (Err(e), None) = (observer.on_validation_batch(done), &failed) {
                     failed = Some(e);

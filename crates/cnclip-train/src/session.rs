@@ -93,12 +93,9 @@ impl Session {
     pub fn prepare_in(config: RunConfig, dist: Option<&DistEnv>) -> Result<Self, RunError> {
         config.check()?;
         let mut notes = Vec::new();
-        let mut device =
+        let device =
             torch_ext::parse_device(&config.device).map_err(|e| setup(format!("--device: {e}")))?;
-        if let (Some(env), tch::Device::Cuda(_)) = (dist, device) {
-            // One GPU per local rank, as torchrun's convention.
-            device = tch::Device::Cuda(env.local_rank);
-        }
+        let device = DistEnv::rank_device(dist, device);
         let clip_config = ClipConfig::from_tower_args(&config.vision_model, &config.text_model)
             .map_err(|e| setup(format!("--vision-model/--text-model: {e}")))?;
         config.check_world(
@@ -195,21 +192,18 @@ impl Session {
                 ));
             }
             (Some(path), _) => {
-                let options = match WeightFormat::detect(path).map_err(setup)? {
-                    WeightFormat::Pt => {
-                        if !(config.reset_data_offset && config.reset_optimizer) {
-                            notes.push(format!(
-                                "{}: only the weights of a .pt are used (its epoch, step and \
-                                 optimizer are not restored)",
-                                path.display()
-                            ));
-                        }
-                        LoadOptions {
-                            config: Some(clip_config.clone()),
-                            resize_pos_embed: true,
-                        }
-                    }
-                    _ => LoadOptions::default(),
+                let pt = WeightFormat::detect(path).map_err(setup)? == WeightFormat::Pt;
+                if pt && !(config.reset_data_offset && config.reset_optimizer) {
+                    notes.push(format!(
+                        "{}: only the weights of a .pt are used (its epoch, step and optimizer \
+                         are not restored)",
+                        path.display()
+                    ));
+                }
+                // The flags' config applies to a .pt; the other formats carry their own.
+                let options = LoadOptions {
+                    config: Some(clip_config.clone()),
+                    resize_pos_embed: true,
                 };
                 Clip::load(path, &options, device).map_err(setup)?
             }
@@ -217,7 +211,12 @@ impl Session {
         };
         pretrained_init(&config, resume.as_ref(), &mut model, &mut notes)?;
         let teacher = if config.distillation {
-            let teacher = Teacher::load(&config, &clip_config, device)?;
+            let teacher = Teacher::load(
+                config.teacher_model_name.as_deref(),
+                config.teacher_model.as_deref(),
+                &clip_config,
+                device,
+            )?;
             let vision = &teacher.model().config().vision;
             notes.push(format!(
                 "distillation: teacher {} ({}-wide image features, student {}), kd_loss_weight {}",

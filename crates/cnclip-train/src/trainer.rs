@@ -45,27 +45,7 @@ pub struct TrainerConfig {
     pub mask_ratio: f64,
 }
 
-/// cn_clip's `--precision` choices that keep fp32 master weights, plus bf16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TrainPrecision {
-    /// Plain fp32 (`--precision fp32`).
-    #[default]
-    Fp32,
-    /// `--precision amp`: fp16 autocast (CUDA) with a [`GradScaler`]; steps whose gradients
-    /// overflow are skipped, as torch's scaler does. On a CPU only the scaler acts.
-    Amp,
-    /// bf16 autocast on the model's device (GPU, or a CPU with bf16 kernels); bf16 keeps fp32's
-    /// range, so no scaler. Not in cn_clip; its `--precision bf16` does not exist.
-    Bf16,
-    /// cn_clip's `--precision fp16` (pure fp16, `main.py:106-107,140-141`): the trainer converts the
-    /// model with `convert_weights`' choice of tensors ([`cnclip_model::Precision::Fp16`]: every
-    /// linear/conv/attention projection, all of BERT and both projections to fp16; the vision
-    /// LayerNorms, class and positional embeddings and `logit_scale` stay fp32). No autocast, no
-    /// scaler, and no fp32 master copy: cn_clip never calls `convert_models_to_fp32` in this mode,
-    /// so its AdamW steps the fp16 parameters with fp16 moments (and fp16 gradients), as here. The
-    /// loss is taken in fp16 too (`nn.CrossEntropyLoss` on fp16 logits).
-    Fp16,
-}
+pub use cnclip_train_config::TrainPrecision;
 
 /// What one optimizer step did, as cn_clip logs it.
 #[derive(Debug, Clone, Copy, PartialEq)]

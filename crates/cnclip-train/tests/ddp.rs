@@ -16,7 +16,7 @@ use cnclip_train::distill::{Teacher, cosine_similarity_loss};
 use cnclip_train::freeze::Freeze;
 use cnclip_train::loss::{LocalOnly, contrastive_loss};
 use cnclip_train::optim::{AdamW, AdamWConfig, clamp_logit_scale};
-use cnclip_train::run::{Precision, RunConfig, train_distributed};
+use cnclip_train::run::{RunConfig, train_distributed};
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
 use std::collections::BTreeMap;
@@ -318,7 +318,7 @@ fn run_config(train_data: PathBuf, logs: PathBuf, max_steps: u64) -> RunConfig {
         logs,
         name: "ddp".into(),
         save_step_frequency: 2,
-        precision: Precision::Fp32,
+        precision: TrainPrecision::Fp32,
         dropout_seed: Some(5),
         ..RunConfig::default()
     }

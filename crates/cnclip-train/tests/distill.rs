@@ -17,7 +17,7 @@ use cnclip_train::observe::Observers;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
-use cnclip_train::{RunConfig, Session, config::Precision};
+use cnclip_train::{RunConfig, Session};
 use common::{F32_UNIT_ROUNDOFF, repo, temp, tiny_model};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -221,7 +221,7 @@ fn run_config(tag: &str, configs: &str) -> RunConfig {
         context_length: 24,
         vision_model: fx.join("tiny-vit.json").display().to_string(),
         text_model: fx.join("tiny-bert.json").display().to_string(),
-        precision: Precision::Fp32,
+        precision: TrainPrecision::Fp32,
         device: "cpu".into(),
         ..RunConfig::default()
     }

@@ -9,7 +9,7 @@ use cnclip_lora::LoraConfig;
 use cnclip_model::Clip;
 use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
-use cnclip_train::run::{Precision, RunConfig, train};
+use cnclip_train::run::{RunConfig, train};
 use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
 use common::{lmdb, temp, tiny_model};
@@ -138,7 +138,7 @@ fn run_config(train_data: PathBuf, logs: PathBuf, max_steps: u64) -> RunConfig {
         logs,
         name: "lora".into(),
         save_step_frequency: 2,
-        precision: Precision::Fp32,
+        precision: TrainPrecision::Fp32,
         dropout_seed: Some(7),
         ..RunConfig::default()
     }

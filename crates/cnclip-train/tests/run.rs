@@ -11,7 +11,7 @@ static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 mod common;
 
 use cnclip_model::{Clip, LoadOptions};
-use cnclip_train::run::{Precision, RunConfig, train};
+use cnclip_train::run::{RunConfig, TrainPrecision, train};
 use common::{lmdb, repo, temp, tiny_model};
 use std::path::PathBuf;
 use tch::Device;
@@ -35,7 +35,7 @@ fn config(train_data: PathBuf, logs: PathBuf) -> RunConfig {
         logs,
         name: "loop".into(),
         save_step_frequency: 2,
-        precision: Precision::Fp32,
+        precision: TrainPrecision::Fp32,
         ..RunConfig::default()
     }
 }
@@ -247,7 +247,7 @@ fn fp16_flip_run_checkpoints_validates_and_resumes_exactly() {
     let data = lmdb("fp16-flip");
     let logs = temp("logs-fp16-flip");
     let cfg = |logs: PathBuf| RunConfig {
-        precision: Precision::Fp16,
+        precision: TrainPrecision::Fp16,
         mask_ratio: 0.5,
         // Above fp16's smallest normal number, so Adam's steps are not rounding noise (see
         // tests/fixtures/make_fp16_loop_fixtures.py).
@@ -344,7 +344,7 @@ fn validation_recall_is_evaluate_on_the_same_features() {
         &images,
         &retrieval::SearchOptions {
             k: 10,
-            precision: retrieval::Precision::Fp32,
+            precision: retrieval::ScanPrecision::Fp32,
             ..retrieval::SearchOptions::default()
         },
     )

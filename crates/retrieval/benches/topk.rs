@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use retrieval::{FeatureView, Precision, SearchOptions, search};
+use retrieval::{FeatureView, ScanPrecision, SearchOptions, search};
 
 /// splitmix64 → uniform in [-1, 1); rows normalised. Deterministic.
 fn unit_rows(seed: u64, n: usize, d: usize) -> Vec<f32> {
@@ -49,7 +49,7 @@ fn run_group(c: &mut Criterion, name: &str, nq: usize, ng: usize, dims: &[usize]
             return;
         };
         group.throughput(Throughput::Elements((nq * ng * d * 2) as u64));
-        for precision in [Precision::Int8, Precision::Fp32] {
+        for precision in [ScanPrecision::Int8, ScanPrecision::Fp32] {
             let opts = SearchOptions {
                 precision,
                 ..SearchOptions::default()

@@ -25,7 +25,7 @@ pub mod store;
 pub use error::{Result, RetrievalError};
 pub use index::ResidentIndex;
 pub use predict::{Direction, write_predictions};
-pub use search::{Hit, Precision, SearchOptions, brute_force, exact_score, search};
+pub use search::{Hit, ScanPrecision, SearchOptions, brute_force, exact_score, search};
 pub use store::{
     FeatureKind, FeatureSource, FeatureView, Features, JsonlReader, NativeFeatures, load_features,
     read_jsonl, write_jsonl, write_native,

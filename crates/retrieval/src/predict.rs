@@ -9,15 +9,9 @@ use std::path::Path;
 use crate::error::{Result, RetrievalError, io_err};
 use crate::search::Hit;
 use crate::store::FeatureView;
-
-/// Which script's output to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Texts query images: `{"text_id": …, "image_ids": […]}`.
-    TextToImage,
-    /// Images query texts: `{"image_id": …, "text_ids": […]}`.
-    ImageToText,
-}
+/// Which script's output to write: text→image (`make_topk_predictions.py`) or image→text
+/// (`make_topk_predictions_tr.py`); `eval`'s type, whose keys the predictions carry.
+pub use eval::Direction;
 
 /// Writes one line per query; `hits[i]` belongs to `queries.ids()[i]` and indexes `gallery`.
 pub fn write_predictions(
@@ -35,10 +29,7 @@ pub fn write_predictions(
             queries.len()
         )));
     }
-    let (qkey, gkey) = match direction {
-        Direction::TextToImage => ("text_id", "image_ids"),
-        Direction::ImageToText => ("image_id", "text_ids"),
-    };
+    let (qkey, gkey) = (direction.query_key(), direction.items_key());
     let file = File::create(path).map_err(|e| io_err(path, e))?;
     let mut w = BufWriter::new(file);
     let gids = gallery.ids();

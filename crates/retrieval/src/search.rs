@@ -15,8 +15,8 @@
 //!
 //! # How it is computed fast
 //!
-//! A scan computes an approximate score `s̃` for every pair — an fp32 GEMM ([`Precision::Fp32`]) or
-//! an int8 GEMM of per-row symmetric quantised features ([`Precision::Int8`]) — together with a
+//! A scan computes an approximate score `s̃` for every pair — an fp32 GEMM ([`ScanPrecision::Fp32`]) or
+//! an int8 GEMM of per-row symmetric quantised features ([`ScanPrecision::Int8`]) — together with a
 //! rigorous per-query bound `|s̃ − s| ≤ ε` against the canonical score `s`:
 //!
 //! * fp32 GEMM: `ε = (d+2)·u·‖q‖·max‖g‖` (the classical bound `γ_d Σ|q_i g_i|`, any summation
@@ -48,7 +48,7 @@ use crate::store::FeatureView;
 
 /// How the scan computes approximate scores (the result is the same for both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
+pub enum ScanPrecision {
     /// fp32 GEMM (MKL on the CPU, cuBLAS without TF32 on CUDA).
     Fp32,
     /// int8 GEMM of quantised features (libtorch `_int_mm`: oneDNN VNNI on the CPU), then exact
@@ -66,7 +66,7 @@ pub struct SearchOptions {
     /// Gallery rows per block (the gallery is read once, one block at a time).
     pub gallery_block: usize,
     /// Scan precision.
-    pub precision: Precision,
+    pub precision: ScanPrecision,
     /// Where the GEMMs run.
     pub device: Device,
 }
@@ -77,7 +77,7 @@ impl Default for SearchOptions {
             k: 10,
             query_block: 1024,
             gallery_block: 8192,
-            precision: Precision::Int8,
+            precision: ScanPrecision::Int8,
             device: Device::Cpu,
         }
     }
@@ -592,7 +592,7 @@ pub fn search(
     }
     let qnorm: Vec<f64> = (0..nq).map(|i| up(norm(queries.row(i)))).collect();
     let cuda = opts.device != Device::Cpu;
-    let int8 = opts.precision == Precision::Int8 && !cuda;
+    let int8 = opts.precision == ScanPrecision::Int8 && !cuda;
     let _guard = tch::no_grad_guard();
 
     let quant_q = if int8 { Some(quantise(queries)) } else { None };

@@ -15,6 +15,9 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, RetrievalError, io_err};
+use cnclip_model::weights::{NativeWriter, SafetensorsReader, TensorEntry, WeightsError};
+use safetensors::Dtype;
+use std::collections::HashMap;
 
 /// Which side of the retrieval a feature set holds; decides the jsonl id key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,7 +403,9 @@ pub fn format_py_float(x: f64) -> String {
 const NATIVE_IDS: &str = "ids";
 const NATIVE_FEATURES: &str = "features";
 
-/// Writes the native feature file, L2-normalising every row on the way (streaming, row by row).
+/// Writes the native feature file, L2-normalising every row on the way (streamed in blocks of
+/// rows through `cnclip_model::weights::NativeWriter`: written beside `path` and renamed over it
+/// when complete, so a crash, a full disk or a bad row leaves the previous file, or none).
 pub fn write_native(
     path: impl AsRef<Path>,
     view: &FeatureView<'_>,
@@ -409,83 +414,84 @@ pub fn write_native(
 ) -> Result<()> {
     let path = path.as_ref();
     let (n, d) = (view.len(), view.dim());
-    let mut meta = serde_json::Map::new();
-    meta.insert("kind".into(), kind.as_str().into());
-    meta.insert("dim".into(), d.to_string().into());
+    let mut meta = HashMap::from([
+        ("kind".to_string(), kind.as_str().to_string()),
+        ("dim".to_string(), d.to_string()),
+    ]);
     if let Some(m) = model {
-        meta.insert("model".into(), m.into());
+        meta.insert("model".to_string(), m.to_string());
     }
-    let ids_bytes = n * 8;
-    let header = serde_json::json!({
-        "__metadata__": meta,
-        NATIVE_IDS: {"dtype": "I64", "shape": [n], "data_offsets": [0, ids_bytes]},
-        NATIVE_FEATURES: {"dtype": "F32", "shape": [n, d], "data_offsets": [ids_bytes, ids_bytes + n * d * 4]},
-    });
-    let mut header = header.to_string().into_bytes();
-    while !header.len().is_multiple_of(8) {
-        header.push(b' ');
-    }
-    // Written beside `path` and renamed over it when complete: a crash or a full disk leaves the
-    // previous file (or none), never a truncated one under the final name.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let name = name.ok_or_else(|| io_err(path, std::io::ErrorKind::InvalidInput.into()))?;
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = write_native_body(&tmp, path, &header, view);
-    let renamed = written.and_then(|()| std::fs::rename(&tmp, path).map_err(|e| io_err(path, e)));
-    if renamed.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    renamed
-}
-
-/// Writes the file at `path`; `shown` is the name the caller knows it by (for row errors).
-fn write_native_body(
-    path: &Path,
-    shown: &Path,
-    header: &[u8],
-    view: &FeatureView<'_>,
-) -> Result<()> {
-    let (n, d) = (view.len(), view.dim());
-    let file = File::create(path).map_err(|e| io_err(path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let io = |e| io_err(path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(header).map_err(io)?;
-    for id in view.ids() {
-        w.write_all(&id.to_le_bytes()).map_err(io)?;
-    }
+    let layout = vec![
+        (NATIVE_IDS.to_string(), Dtype::I64, vec![n]),
+        (NATIVE_FEATURES.to_string(), Dtype::F32, vec![n, d]),
+    ];
+    let weights = |e| weights_err(path, e);
+    let writer = NativeWriter::create(path, meta, layout).map_err(weights)?;
+    let (ids, features) = (
+        writer.index_of(NATIVE_IDS),
+        writer.index_of(NATIVE_FEATURES),
+    );
+    let (Some(ids), Some(features)) = (ids, features) else {
+        return Err(RetrievalError::Native {
+            path: path.to_path_buf(),
+            message: "the writer lost a tensor".into(),
+        });
+    };
+    let id_bytes: Vec<u8> = view.ids().iter().flat_map(|id| id.to_le_bytes()).collect();
+    writer.write(ids, 0, &id_bytes).map_err(weights)?;
+    // About 1 MiB of rows per write.
+    let rows_per_block = ((1 << 18) / d.max(1)).max(1);
+    let mut block: Vec<f32> = Vec::with_capacity(rows_per_block * d);
     let mut row = vec![0f32; d];
+    let mut offset = 0usize;
     for i in 0..n {
         row.copy_from_slice(view.row(i));
         let id = view.ids()[i];
         if let Some(position) = row.iter().position(|v| !v.is_finite()) {
             return Err(RetrievalError::NonFinite {
-                what: shown.display().to_string(),
+                what: path.display().to_string(),
                 id,
                 position,
             });
         }
         normalize_row(&mut row).ok_or_else(|| RetrievalError::ZeroNorm {
-            what: shown.display().to_string(),
+            what: path.display().to_string(),
             id,
         })?;
-        w.write_all(bytemuck::cast_slice(&row)).map_err(io)?;
+        block.extend_from_slice(&row);
+        if block.len() >= rows_per_block * d || i + 1 == n {
+            let bytes: &[u8] = bytemuck::cast_slice(&block);
+            writer.write(features, offset, bytes).map_err(weights)?;
+            offset += bytes.len();
+            block.clear();
+        }
     }
-    w.flush().map_err(io)?;
-    let file = w.into_inner().map_err(|e| io_err(path, e.into_error()))?;
-    file.sync_all().map_err(io)
+    writer.finish().map_err(weights)
+}
+
+/// A weight-file error on a feature file: I/O stays I/O, the rest names the file's layout.
+fn weights_err(path: &Path, e: WeightsError) -> RetrievalError {
+    match e {
+        WeightsError::Io { source, .. } => io_err(path, source),
+        e => RetrievalError::Native {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        },
+    }
 }
 
 enum Values {
-    Mapped(std::ops::Range<usize>),
+    /// The `features` tensor of the file, read in place.
+    Mapped(TensorEntry),
     Owned(Vec<f32>),
 }
 
-/// A native feature file, memory-mapped: values are read from the page cache on demand.
+/// A native feature file, memory-mapped (`cnclip_model::weights::SafetensorsReader`): values are
+/// read from the page cache on demand. The file must not be truncated or rewritten while open.
 pub struct NativeFeatures {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    /// Boxed: the header's tables are large next to an in-memory store.
+    file: Box<SafetensorsReader>,
     kind: FeatureKind,
     dim: usize,
     model: Option<String>,
@@ -513,29 +519,25 @@ impl NativeFeatures {
             path: path.to_path_buf(),
             message,
         };
-        let file = File::open(path).map_err(|e| io_err(path, e))?;
-        // SAFETY: the map is read-only; the file must not be truncated or rewritten while it is
-        // open (the usual contract of memory-mapped inputs, documented on this type's users).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
-        let (header_len, meta) =
-            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("{e:?}")))?;
-        let base = 8 + header_len;
-        let user = meta.metadata().clone().unwrap_or_default();
+        let file = Box::new(SafetensorsReader::open(path).map_err(|e| weights_err(path, e))?);
+        let user = file.metadata().clone();
         let kind = user
             .get("kind")
             .and_then(|k| FeatureKind::parse(k))
             .ok_or_else(|| bad("metadata \"kind\" must be \"image\" or \"text\"".into()))?;
         let model = user.get("model").cloned();
-        let ids_info = meta
-            .info(NATIVE_IDS)
-            .ok_or_else(|| bad("no \"ids\" tensor".into()))?;
-        let feat_info = meta
-            .info(NATIVE_FEATURES)
-            .ok_or_else(|| bad("no \"features\" tensor".into()))?;
-        if ids_info.dtype != safetensors::Dtype::I64 || ids_info.shape.len() != 1 {
+        let ids_info = file
+            .entry(NATIVE_IDS)
+            .ok_or_else(|| bad("no \"ids\" tensor".into()))?
+            .clone();
+        let feat_info = file
+            .entry(NATIVE_FEATURES)
+            .ok_or_else(|| bad("no \"features\" tensor".into()))?
+            .clone();
+        if ids_info.dtype != Dtype::I64 || ids_info.shape.len() != 1 {
             return Err(bad("\"ids\" must be I64 [n]".into()));
         }
-        if feat_info.dtype != safetensors::Dtype::F32 || feat_info.shape.len() != 2 {
+        if feat_info.dtype != Dtype::F32 || feat_info.shape.len() != 2 {
             return Err(bad("\"features\" must be F32 [n, d]".into()));
         }
         let (n, dim) = (feat_info.shape[0], feat_info.shape[1]);
@@ -555,8 +557,8 @@ impl NativeFeatures {
                 "metadata dim {d} but features have {dim} columns"
             )));
         }
-        let (s, e) = ids_info.data_offsets;
-        let ids: Vec<i64> = mmap[base + s..base + e]
+        let ids: Vec<i64> = file
+            .bytes(&ids_info)
             .chunks_exact(8)
             .map(|c| {
                 let mut b = [0u8; 8];
@@ -564,14 +566,12 @@ impl NativeFeatures {
                 i64::from_le_bytes(b)
             })
             .collect();
-        let (s, e) = feat_info.data_offsets;
-        let range = base + s..base + e;
-        let values = if bytemuck::try_cast_slice::<u8, f32>(&mmap[range.clone()]).is_ok() {
-            Values::Mapped(range)
+        let values = if bytemuck::try_cast_slice::<u8, f32>(file.bytes(&feat_info)).is_ok() {
+            Values::Mapped(feat_info)
         } else {
             // Unaligned data (a foreign writer): copy once.
             Values::Owned(
-                mmap[range]
+                file.bytes(&feat_info)
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
@@ -579,7 +579,7 @@ impl NativeFeatures {
         };
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            file,
             kind,
             dim,
             model,
@@ -591,7 +591,7 @@ impl NativeFeatures {
     /// The borrowed matrix (pages are read as they are touched).
     pub fn view(&self) -> FeatureView<'_> {
         let data: &[f32] = match &self.values {
-            Values::Mapped(r) => bytemuck::try_cast_slice(&self.mmap[r.clone()]).unwrap_or(&[]),
+            Values::Mapped(e) => bytemuck::try_cast_slice(self.file.bytes(e)).unwrap_or(&[]),
             Values::Owned(v) => v,
         };
         FeatureView {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use retrieval::{
-    Direction, FeatureKind, FeatureSource, Precision, SearchOptions, load_features, read_jsonl,
+    Direction, FeatureKind, FeatureSource, ScanPrecision, SearchOptions, load_features, read_jsonl,
     search, write_native, write_predictions,
 };
 
@@ -26,7 +26,7 @@ fn predict(
     texts: &FeatureSource,
     dir: Direction,
     k: usize,
-    precision: Precision,
+    precision: ScanPrecision,
     out: &Path,
 ) {
     let (iv, tv) = (imgs.view(), texts.view());
@@ -66,7 +66,7 @@ fn predictions_match_cn_clip_byte_for_byte() {
                 (Direction::ImageToText, "i2t"),
             ] {
                 for k in [10, 100] {
-                    for precision in [Precision::Fp32, Precision::Int8] {
+                    for precision in [ScanPrecision::Fp32, ScanPrecision::Int8] {
                         let out = tmp(&format!("{set}_{tag}_{k}.jsonl"));
                         predict(&imgs, &texts, dir, k, precision, &out);
                         let want =

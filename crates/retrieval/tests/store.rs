@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use retrieval::store::format_py_float;
 use retrieval::{
-    FeatureKind, Features, NativeFeatures, Precision, RetrievalError, SearchOptions, load_features,
-    read_jsonl, search, write_jsonl, write_native,
+    FeatureKind, Features, NativeFeatures, RetrievalError, ScanPrecision, SearchOptions,
+    load_features, read_jsonl, search, write_jsonl, write_native,
 };
 
 fn tmp(name: &str) -> PathBuf {
@@ -90,7 +90,7 @@ fn native_file_round_trip_normalises_and_streams_like_memory() {
     }
     // streamed (mmapped, small gallery blocks) == in memory (one block)
     let queries = normed.view().rows(0, 40);
-    for precision in [Precision::Int8, Precision::Fp32] {
+    for precision in [ScanPrecision::Int8, ScanPrecision::Fp32] {
         let streamed = search(
             &queries,
             &v,

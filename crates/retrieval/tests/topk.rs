@@ -3,7 +3,8 @@
 //! every precision and block shape, and the parameter errors.
 
 use retrieval::{
-    FeatureView, Hit, Precision, RetrievalError, SearchOptions, brute_force, exact_score, search,
+    FeatureView, Hit, RetrievalError, ScanPrecision, SearchOptions, brute_force, exact_score,
+    search,
 };
 use tch::Device;
 
@@ -102,7 +103,7 @@ fn random_cases_match_brute_force_in_every_precision() {
         let gv = FeatureView::new(&gi, &g, d).unwrap();
         let want = brute_force(&qv, &gv, k).unwrap();
         assert_eq!(want[0].len(), k.min(ng));
-        for precision in [Precision::Fp32, Precision::Int8] {
+        for precision in [ScanPrecision::Fp32, ScanPrecision::Int8] {
             for (qb, gb) in [(1024, 8192), (3, 17), (1, 1)] {
                 let opts = SearchOptions {
                     k,
@@ -134,7 +135,7 @@ fn exact_ties_keep_gallery_order_and_k_beyond_gallery_returns_all() {
     let (qi, gi) = (ids(2), ids(6));
     let qv = FeatureView::new(&qi, &q, d).unwrap();
     let gv = FeatureView::new(&gi, &g, d).unwrap();
-    for precision in [Precision::Fp32, Precision::Int8] {
+    for precision in [ScanPrecision::Fp32, ScanPrecision::Int8] {
         let opts = SearchOptions {
             k: 50,
             precision,
@@ -164,7 +165,7 @@ fn non_unit_features_are_ranked_by_raw_dot_product() {
     let qv = FeatureView::new(&qi, &q, d).unwrap();
     let gv = FeatureView::new(&gi, &g, d).unwrap();
     let want = brute_force(&qv, &gv, 7).unwrap();
-    for precision in [Precision::Fp32, Precision::Int8] {
+    for precision in [ScanPrecision::Fp32, ScanPrecision::Int8] {
         let opts = SearchOptions {
             k: 7,
             precision,
@@ -256,7 +257,7 @@ fn cuda_search_matches_brute_force() {
                 k,
                 query_block: qb,
                 gallery_block: gb,
-                precision: Precision::Fp32,
+                precision: ScanPrecision::Fp32,
                 device: Device::Cuda(0),
             };
             let got = search(&qv, &gv, &opts).unwrap();

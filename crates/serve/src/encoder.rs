@@ -106,6 +106,11 @@ impl Encoder {
         self.clip.config().vision.embed_dim as usize
     }
 
+    /// The model (for `cnclip-extract`'s pipeline).
+    pub fn clip(&self) -> &Clip {
+        &self.clip
+    }
+
     pub fn preprocessor(&self) -> &Preprocessor {
         &self.preprocessor
     }

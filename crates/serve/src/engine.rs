@@ -23,7 +23,8 @@ use tokio::sync::oneshot;
 use crate::encoder::Encoder;
 use crate::error::{ApiError, ServeError};
 use crate::scored::Scored;
-use crate::zeroshot::Templates;
+use crate::zeroshot::TemplateChoice;
+use cnclip_model::zeroshot;
 use retrieval::ResidentIndex;
 
 /// Knobs of the model thread.
@@ -64,7 +65,7 @@ enum Job {
     Classify {
         pixels: Tensor,
         labels: Vec<String>,
-        templates: Templates,
+        templates: TemplateChoice,
         reply: Reply<Vec<f32>>,
     },
 }
@@ -150,7 +151,7 @@ impl EngineHandle {
         &self,
         pixels: Tensor,
         labels: Vec<String>,
-        templates: Templates,
+        templates: TemplateChoice,
     ) -> Result<Vec<f32>, ApiError> {
         self.call(|reply| Job::Classify {
             pixels,
@@ -187,7 +188,7 @@ struct Worker {
     stats: Arc<EngineStats>,
     logit_scale: f64,
     /// (template set, label) → averaged, normalised class embedding.
-    label_cache: HashMap<(String, String), Vec<f32>>,
+    label_cache: HashMap<(String, String), Tensor>,
 }
 
 /// Class embeddings kept between requests (a label set is usually asked for again and again).
@@ -357,64 +358,54 @@ impl Worker {
             .collect())
     }
 
-    /// `softmax(exp(logit_scale) · cos(image, class))` over the labels, each class embedding the
-    /// normalised mean of its normalised template embeddings (cn_clip's `zero_shot_classifier`).
+    /// `softmax(exp(logit_scale) · cos(image, class))` over the labels: the model crate's
+    /// zero-shot classifier with the model's own temperature (see the `zeroshot` module).
     fn classify(
         &mut self,
         pixels: &Tensor,
         labels: &[String],
-        templates: &Templates,
+        templates: &TemplateChoice,
     ) -> Result<Vec<f32>, ServeError> {
-        let image = self.encoder.image_features(pixels)?;
-        let mut logits = Vec::with_capacity(labels.len());
+        let image = Tensor::f_from_slice(&self.encoder.image_features(pixels)?)?.f_view([1, -1])?;
+        let mut classes = Vec::with_capacity(labels.len());
         for label in labels {
-            let class = self.class_embedding(label, templates)?;
-            let cos: f64 = image
-                .iter()
-                .zip(&class)
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum();
-            logits.push(self.logit_scale * cos);
+            classes.push(self.class_vector(label, templates)?);
         }
-        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let exps: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-        let total: f64 = exps.iter().sum();
-        Ok(exps.iter().map(|e| (e / total) as f32).collect())
+        let classifier = Tensor::f_stack(&classes, 1)?;
+        let probabilities =
+            zeroshot::probabilities_with_scale(&image, &classifier, self.logit_scale);
+        Ok(Vec::<f32>::try_from(probabilities.f_flatten(0, -1)?)?)
     }
 
-    fn class_embedding(
+    /// The `[E]` class vector of `label` (cached per template choice and label).
+    fn class_vector(
         &mut self,
         label: &str,
-        templates: &Templates,
-    ) -> Result<Vec<f32>, ServeError> {
-        let key = (templates.key(), label.to_string());
+        templates: &TemplateChoice,
+    ) -> Result<Tensor, ServeError> {
+        let key = (templates.name.clone(), label.to_string());
         if let Some(e) = self.label_cache.get(&key) {
-            return Ok(e.clone());
+            return Ok(e.shallow_clone());
         }
-        let texts = templates.apply(label);
-        let inputs: Vec<(&str, bool)> = texts.iter().map(|t| (t.as_str(), false)).collect();
-        let dim = self.encoder.dim();
-        let mut mean = vec![0f64; dim];
+        let prompts = templates.templates.prompts(label);
+        let inputs: Vec<(&str, bool)> = prompts.iter().map(|t| (t.as_str(), false)).collect();
         // Chunks bound the memory of the 183-template set on a large text tower.
+        let mut features = Vec::with_capacity(inputs.len() * self.encoder.dim());
         for chunk in inputs.chunks(64) {
-            let rows = self.encoder.text_features(chunk)?;
-            for row in rows.chunks_exact(dim) {
-                for (m, v) in mean.iter_mut().zip(row) {
-                    *m += f64::from(*v);
-                }
-            }
+            features.extend(self.encoder.text_features(chunk)?);
         }
-        let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
-        if norm == 0.0 || !norm.is_finite() {
+        let rows = Tensor::f_from_slice(&features)?.f_view([inputs.len() as i64, -1])?;
+        let class = zeroshot::class_vector(&rows);
+        let norm = class.f_norm()?.f_double_value(&[])?;
+        if !norm.is_finite() {
             return Err(ServeError::Invalid(format!(
-                "the class embedding of {label:?} has norm {norm}"
+                "the class embedding of {label:?} is not finite"
             )));
         }
-        let class: Vec<f32> = mean.iter().map(|v| (v / norm) as f32).collect();
         if self.label_cache.len() >= LABEL_CACHE_ENTRIES {
             self.label_cache.clear();
         }
-        self.label_cache.insert(key, class.clone());
+        self.label_cache.insert(key, class.shallow_clone());
         Ok(class)
     }
 }

@@ -17,6 +17,9 @@ pub enum ServeError {
     Config(#[from] cnclip_model::config::ConfigError),
     #[error(transparent)]
     Lmdb(#[from] muge_data::LmdbError),
+    /// Boxed: extraction errors are large.
+    #[error(transparent)]
+    Extract(Box<cnclip_extract::ExtractError>),
     #[error(transparent)]
     File(#[from] muge_data::FileError),
     #[error(transparent)]
@@ -33,13 +36,17 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error("{path}: {message}")]
-    Gallery { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
     Features { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
     #[error("the model thread stopped: {0}")]
     Engine(String),
+}
+
+impl From<cnclip_extract::ExtractError> for ServeError {
+    fn from(e: cnclip_extract::ExtractError) -> Self {
+        ServeError::Extract(Box::new(e))
+    }
 }
 
 impl ServeError {

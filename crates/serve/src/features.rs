@@ -8,14 +8,15 @@
 
 use std::path::{Path, PathBuf};
 
+use cnclip_extract::identity::Fnv;
+use cnclip_extract::{ExtractOptions, Progress};
 use cnclip_model::Precision;
 use indicatif::{ProgressBar, ProgressStyle};
 use retrieval::{FeatureKind, Features, NativeFeatures, write_native};
-use tch::Tensor;
 
 use crate::encoder::Encoder;
 use crate::error::ServeError;
-use crate::gallery::{Fnv, Gallery, file_stamp};
+use crate::gallery::Gallery;
 
 /// Bumped when the way features are computed changes, so older caches are not reused.
 const CACHE_VERSION: u32 = 1;
@@ -34,27 +35,7 @@ pub struct CacheOptions {
 /// An identity of the checkpoint for the cache key: its path, and the size and modification time
 /// of the file (of every file, for a Hugging Face directory).
 pub fn checkpoint_identity(path: &Path) -> Result<String, ServeError> {
-    let canonical = path.canonicalize().map_err(ServeError::io(path))?;
-    if canonical.is_dir() {
-        let mut entries = Vec::new();
-        for entry in std::fs::read_dir(&canonical).map_err(ServeError::io(&canonical))? {
-            let file = entry.map_err(ServeError::io(&canonical))?.path();
-            if file.is_file() {
-                entries.push(format!(
-                    "{}: {}",
-                    file.file_name().unwrap_or_default().to_string_lossy(),
-                    file_stamp(&file)?
-                ));
-            }
-        }
-        entries.sort();
-        return Ok(format!("{} [{}]", canonical.display(), entries.join("; ")));
-    }
-    Ok(format!(
-        "{} ({})",
-        canonical.display(),
-        file_stamp(&canonical)?
-    ))
+    Ok(cnclip_extract::file_identity(path)?)
 }
 
 /// The full key stored in the cache file.
@@ -121,16 +102,15 @@ pub fn gallery_features(
     Ok((NativeFeatures::open(&path)?, CacheOutcome::Computed(path)))
 }
 
-/// Encodes every gallery image, decoding the next batch on a second thread meanwhile.
+/// Encodes every gallery image (`cnclip-extract`'s pipeline: the next batch is decoded on other
+/// threads meanwhile).
 fn compute(
     encoder: &Encoder,
     gallery: &Gallery,
     options: &CacheOptions,
 ) -> Result<Features, ServeError> {
-    let ids = gallery.ids();
-    let mut features = Features::new(FeatureKind::Image, encoder.dim());
     let bar = if options.progress {
-        let bar = ProgressBar::new(ids.len() as u64);
+        let bar = ProgressBar::new(gallery.len() as u64);
         if let Ok(style) = ProgressStyle::with_template(
             "{bar:40} {pos}/{len} gallery images encoded ({per_sec}, eta {eta})",
         ) {
@@ -140,53 +120,18 @@ fn compute(
     } else {
         ProgressBar::hidden()
     };
-    let batch = options.batch_size.max(1);
-    let preprocessor = encoder.preprocessor();
-    std::thread::scope(|scope| -> Result<(), ServeError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Tensor), ServeError>>(1);
-        scope.spawn(move || {
-            for (i, chunk) in ids.chunks(batch).enumerate() {
-                let item = (|| {
-                    let mut items = Vec::with_capacity(chunk.len());
-                    for id in chunk {
-                        let bytes =
-                            gallery
-                                .image_bytes(*id)?
-                                .ok_or_else(|| ServeError::Gallery {
-                                    path: gallery.path().to_path_buf(),
-                                    message: format!("image {id} disappeared while reading"),
-                                })?;
-                        items.push((format!("image {id} in {}", gallery.path().display()), bytes));
-                    }
-                    Ok((i * batch, preprocessor.preprocess_batch(&items)?))
-                })();
-                let failed = item.is_err();
-                if tx.send(item).is_err() || failed {
-                    return;
-                }
+    let features = cnclip_extract::image_features(
+        encoder.clip(),
+        gallery,
+        gallery.ids(),
+        encoder.preprocessor(),
+        &ExtractOptions::new(options.batch_size),
+        &mut |p| {
+            if let Progress::Advance(n) = p {
+                bar.inc(n);
             }
-        });
-        for received in rx {
-            let (start, pixels) = received?;
-            let rows = encoder.image_features(&pixels)?;
-            let chunk = &ids[start..start + rows.len() / encoder.dim()];
-            for (id, row) in chunk.iter().zip(rows.chunks_exact(encoder.dim())) {
-                features.push(*id, row)?;
-            }
-            bar.inc(chunk.len() as u64);
-        }
-        Ok(())
-    })?;
+        },
+    )?;
     bar.finish_and_clear();
-    if features.view().len() != ids.len() {
-        return Err(ServeError::Gallery {
-            path: gallery.path().to_path_buf(),
-            message: format!(
-                "only {} of {} images were encoded",
-                features.view().len(),
-                ids.len()
-            ),
-        });
-    }
     Ok(features)
 }

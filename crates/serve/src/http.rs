@@ -46,7 +46,7 @@ use crate::engine::EngineHandle;
 use crate::error::ApiError;
 use crate::gallery::Gallery;
 use crate::scored::Scored;
-use crate::zeroshot::Templates;
+use crate::zeroshot::TemplateChoice;
 
 /// Request and connection limits (defaults in [`Limits::default`]; the `serve` example's flags
 /// set them, see docs/HARDENING.md).
@@ -443,7 +443,7 @@ async fn classify(State(s): State<AppState>, request: Request) -> Result<Json<Va
             s.limits.max_label_chars
         )));
     }
-    let templates = Templates::parse(&form.text("template").unwrap_or_default())
+    let templates = TemplateChoice::parse(&form.text("template").unwrap_or_default())
         .map_err(ApiError::bad_request)?;
     let pixels = preprocess(&s, form.image()?).await?;
     let probabilities = s
@@ -463,7 +463,7 @@ async fn classify(State(s): State<AppState>, request: Request) -> Result<Json<Va
         .map(|(label, probability)| LabelProbability { label, probability })
         .collect();
     Ok(Json(
-        json!({ "template": templates.key(), "results": results }),
+        json!({ "template": templates.name, "results": results }),
     ))
 }
 

@@ -15,7 +15,7 @@
 //! concurrent decodes ([`Limits`]). Shutdown on Ctrl-C/SIGTERM lets requests in flight finish for
 //! at most a window, then closes what is left.
 //!
-//! May depend on `cnclip-model`, `muge-data`, `retrieval`, `torch-ext`. Must not depend on
+//! May depend on `cnclip-model`, `muge-data`, `retrieval`, `cnclip-extract`, `torch-ext`. Must not depend on
 //! training (`cnclip-train`), LoRA or soup: serving a finished checkpoint compiles no training loop.
 //!
 //! | module | what |
@@ -25,8 +25,8 @@
 //! | [`engine`] | the model thread, micro-batching (ranked by [`retrieval::ResidentIndex`]), zero-shot scoring |
 //! | [`encoder`] | checkpoint loading, image and text features |
 //! | [`scored`] | [`Scored`], one ranked gallery image |
-//! | [`gallery`] | LMDB / TSV / folder image stores |
-//! | [`features`] | the gallery feature cache |
+//! | [`gallery`] | LMDB / TSV / folder image stores (`cnclip-extract`'s `ImageSource`) |
+//! | [`features`] | the gallery feature cache (computed by `cnclip-extract`'s pipeline) |
 //! | [`zeroshot`] | prompt templates for classification |
 
 pub mod encoder;
@@ -47,4 +47,4 @@ pub use gallery::Gallery;
 pub use http::Limits;
 pub use scored::Scored;
 pub use server::{App, FeatureOrigin, ServeConfig, run, shutdown_signal};
-pub use zeroshot::Templates;
+pub use zeroshot::TemplateChoice;

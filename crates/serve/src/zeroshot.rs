@@ -1,9 +1,8 @@
-//! Prompt templates for zero-shot classification with Chinese labels.
+//! The template choices of `/api/classify`, for zero-shot classification with Chinese labels.
 //!
-//! cn_clip's `zeroshot_evaluation.py` embeds every template filled with a label, L2-normalises,
-//! averages and normalises again (its `zero_shot_classifier`); texts go through the dataset
-//! preprocessing (`_preprocess_text`: lower case, curly quotes), which our text pipeline applies.
-//! The choices here:
+//! A choice names a set of `cnclip_model::zeroshot::Templates`; the classifier is the model
+//! crate's (cn_clip's `zero_shot_classifier`: each label the normalised mean of its normalised
+//! prompt embeddings), its prompts preprocessed as cn_clip's datasets do (lower case, curly quotes):
 //!
 //! | name | texts per label | source |
 //! |---|---|---|
@@ -17,39 +16,38 @@
 //! `zeroshot_evaluation.py` multiplies by a fixed 100 instead, which is the same for a trained
 //! model (cn_clip clamps `logit_scale` at ln 100 and trained checkpoints sit at that bound).
 
+use cnclip_model::zeroshot::{OPENAI_TEMPLATES, Templates};
 use muge_data::PRODUCT_PROMPT;
-
-use cnclip_model::zeroshot::OPENAI_TEMPLATES;
-
-/// A template set.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Templates {
-    Plain,
-    Photo,
-    OpenAi,
-    Product,
-    /// A text with `{}` where the label goes.
-    Custom(String),
-}
 
 /// Longest custom template accepted (characters).
 pub const MAX_TEMPLATE_CHARS: usize = 64;
 
-impl Templates {
+/// A request's `template` value: the name reported back (a custom template is reported as
+/// itself; it also keys the class-vector cache) and its templates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateChoice {
+    pub name: String,
+    pub templates: Templates,
+}
+
+impl TemplateChoice {
     /// Parses a request's `template` value (see the module doc).
     pub fn parse(s: &str) -> Result<Self, String> {
-        Ok(match s.trim() {
-            "" | "plain" => Templates::Plain,
-            "photo" => Templates::Photo,
-            "openai" => Templates::OpenAi,
-            "product" => Templates::Product,
+        let (name, list): (&str, Vec<String>) = match s.trim() {
+            "" | "plain" => ("plain", vec!["{}".into()]),
+            "photo" => ("photo", vec![OPENAI_TEMPLATES[0].into()]),
+            "openai" => (
+                "openai",
+                OPENAI_TEMPLATES.iter().map(|t| t.to_string()).collect(),
+            ),
+            "product" => ("product", vec![format!("{PRODUCT_PROMPT}{{}}")]),
             custom if custom.contains("{}") => {
                 if custom.chars().count() > MAX_TEMPLATE_CHARS {
                     return Err(format!(
                         "the template is longer than {MAX_TEMPLATE_CHARS} characters"
                     ));
                 }
-                Templates::Custom(custom.to_string())
+                (custom, vec![custom.to_string()])
             }
             other => {
                 return Err(format!(
@@ -57,54 +55,37 @@ impl Templates {
                      where the label goes"
                 ));
             }
+        };
+        let templates = Templates::new(list, "the template").map_err(|e| e.to_string())?;
+        Ok(TemplateChoice {
+            name: name.to_string(),
+            templates,
         })
-    }
-
-    /// The name reported back (a custom template is reported as itself).
-    pub fn key(&self) -> String {
-        match self {
-            Templates::Plain => "plain".into(),
-            Templates::Photo => "photo".into(),
-            Templates::OpenAi => "openai".into(),
-            Templates::Product => "product".into(),
-            Templates::Custom(t) => t.clone(),
-        }
-    }
-
-    /// The texts to embed for `label`.
-    pub fn apply(&self, label: &str) -> Vec<String> {
-        match self {
-            Templates::Plain => vec![label.to_string()],
-            Templates::Photo => vec![OPENAI_TEMPLATES[0].replace("{}", label)],
-            Templates::OpenAi => OPENAI_TEMPLATES
-                .iter()
-                .map(|t| t.replace("{}", label))
-                .collect(),
-            Templates::Product => vec![format!("{PRODUCT_PROMPT}{label}")],
-            Templates::Custom(t) => vec![t.replace("{}", label)],
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
     fn templates_fill_the_label() {
-        assert_eq!(Templates::Plain.apply("皮卡丘"), vec!["皮卡丘"]);
-        assert_eq!(Templates::Photo.apply("皮卡丘"), vec!["皮卡丘的照片"]);
-        let all = Templates::OpenAi.apply("猫");
+        let prompts =
+            |s: &str, label: &str| TemplateChoice::parse(s).unwrap().templates.prompts(label);
+        assert_eq!(prompts("", "皮卡丘"), vec!["皮卡丘"]);
+        assert_eq!(prompts("photo", "皮卡丘"), vec!["皮卡丘的照片"]);
+        let all = prompts("openai", "猫");
         assert_eq!(all.len(), 183);
         assert!(all.iter().all(|t| t.contains('猫') && !t.contains("{}")));
         assert_eq!(
-            Templates::Product.apply("连衣裙"),
+            prompts("product", "连衣裙"),
             vec!["这是一张图片，里面存在商品：连衣裙"]
         );
-        assert_eq!(
-            Templates::parse("一张{}的图片"),
-            Ok(Templates::Custom("一张{}的图片".into()))
-        );
-        assert!(Templates::parse("photos").is_err());
+        let custom = TemplateChoice::parse("一张{}的图片").unwrap();
+        assert_eq!(custom.name, "一张{}的图片");
+        assert_eq!(custom.templates.prompts("猫"), vec!["一张猫的图片"]);
+        assert_eq!(TemplateChoice::parse("openai").unwrap().name, "openai");
+        assert!(TemplateChoice::parse("photos").is_err());
     }
 }

@@ -14,9 +14,9 @@
 //! * `average → model`: the streamed average copied into a model's variables (how merges are
 //!   scored; building the model is not timed).
 
+use cnclip_model::weights::NativeReader;
 use cnclip_model::{Clip, ClipConfig};
 use soup::average::{average, plan};
-use soup::checkpoint::NativeCheckpoint;
 use soup::sink::{FileSink, ModelSink};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -72,11 +72,11 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let to_file = |durable: bool| {
-        let opened: Vec<NativeCheckpoint> = paths
+        let opened: Vec<NativeReader> = paths
             .iter()
-            .filter_map(|p| NativeCheckpoint::open(p).ok())
+            .filter_map(|p| NativeReader::open(p).ok())
             .collect();
-        let members: Vec<(&NativeCheckpoint, f64)> = opened.iter().map(|c| (c, 0.5)).collect();
+        let members: Vec<(&NativeReader, f64)> = opened.iter().map(|c| (c, 0.5)).collect();
         let mut sink = FileSink::new(&out, Vec::new()).durable(durable);
         let result = match plan(&members) {
             Ok(plan) => average(&members, &plan, &mut sink, &mut |_| {}),
@@ -89,11 +89,11 @@ fn main() -> anyhow::Result<()> {
     // Into a model's variables (how a merge is scored): the model is built before the clock
     // starts, as its initialisation is not part of averaging.
     let to_model = || {
-        let opened: Vec<NativeCheckpoint> = paths
+        let opened: Vec<NativeReader> = paths
             .iter()
-            .filter_map(|p| NativeCheckpoint::open(p).ok())
+            .filter_map(|p| NativeReader::open(p).ok())
             .collect();
-        let members: Vec<(&NativeCheckpoint, f64)> = opened.iter().map(|c| (c, 0.5)).collect();
+        let members: Vec<(&NativeReader, f64)> = opened.iter().map(|c| (c, 0.5)).collect();
         let Ok(plan) = plan(&members) else {
             return f64::NAN;
         };

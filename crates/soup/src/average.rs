@@ -3,7 +3,7 @@
 //! [`plan`] checks the members against the first one — same config, same keys, same shapes,
 //! float tensors float everywhere, integer and bool tensors of one dtype — and names the first
 //! offending key. [`average`] then visits one tensor at a time: the members' bytes come from their
-//! memory maps, are summed as `Σ wᵢ·xᵢ` in fp32 (fp64 when the output is fp64), left to right in
+//! memory maps (`cnclip_model::weights::NativeReader`), are summed as `Σ wᵢ·xᵢ` in fp32 (fp64 when the output is fp64), left to right in
 //! member order, each product rounded before the sum (exactly what `x₀*w₀ + x₁*w₁ + …` computes in
 //! torch), and the result is handed to a [`Sink`] in the output dtype. Peak memory is one tensor
 //! (plus the sink's own store: nothing for a file, one model for the sink module's `ModelSink`).
@@ -13,8 +13,8 @@
 //! must hold the same bytes, except BatchNorm's `num_batches_tracked` counters (int64), which
 //! differ between runs by construction and take their maximum.
 
-use crate::checkpoint::{Entry, NativeCheckpoint};
 use crate::error::SoupError;
+use cnclip_model::weights::{NativeReader, TensorEntry};
 use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
@@ -95,7 +95,7 @@ fn supported(dtype: Dtype) -> bool {
 }
 
 /// Checks that the members can be averaged and decides every output tensor's dtype.
-pub fn plan(members: &[(&NativeCheckpoint, f64)]) -> Result<Plan, SoupError> {
+pub fn plan(members: &[(&NativeReader, f64)]) -> Result<Plan, SoupError> {
     let Some(&(first, _)) = members.first() else {
         return Err(SoupError::Invalid(
             "a soup needs at least one member".into(),
@@ -243,7 +243,7 @@ struct Src<'a> {
 /// Runs `plan` over `members` (the same members, in the same order, as [`plan`] was given) into
 /// `sink`; `progress` is called after each tensor with the output bytes done so far.
 pub fn average(
-    members: &[(&NativeCheckpoint, f64)],
+    members: &[(&NativeReader, f64)],
     plan: &Plan,
     sink: &mut dyn Sink,
     progress: &mut dyn FnMut(usize),
@@ -266,7 +266,7 @@ pub fn average(
             .iter()
             .zip(&t.entries)
             .map(|(&(m, weight), &i)| {
-                let e: &Entry = &m.entries()[i];
+                let e: &TensorEntry = &m.entries()[i];
                 Src {
                     bytes: m.bytes(e),
                     dtype: e.dtype,
@@ -412,7 +412,7 @@ impl FromF64 for f64 {
 
 /// Integer and bool tensors: identical in every member, or a counter's maximum.
 fn exact(
-    members: &[(&NativeCheckpoint, f64)],
+    members: &[(&NativeReader, f64)],
     t: &PlannedTensor,
     sources: &[Src<'_>],
     out: &mut [u8],

@@ -12,7 +12,7 @@
 use crate::cache::fnv1a64;
 use crate::error::{SoupError, io_err};
 use crate::score::file_identity;
-use cnclip_model::weights::{NATIVE_FORMAT, NATIVE_FORMAT_KEY, read_safetensors_metadata};
+use cnclip_model::weights::{is_native_metadata, read_safetensors_metadata};
 use cnclip_model::{Clip, ClipConfig, LoadOptions, WeightFormat};
 use std::path::{Path, PathBuf};
 
@@ -38,9 +38,7 @@ pub struct Candidate {
 }
 
 fn is_native(path: &Path) -> Result<bool, SoupError> {
-    Ok(read_safetensors_metadata(path)?
-        .get(NATIVE_FORMAT_KEY)
-        .is_some_and(|f| f == NATIVE_FORMAT))
+    Ok(is_native_metadata(&read_safetensors_metadata(path)?))
 }
 
 /// Decides what each path is. Safetensors files that are not native models are taken as LoRA
@@ -180,31 +178,19 @@ impl Candidate {
         std::fs::create_dir_all(work_dir).map_err(io_err(work_dir))?;
         // An official .pt takes the flags' config, checked against its shapes, or without them
         // the shipped config its shapes match; the other formats carry their own.
-        let options = |path: &Path| -> Result<LoadOptions, SoupError> {
-            Ok(match WeightFormat::detect(path)? {
-                WeightFormat::Pt => LoadOptions {
-                    config: config.cloned(),
-                    ..Default::default()
-                },
-                _ => LoadOptions::default(),
-            })
+        let options = LoadOptions {
+            config: config.cloned(),
+            ..Default::default()
         };
         match &self.source {
             Source::Native(_) => {}
             Source::Foreign(p) => {
-                let model = Clip::load(p, &options(p)?, tch::Device::Cpu)?;
+                let model = Clip::load(p, &options, tch::Device::Cpu)?;
                 model.save_native(&out)?;
             }
             Source::Lora { adapter, base } => {
                 // An official .pt base without a config takes the one the adapter records.
-                let base_options = LoadOptions {
-                    config: match WeightFormat::detect(base)? {
-                        WeightFormat::Pt => config.cloned(),
-                        _ => None,
-                    },
-                    ..Default::default()
-                };
-                let (config, merged) = crate::lora::merged(base, &base_options, adapter)?;
+                let (config, merged) = crate::lora::merged(base, &options, adapter)?;
                 // Strict load: the merge must be exactly a model of the base's config.
                 let mut model = Clip::new(&config, tch::Device::Cpu);
                 model

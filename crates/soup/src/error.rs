@@ -9,8 +9,6 @@ pub enum SoupError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a readable safetensors file: {reason}")]
-    Safetensors { path: PathBuf, reason: String },
     #[error("{path}: not a native cnclip checkpoint: {reason}")]
     NotNative { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -85,6 +83,8 @@ pub enum SoupError {
     Data(String),
     #[error(transparent)]
     Lmdb(#[from] muge_data::LmdbError),
+    #[error(transparent)]
+    Extract(#[from] cnclip_extract::ExtractError),
     #[error(transparent)]
     File(#[from] muge_data::FileError),
     #[error(transparent)]

@@ -15,7 +15,6 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`checkpoint`] | a native file opened for streaming: header and config parsed, data memory-mapped |
 //! | [`average`] | the plan (keys, shapes, dtypes, config checked; offending key named) and the key-by-key weighted sum |
 //! | [`sink`] | where an average goes: a native file (atomic), a model's variables, a state dict; the in-memory reference |
 //! | [`recipe`] | a merge as weights over the original candidates |
@@ -96,7 +95,6 @@
 pub mod average;
 pub mod cache;
 pub mod candidate;
-pub mod checkpoint;
 pub mod error;
 pub mod lora;
 pub mod recipe;

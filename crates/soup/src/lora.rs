@@ -17,7 +17,8 @@ pub fn is_adapter(path: &Path) -> Result<bool, SoupError> {
 }
 
 /// The base's weights with the adapter merged in, and the base's config. An official `.pt` base
-/// without a config in `options` takes the one the adapter file records.
+/// (the only kind without a config of its own) without one in `options` takes the one the
+/// adapter file records.
 pub fn merged(
     base: &Path,
     options: &LoadOptions,
@@ -25,9 +26,7 @@ pub fn merged(
 ) -> Result<(ClipConfig, StateDict), SoupError> {
     let file = cnclip_lora::read_adapter(adapter).map_err(|e| lora_err(adapter, e))?;
     let mut options = options.clone();
-    if options.config.is_none()
-        && cnclip_model::WeightFormat::detect(base)? == cnclip_model::WeightFormat::Pt
-    {
+    if options.config.is_none() {
         options.config = Some(file.base_config.clone());
     }
     let (config, base_weights) = read_weights(base, &options)?;

@@ -5,7 +5,6 @@
 use crate::average::{average, plan};
 use crate::cache::Cache;
 use crate::candidate::{Candidate, resolve};
-use crate::checkpoint::NativeCheckpoint;
 use crate::error::SoupError;
 use crate::recipe::Recipe;
 use crate::report::{Report, ReportInput};
@@ -13,6 +12,7 @@ use crate::score::{Progress, ScoreOptions, ValOptions, ValSet, score_model};
 use crate::sink::{FileSink, ModelSink};
 use crate::strategy::{self, Outcome, PairwiseOptions, Strategy};
 use cnclip_model::ClipConfig;
+use cnclip_model::weights::NativeReader;
 use eval::Score;
 use std::path::{Path, PathBuf};
 
@@ -110,14 +110,14 @@ impl Runner<'_> {
     fn open_members(
         &mut self,
         recipe: &Recipe,
-    ) -> Result<(Vec<PathBuf>, Vec<NativeCheckpoint>), SoupError> {
+    ) -> Result<(Vec<PathBuf>, Vec<NativeReader>), SoupError> {
         let paths = recipe
             .members()
             .map(|i| self.native(i))
             .collect::<Result<Vec<_>, _>>()?;
         let opened = paths
             .iter()
-            .map(NativeCheckpoint::open)
+            .map(NativeReader::open)
             .collect::<Result<Vec<_>, _>>()?;
         Ok((paths, opened))
     }
@@ -329,10 +329,7 @@ pub fn default_cache_dir(out: &Path) -> PathBuf {
 }
 
 /// Each opened member with its weight in `recipe` (same order as [`Recipe::members`]).
-fn weighted<'a>(
-    opened: &'a [NativeCheckpoint],
-    recipe: &Recipe,
-) -> Vec<(&'a NativeCheckpoint, f64)> {
+fn weighted<'a>(opened: &'a [NativeReader], recipe: &Recipe) -> Vec<(&'a NativeReader, f64)> {
     opened
         .iter()
         .zip(recipe.weights())

@@ -9,30 +9,21 @@
 //! evaluation), else from the LMDB's `pairs/` (every text id once, relevant images = the images it
 //! is paired with, cn_clip's `--val-data` alone).
 
-use crate::error::{SoupError, io_err};
+use crate::error::SoupError;
+use cnclip_extract::{ExtractOptions, ImageSource};
 use cnclip_model::Clip;
 use cnclip_model::preprocess::Preprocessor;
 use eval::{GroundTruth, Score};
+use muge_data::TextPipeline;
 use muge_data::files::BadRecordPolicy;
 use muge_data::lmdb::LmdbPairs;
-use muge_data::{LmdbImages, TextPipeline};
-use retrieval::{FeatureKind, Features};
+use retrieval::Features;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-/// What a scoring pass reports as it goes.
-#[derive(Debug, Clone)]
-pub enum Progress {
-    /// A new phase with `total` items (`what`: "images", "texts", "tensors", …).
-    Start {
-        what: String,
-        total: u64,
-    },
-    /// `n` more items of the current phase done.
-    Advance(u64),
-    Finish,
-}
+/// What a scoring pass reports as it goes (the extraction pipeline's events).
+pub use cnclip_extract::Progress;
 
 /// How the validation split is read.
 #[derive(Debug, Clone)]
@@ -48,8 +39,7 @@ pub struct ValOptions {
 /// The validation split, loaded once: image ids, tokenised queries, ground truth.
 pub struct ValSet {
     dir: PathBuf,
-    images: LmdbImages,
-    image_ids: Vec<i64>,
+    images: ImageSource,
     text_ids: Vec<i64>,
     /// `[queries, context_length]` i64, CPU.
     tokens: Tensor,
@@ -61,32 +51,23 @@ impl std::fmt::Debug for ValSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ValSet")
             .field("dir", &self.dir)
-            .field("images", &self.image_ids.len())
+            .field("images", &self.images.len())
             .field("queries", &self.text_ids.len())
             .finish()
     }
 }
 
-/// `path`'s identity for cache keys: canonical path, size and modification time.
+/// `path`'s identity for cache keys (the workspace's one definition, in `cnclip-extract`).
 pub fn file_identity(path: &Path) -> Result<String, SoupError> {
-    let meta = std::fs::metadata(path).map_err(io_err(path))?;
-    let canonical = std::fs::canonicalize(path).map_err(io_err(path))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    Ok(format!("{}|{}|{mtime}", canonical.display(), meta.len()))
+    Ok(cnclip_extract::file_identity(path)?)
 }
 
 impl ValSet {
     /// Opens `dir` (an LMDB split with `imgs/`, and `pairs/` unless `options.texts` is given).
     pub fn open(dir: impl AsRef<Path>, options: &ValOptions) -> Result<Self, SoupError> {
         let dir = dir.as_ref().to_path_buf();
-        let images = LmdbImages::open(dir.join("imgs"))?;
-        let image_ids = images.ids_in_key_order()?;
-        if image_ids.is_empty() {
+        let images = ImageSource::lmdb(dir.join("imgs"))?;
+        if images.is_empty() {
             return Err(SoupError::Data(format!(
                 "{} holds no images",
                 images.path().display()
@@ -155,7 +136,6 @@ impl ValSet {
         Ok(ValSet {
             dir,
             images,
-            image_ids,
             text_ids,
             tokens,
             ground_truth: GroundTruth::from_pairs(truth),
@@ -168,7 +148,7 @@ impl ValSet {
     }
 
     pub fn num_images(&self) -> usize {
-        self.image_ids.len()
+        self.images.len()
     }
 
     pub fn num_queries(&self) -> usize {
@@ -201,24 +181,6 @@ pub struct Scored {
     pub score: Score,
 }
 
-fn push_rows(features: &mut Features, ids: &[i64], rows: &Tensor) -> Result<(), SoupError> {
-    let torch = |source| SoupError::Torch {
-        key: "features".into(),
-        source,
-    };
-    let rows = rows
-        .f_to_kind(Kind::Float)
-        .and_then(|r| r.f_to_device(Device::Cpu))
-        .and_then(|r| r.f_contiguous())
-        .map_err(torch)?;
-    let data = Vec::<f32>::try_from(rows.flatten(0, -1)).map_err(torch)?;
-    let dim = features.view().dim();
-    for (id, row) in ids.iter().zip(data.chunks_exact(dim)) {
-        features.push(*id, row)?;
-    }
-    Ok(())
-}
-
 /// Runs `model` over the split and scores it. The model is put in `options.precision`.
 pub fn score_model(
     model: &mut Clip,
@@ -227,71 +189,23 @@ pub fn score_model(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Scored, SoupError> {
     model.set_precision(options.precision);
-    let _guard = tch::no_grad_guard();
-    let dim = model.config().vision.embed_dim as usize;
-
-    let n = val.text_ids.len();
-    let mut text = Features::new(FeatureKind::Text, dim);
-    progress(Progress::Start {
-        what: "texts".into(),
-        total: n as u64,
-    });
-    let tb = options.text_batch_size.max(1);
-    for start in (0..n).step_by(tb) {
-        let len = tb.min(n - start);
-        let ids = val.tokens.narrow(0, start as i64, len as i64);
-        let feats = model.text_features(&ids.to_device(options.device));
-        push_rows(&mut text, &val.text_ids[start..start + len], &feats)?;
-        progress(Progress::Advance(len as u64));
-    }
-    progress(Progress::Finish);
-
+    let text = cnclip_extract::text_features(
+        model,
+        &val.text_ids,
+        &val.tokens,
+        &ExtractOptions::new(options.text_batch_size),
+        progress,
+    )?;
     let resolution = u32::try_from(model.config().vision.image_resolution)
         .map_err(|_| SoupError::Invalid("image resolution out of range".into()))?;
-    let preprocessor = Preprocessor::new(resolution)?;
-    let mut image = Features::new(FeatureKind::Image, dim);
-    progress(Progress::Start {
-        what: "images".into(),
-        total: val.image_ids.len() as u64,
-    });
-    let batch = options.img_batch_size.max(1);
-    std::thread::scope(|scope| -> Result<(), SoupError> {
-        // Decoding runs one batch ahead of the model.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(Vec<i64>, Tensor), SoupError>>(1);
-        let (images, preprocessor, ids) = (&val.images, &preprocessor, &val.image_ids);
-        scope.spawn(move || {
-            for chunk in ids.chunks(batch) {
-                let item = (|| -> Result<(Vec<i64>, Tensor), SoupError> {
-                    let reader = images.reader()?;
-                    let mut items = Vec::with_capacity(chunk.len());
-                    for id in chunk {
-                        let bytes = reader.image_bytes(*id, &format!("image {id}"))?;
-                        items.push((format!("image {id} in {}", images.path().display()), bytes));
-                    }
-                    Ok((chunk.to_vec(), preprocessor.preprocess_batch(&items)?))
-                })();
-                let failed = item.is_err();
-                if tx.send(item).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        for received in rx {
-            let (chunk, pixels) = received?;
-            let feats = model.image_features(&pixels.to_device(options.device));
-            push_rows(&mut image, &chunk, &feats)?;
-            progress(Progress::Advance(chunk.len() as u64));
-        }
-        Ok(())
-    })?;
-    progress(Progress::Finish);
-    if image.view().len() != val.image_ids.len() {
-        return Err(SoupError::Data(format!(
-            "only {} of {} images were encoded",
-            image.view().len(),
-            val.image_ids.len()
-        )));
-    }
+    let image = cnclip_extract::image_features(
+        model,
+        &val.images,
+        val.images.ids(),
+        &Preprocessor::new(resolution)?,
+        &ExtractOptions::new(options.img_batch_size),
+        progress,
+    )?;
     let score = retrieval::muge::muge_score(
         &text.view(),
         &image.view(),

@@ -3,16 +3,10 @@
 //! whole average from checkpoint paths to a file.
 
 use crate::average::{ChunkSink, Plan, PlannedTensor, Sink, average, plan};
-use crate::checkpoint::NativeCheckpoint;
-use crate::error::{SoupError, io_err};
+use crate::error::SoupError;
 use cnclip_model::Clip;
-use cnclip_model::weights::{
-    NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
-    StateDict,
-};
-use safetensors::tensor::{Metadata, TensorInfo};
-use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use cnclip_model::weights::{NativeReader, NativeWriter, StateDict, native_metadata};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -26,33 +20,23 @@ pub(crate) fn to_tensor(t: &PlannedTensor, bytes: &[u8]) -> Result<Tensor, SoupE
     })
 }
 
-/// Streams a native checkpoint (the layout and metadata of `save_native`, plus any extra metadata
-/// such as the soup's recipe) into a temporary file next to `path`, fsynced and renamed over it at
-/// the end; on error the temporary file is removed and `path` is untouched. Float tensors arrive
-/// in pieces from several threads and are written at their offsets (`pwrite`).
+/// Streams the average into a native file through `cnclip_model::weights::NativeWriter` (the
+/// layout and metadata of `save_native`, plus any extra metadata such as the soup's recipe):
+/// float tensors arrive in pieces from several threads and are written at their offsets; the
+/// file appears at `path` only when complete.
 pub struct FileSink {
     path: PathBuf,
-    tmp: PathBuf,
     extra: Vec<(String, String)>,
-    file: Option<std::fs::File>,
-    data_start: u64,
+    writer: Option<NativeWriter>,
     durable: bool,
 }
 
 impl FileSink {
     pub fn new(path: impl AsRef<Path>, extra_metadata: Vec<(String, String)>) -> Self {
-        let path = path.as_ref().to_path_buf();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         FileSink {
-            path,
-            tmp,
+            path: path.as_ref().to_path_buf(),
             extra: extra_metadata,
-            file: None,
-            data_start: 0,
+            writer: None,
             durable: true,
         }
     }
@@ -63,73 +47,29 @@ impl FileSink {
         self.durable = durable;
         self
     }
-
-    fn header(&self, plan: &Plan) -> Result<Vec<u8>, SoupError> {
-        let mut metadata: HashMap<String, String> = HashMap::from([
-            (NATIVE_FORMAT_KEY.to_string(), NATIVE_FORMAT.to_string()),
-            (NATIVE_VERSION_KEY.to_string(), NATIVE_VERSION.to_string()),
-            (NATIVE_CONFIG_KEY.to_string(), plan.config_json.clone()),
-            ("format".to_string(), "pt".to_string()),
-        ]);
-        metadata.extend(self.extra.iter().cloned());
-        let infos = plan
-            .tensors
-            .iter()
-            .map(|t| {
-                (
-                    t.key.clone(),
-                    TensorInfo {
-                        dtype: t.dtype,
-                        shape: t.shape.clone(),
-                        data_offsets: (t.offset, t.offset + t.nbytes()),
-                    },
-                )
-            })
-            .collect();
-        let bad = |reason: String| SoupError::Safetensors {
-            path: self.path.clone(),
-            reason,
-        };
-        let header = Metadata::new(Some(metadata), infos).map_err(|e| bad(e.to_string()))?;
-        let mut header = serde_json::to_vec(&header).map_err(|e| bad(e.to_string()))?;
-        header.resize(header.len().next_multiple_of(8), b' ');
-        Ok(header)
-    }
-
-    fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<(), SoupError> {
-        let Some(file) = &self.file else {
-            return Err(SoupError::Invalid("FileSink written before begin".into()));
-        };
-        write_all_at(file, bytes, offset).map_err(io_err(&self.tmp))
-    }
-}
-
-#[cfg(unix)]
-fn write_all_at(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
-}
-
-#[cfg(windows)]
-fn write_all_at(file: &std::fs::File, mut bytes: &[u8], mut offset: u64) -> std::io::Result<()> {
-    while !bytes.is_empty() {
-        let n = std::os::windows::fs::FileExt::seek_write(file, bytes, offset)?;
-        bytes = &bytes[n..];
-        offset += n as u64;
-    }
-    Ok(())
 }
 
 impl Sink for FileSink {
     fn begin(&mut self, plan: &Plan) -> Result<(), SoupError> {
-        let header = self.header(plan)?;
-        let mut file = std::fs::File::create(&self.tmp).map_err(io_err(&self.tmp))?;
-        let data: usize = plan.tensors.iter().map(|t| t.nbytes()).sum();
-        self.data_start = 8 + header.len() as u64;
-        file.write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|()| file.write_all(&header))
-            .and_then(|()| file.set_len(self.data_start + data as u64))
-            .map_err(io_err(&self.tmp))?;
-        self.file = Some(file);
+        let mut metadata = native_metadata(&plan.config_json);
+        metadata.extend(self.extra.iter().cloned());
+        let layout = plan
+            .tensors
+            .iter()
+            .map(|t| (t.key.clone(), t.dtype, t.shape.clone()))
+            .collect();
+        let writer = NativeWriter::create(&self.path, metadata, layout)?.durable(self.durable);
+        // The plan lays tensors out as the writer does; a difference would misplace bytes.
+        for t in &plan.tensors {
+            let at = writer.index_of(&t.key).map(|i| writer.entries()[i].start);
+            if at != Some(t.offset) {
+                return Err(SoupError::Invalid(format!(
+                    "tensor {}: planned at byte {}, laid out at {at:?}",
+                    t.key, t.offset
+                )));
+            }
+        }
+        self.writer = Some(writer);
         Ok(())
     }
 
@@ -142,39 +82,24 @@ impl Sink for FileSink {
     }
 
     fn finish(&mut self, _: &Plan) -> Result<(), SoupError> {
-        let Some(file) = self.file.take() else {
-            return Err(SoupError::Invalid("FileSink::finish before begin".into()));
-        };
-        let done = (|| {
-            if self.durable {
-                file.sync_all()?;
-            }
-            drop(file);
-            std::fs::rename(&self.tmp, &self.path)
-        })();
-        if let Err(source) = done {
-            let _ = std::fs::remove_file(&self.tmp);
-            return Err(SoupError::Io {
-                path: self.path.clone(),
-                source,
-            });
-        }
-        Ok(())
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| SoupError::Invalid("FileSink::finish before begin".into()))?;
+        Ok(writer.finish()?)
     }
 }
 
 impl ChunkSink for FileSink {
     fn write_chunk(&self, t: &PlannedTensor, offset: usize, bytes: &[u8]) -> Result<(), SoupError> {
-        self.write_at(self.data_start + (t.offset + offset) as u64, bytes)
-    }
-}
-
-impl Drop for FileSink {
-    fn drop(&mut self) {
-        // Still open: the average failed part-way.
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| SoupError::Invalid("FileSink written before begin".into()))?;
+        let index = writer
+            .index_of(&t.key)
+            .ok_or_else(|| SoupError::Invalid(format!("no tensor {} in the file", t.key)))?;
+        Ok(writer.write(index, offset, bytes)?)
     }
 }
 
@@ -410,9 +335,9 @@ pub fn average_files(
     }
     let opened = paths
         .iter()
-        .map(NativeCheckpoint::open)
+        .map(NativeReader::open)
         .collect::<Result<Vec<_>, _>>()?;
-    let members: Vec<(&NativeCheckpoint, f64)> =
+    let members: Vec<(&NativeReader, f64)> =
         opened.iter().zip(weights).map(|(c, &w)| (c, w)).collect();
     let plan = plan(&members)?;
     let mut sink = FileSink::new(out, extra_metadata.to_vec());

@@ -4,11 +4,10 @@
 
 use cnclip_model::ClipConfig;
 use cnclip_model::weights::{
-    StateDict, load_native, read_safetensors_metadata, save_native, save_safetensors,
+    NativeReader, StateDict, WeightsError, load_native, read_safetensors_metadata, save_native,
+    save_safetensors,
 };
-use soup::SoupError;
 use soup::average::{average, plan};
-use soup::checkpoint::NativeCheckpoint;
 use soup::sink::average_files;
 use soup::sink::{StateDictSink, average_state_dicts};
 use std::collections::HashMap;
@@ -156,11 +155,11 @@ fn streaming_equals_in_memory() {
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     average_files(&refs, &weights, &out, &[]).unwrap();
     let (_, streamed) = load_native(&out).unwrap();
-    let opened: Vec<NativeCheckpoint> = paths
+    let opened: Vec<NativeReader> = paths
         .iter()
-        .map(|p| NativeCheckpoint::open(p).unwrap())
+        .map(|p| NativeReader::open(p).unwrap())
         .collect();
-    let ms: Vec<(&NativeCheckpoint, f64)> = opened.iter().zip(weights).collect();
+    let ms: Vec<(&NativeReader, f64)> = opened.iter().zip(weights).collect();
     let plan = plan(&ms).unwrap();
     let mut sink = StateDictSink::default();
     average(&ms, &plan, &mut sink, &mut |_| {}).unwrap();
@@ -179,7 +178,7 @@ fn streaming_equals_in_memory() {
         }
     }
     // The file is laid out as save_native lays it out: 8-byte kinds first, then 4, then 2.
-    let ck = NativeCheckpoint::open(&out).unwrap();
+    let ck = NativeReader::open(&out).unwrap();
     let order: Vec<&str> = ck.entries().iter().map(|e| e.key.as_str()).collect();
     assert_eq!(order, ["pos", "big", "scalar", "half", "bf"]);
 }
@@ -249,8 +248,11 @@ fn mismatches_are_rejected_with_the_key() {
     // Not a model: a safetensors file without the native metadata (a training state file).
     let state = dir.join("epoch1.state.safetensors");
     save_safetensors(&state, &base(), HashMap::new()).unwrap();
-    let err = NativeCheckpoint::open(&state).unwrap_err();
-    assert!(matches!(err, SoupError::NotNative { .. }), "{err}");
+    let err = NativeReader::open(&state).unwrap_err();
+    assert!(
+        matches!(err, WeightsError::MissingNativeConfig { .. }),
+        "{err}"
+    );
     assert!(
         err.to_string().contains("epoch1.state.safetensors"),
         "{err}"
@@ -260,8 +262,8 @@ fn mismatches_are_rejected_with_the_key() {
     let bytes = std::fs::read(&good).unwrap();
     let cut = dir.join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
-    let err = NativeCheckpoint::open(&cut).unwrap_err();
-    assert!(matches!(err, SoupError::Safetensors { .. }), "{err}");
+    let err = NativeReader::open(&cut).unwrap_err();
+    assert!(matches!(err, WeightsError::Safetensors { .. }), "{err}");
     // The in-memory reference applies the same rules.
     let err = average_state_dicts(&[(&base(), 0.5), (&ints(1), 0.5)]).unwrap_err();
     assert!(err.to_string().contains("ids"), "{err}");

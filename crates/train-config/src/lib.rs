@@ -26,18 +26,29 @@ use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-/// cn_clip's `--precision` choices and our bf16.
+/// Numerics of a training step: cn_clip's `--precision` choices and our bf16 (the flag's value
+/// and what `cnclip-train`'s trainer takes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// fp32 master weights, fp16 autocast with a GradScaler (cn_clip's default).
+pub enum TrainPrecision {
+    /// `--precision amp` (cn_clip's default): fp32 master weights, fp16 autocast (CUDA) with a
+    /// GradScaler; steps whose gradients overflow are skipped, as torch's scaler does. On a CPU
+    /// only the scaler acts.
     #[default]
     Amp,
-    /// cn_clip's pure fp16: the tensors its `convert_weights` casts are fp16, and AdamW steps
-    /// them with fp16 moments (no fp32 master copy, no scaler).
+    /// cn_clip's `--precision fp16` (pure fp16, `main.py:106-107,140-141`): the trainer converts the
+    /// model with `convert_weights`' choice of tensors (`cnclip_model::Precision::Fp16`: every
+    /// linear/conv/attention projection, all of BERT and both projections to fp16; the vision
+    /// LayerNorms, class and positional embeddings and `logit_scale` stay fp32). No autocast, no
+    /// scaler, and no fp32 master copy: cn_clip never calls `convert_models_to_fp32` in this mode,
+    /// so its AdamW steps the fp16 parameters with fp16 moments (and fp16 gradients), as here. The
+    /// loss is taken in fp16 too (`nn.CrossEntropyLoss` on fp16 logits).
     Fp16,
+    /// Plain fp32 (`--precision fp32`).
     Fp32,
-    /// bf16 autocast, fp32 master weights (not in cn_clip).
+    /// bf16 autocast on the model's device (GPU, or a CPU with bf16 kernels), fp32 master
+    /// weights; bf16 keeps fp32's range, so no scaler. Not in cn_clip; its `--precision bf16`
+    /// does not exist.
     Bf16,
 }
 
@@ -122,6 +133,28 @@ impl LoraArgs {
             train_layer_norms: self.lora_train_layer_norms,
         })
     }
+}
+
+/// The launcher flags of `finetune` and `extract_features` (torchrun's names): `--nproc-per-node N`
+/// spawns and supervises N local workers with torchrun's environment.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct LaunchArgs {
+    /// Spawn and supervise this many local workers (one per GPU); one failing stops all
+    /// [default: none, a single process unless launched by torchrun/srun].
+    #[arg(long = "nproc-per-node")]
+    pub nproc_per_node: Option<usize>,
+    /// With --nproc-per-node: machines in the run.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// With --nproc-per-node: this machine's index.
+    #[arg(long = "node-rank", default_value_t = 0)]
+    pub node_rank: usize,
+    /// With --nproc-per-node: the rendezvous host (rank 0's machine).
+    #[arg(long = "master-addr", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// With --nproc-per-node: the rendezvous port [default: a free port on one node, else 29500].
+    #[arg(long = "master-port")]
+    pub master_port: Option<u16>,
 }
 
 /// One fine-tuning run. Field names are cn_clip's flags (`--batch-size` is `batch_size`, and
@@ -224,8 +257,8 @@ pub struct RunConfig {
     pub reset_data_offset: bool,
     /// amp (fp16 autocast + GradScaler), fp16 (cn_clip's pure fp16: fp16 weights as its
     /// convert_weights, AdamW on them, no scaler; not with LoRA), fp32, bf16 (ours).
-    #[arg(long, value_enum, default_value_t = Precision::Amp)]
-    pub precision: Precision,
+    #[arg(long, value_enum, default_value_t = TrainPrecision::Amp)]
+    pub precision: TrainPrecision,
     /// cn_clip vision model name, or a path to a vision config JSON (a file named like a cn_clip
     /// model, e.g. `my/ViT-B-16.json`, gets that model's optimizer defaults).
     #[arg(long = "vision-model", default_value = "ViT-B-16")]
@@ -368,7 +401,7 @@ impl Default for RunConfig {
             resume: None,
             reset_optimizer: false,
             reset_data_offset: false,
-            precision: Precision::Amp,
+            precision: TrainPrecision::Amp,
             vision_model: "ViT-B-16".into(),
             mask_ratio: 0.0,
             clip_weight_path: None,
@@ -570,7 +603,7 @@ impl RunConfig {
                 format!("{what} is not supported yet by this implementation"),
             ))
         };
-        if self.precision == Precision::Fp16 && self.lora.is_some() {
+        if self.precision == TrainPrecision::Fp16 && self.lora.is_some() {
             return unsupported(
                 "precision",
                 "fp16 with LoRA adapters (cn_clip has no LoRA; use amp, fp32 or bf16)",
@@ -812,7 +845,7 @@ mod tests {
         assert_eq!((c.lr, c.max_steps, c.valid_epoch_interval), (None, None, 0));
         assert_eq!(c.kd_loss_weight, 0.25);
         assert!(!c.saves() && c.run_dir().is_none());
-        assert_eq!(c.precision, Precision::Fp32);
+        assert_eq!(c.precision, TrainPrecision::Fp32);
         assert!(parse(&["--train-data=t", "--logs="]).run_dir().is_none());
     }
 
@@ -869,7 +902,7 @@ mod tests {
         // cn_clip's pure fp16 and FLIP are accepted; fp16 under LoRA (not in cn_clip) is not.
         for accepted in [
             RunConfig {
-                precision: Precision::Fp16,
+                precision: TrainPrecision::Fp16,
                 ..ok.clone()
             },
             RunConfig {
@@ -881,7 +914,7 @@ mod tests {
         }
         assert_eq!(
             flag_of(RunConfig {
-                precision: Precision::Fp16,
+                precision: TrainPrecision::Fp16,
                 lora: Some(LoraSettings::default()),
                 ..ok.clone()
             }),

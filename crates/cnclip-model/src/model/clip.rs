@@ -87,6 +87,20 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// cn_clip's `--precision` flag of `extract_features.py` and `zeroshot_evaluation.py`: `amp`
+    /// and `fp32` are [`Precision::Fp32`] (the scripts never autocast), `fp16` is
+    /// [`Precision::Fp16`]; `bf16` (ours) is [`Precision::Bf16`]; anything else `None`.
+    pub fn from_cn_clip_flag(flag: &str) -> Option<Precision> {
+        match flag {
+            "amp" | "fp32" => Some(Precision::Fp32),
+            "fp16" => Some(Precision::Fp16),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+}
+
 /// The vision tower: a ViT for every released model except RN50.
 #[derive(Debug)]
 pub enum Visual {

@@ -11,8 +11,11 @@
 //! * [`import_hf`] maps a `ChineseCLIPModel` directory (config.json + safetensors or
 //!   `pytorch_model.bin`) onto cn_clip's names and config; [`export_hf`] writes one (with
 //!   tokenizer and image-processor files) through the same key mapping.
-//! * [`save_native`] / [`load_native`]: safetensors with cn_clip names whose metadata records the
-//!   model config, so the file alone describes the model. Writes are atomic.
+//! * [`NativeReader`] / [`NativeWriter`] (and [`save_native`] / [`load_native`] over them):
+//!   safetensors with cn_clip names whose metadata records the model config, so the file alone
+//!   describes the model; memory-mapped reads, tensor by tensor, and streamed atomic writes. The
+//!   workspace's only safetensors reader and writer ([`SafetensorsReader`] for files of any
+//!   metadata: training state, adapters, Hugging Face weights).
 
 mod error;
 mod hf;
@@ -31,8 +34,9 @@ pub use hf::{
 pub use infer::{ArchShapes, TextShapes, VisionShapes};
 pub use native::{
     NATIVE_CONFIG_KEY, NATIVE_FORMAT, NATIVE_FORMAT_KEY, NATIVE_VERSION, NATIVE_VERSION_KEY,
-    dtype_of, kind_of, load_native, read_safetensors, read_safetensors_metadata, save_native,
-    save_safetensors,
+    NativeReader, NativeWriter, SafetensorsReader, TensorEntry, dtype_of, is_native_metadata,
+    kind_of, load_native, native_metadata, read_safetensors, read_safetensors_metadata,
+    save_native, save_safetensors,
 };
 pub use pt::{
     PtCheckpoint, PtHeader, normalize_cn_clip_keys, read_pt, write_pt, write_pt_state_dict,
@@ -119,48 +123,99 @@ fn tensor_from_bytes(
     })
 }
 
-/// Writes a file atomically: `write` fills a temporary file in the same directory, which is flushed,
-/// fsynced and renamed over `path`; on any error the temporary file is removed and `path` untouched.
-fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<(), WeightsError>,
-) -> Result<(), WeightsError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| WeightsError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-    })?;
-    // Unique per process and call, so concurrent writers never share a temporary file.
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{n}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
-        write(&mut writer)?;
-        writer.flush().map_err(io_err(&tmp))?;
-        let file = writer.into_inner().map_err(|e| WeightsError::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
+/// A file written under a temporary name next to its target and renamed over it at the end
+/// ([`AtomicFile::commit`]); dropped uncommitted, the temporary file is removed and the target is
+/// untouched. The temporary name is `.NAME.tmp-PID-N` (what a run directory's clean-up removes).
+#[derive(Debug)]
+struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    /// `None` once committed.
+    file: Option<std::fs::File>,
+}
+
+impl AtomicFile {
+    fn create(path: &Path) -> Result<Self, WeightsError> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = path.file_name().ok_or_else(|| WeightsError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
         })?;
-        file.sync_all().map_err(io_err(&tmp))?;
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(io_err(path))?;
-        // Make the rename itself durable; failure to sync a directory is not worth failing over.
-        if let Ok(d) = std::fs::File::open(&dir) {
+        // Unique per process and call, so concurrent writers never share a temporary file.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}-{n}",
+            file_name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(file),
+        })
+    }
+
+    /// The open temporary file (`None` after commit).
+    fn file(&self) -> Option<&std::fs::File> {
+        self.file.as_ref()
+    }
+
+    fn tmp(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Fsyncs (when `durable`) and renames the file over the target, then syncs the directory
+    /// (failure to sync a directory is not worth failing over).
+    fn commit(&mut self, durable: bool) -> Result<(), WeightsError> {
+        let Some(file) = self.file.take() else {
+            return Ok(());
+        };
+        let done = (|| {
+            if durable {
+                file.sync_all().map_err(io_err(&self.tmp))?;
+            }
+            drop(file);
+            std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))
+        })();
+        if done.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+            return done;
+        }
+        if durable
+            && let Some(dir) = self.tmp.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
             let _ = d.sync_all();
         }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        // Still open: the write failed or was abandoned part-way.
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes a file atomically ([`AtomicFile`]): `write` fills the temporary file through a buffer,
+/// which is flushed, fsynced and renamed over `path`.
+fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> Result<(), WeightsError>,
+) -> Result<(), WeightsError> {
+    let mut atomic = AtomicFile::create(path)?;
+    if let Some(file) = atomic.file() {
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+        write(&mut writer)?;
+        writer.flush().map_err(io_err(atomic.tmp()))?;
+    }
+    atomic.commit(true)
 }

@@ -145,6 +145,15 @@ impl DistEnv {
         Ok(env)
     }
 
+    /// This rank's device for a requested `device`: a CUDA device becomes `cuda:LOCAL_RANK` (one
+    /// GPU per local rank, torchrun's convention); the CPU stays the CPU.
+    pub fn rank_device(dist: Option<&DistEnv>, device: tch::Device) -> tch::Device {
+        match (dist, device) {
+            (Some(env), tch::Device::Cuda(_)) => tch::Device::Cuda(env.local_rank),
+            (_, device) => device,
+        }
+    }
+
     /// Where Gloo binds: `GLOO_SOCKET_IFNAME` when set; loopback when the master is local (all
     /// ranks on this host); otherwise this host's name, as torch.distributed does.
     pub fn gloo_device(&self) -> GlooDevice {

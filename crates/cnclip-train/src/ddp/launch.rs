@@ -52,6 +52,16 @@ pub enum LaunchError {
     },
     #[error("--node-rank {node_rank} is not below --nnodes {nnodes}, or a count is zero")]
     Layout { node_rank: usize, nnodes: usize },
+    #[error(
+        "--nproc-per-node launches workers itself; it cannot run under torchrun or srun, which \
+         already set RANK/WORLD_SIZE (or SLURM_PROCID/SLURM_NTASKS)"
+    )]
+    Nested,
+    #[error("{what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 struct Worker {
@@ -196,6 +206,43 @@ fn stop_all(workers: &mut [Worker]) {
             let _ = handle.join();
         }
     }
+}
+
+/// What a program given [`cnclip_train_config::LaunchArgs`] does first: with `--nproc-per-node`
+/// and not yet a launched worker, re-runs its own command line as the workers (free local port
+/// unless `--master-port`, 29500 across nodes) and returns `Ok(true)` once they all finished;
+/// otherwise `Ok(false)`, and the caller does the work itself (alone or as the rank its
+/// environment names).
+pub fn relaunch_self(args: &cnclip_train_config::LaunchArgs) -> Result<bool, LaunchError> {
+    let launched = std::env::var_os(LAUNCHED_VAR).is_some();
+    let Some(nproc) = args.nproc_per_node.filter(|_| !launched) else {
+        return Ok(false);
+    };
+    if matches!(super::DistEnv::from_env(), Ok(Some(_))) {
+        return Err(LaunchError::Nested);
+    }
+    let master_port = match (args.master_port, args.nnodes) {
+        (Some(port), _) => port,
+        (None, 1) => free_port().map_err(|source| LaunchError::Setup {
+            what: "cannot find a free local port for the rendezvous",
+            source,
+        })?,
+        (None, _) => super::env::DEFAULT_MASTER_PORT,
+    };
+    let program = std::env::current_exe().map_err(|source| LaunchError::Setup {
+        what: "cannot find this program to launch workers",
+        source,
+    })?;
+    launch(&LaunchConfig {
+        program,
+        args: std::env::args_os().skip(1).collect(),
+        nproc_per_node: nproc,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master_addr: args.master_addr.clone(),
+        master_port,
+    })?;
+    Ok(true)
 }
 
 /// A port that was free a moment ago on `127.0.0.1` (for single-node runs without `MASTER_PORT`).
