@@ -357,7 +357,8 @@ impl Trainer {
                 if let Some(s) = &self.sync {
                     s.before_backward(sync, None)?;
                 }
-                fwd.backward(&self.model, &seed);
+                fwd.try_backward(&self.model, &seed)
+                    .map_err(TrainError::Backward)?;
                 Ok(out)
             } else {
                 let (img, txt, scale) =
