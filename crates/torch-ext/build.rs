@@ -14,6 +14,7 @@ fn main() {
         "src/autocast.cpp",
         "src/adamw.cpp",
         "src/c10d.cpp",
+        "src/reducer.cpp",
         "cpp/gloo-stubs",
     ] {
         println!("cargo:rerun-if-changed={file}");
@@ -46,7 +47,8 @@ fn main() {
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag_if_supported("-Wno-unused-parameter")
-        .file("src/c10d.cpp");
+        .file("src/c10d.cpp")
+        .file("src/reducer.cpp");
     if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
         // The NVIDIA wheels sit next to torch/ in site-packages (`.libtorch` is a link to torch/).
         let real = root.canonicalize().unwrap_or_else(|_| root.clone());

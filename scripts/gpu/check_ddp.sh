@@ -55,13 +55,16 @@ row nccl-launcher "$BIN" "${tiny[@]}" --max-steps 3 --dist-backend nccl --precis
 row nccl-torchrun "$PY" -m torch.distributed.run --no-python --nproc_per_node=1 --master_port=29532 -- \
   "$BIN" "${tiny[@]}" --max-steps 3 --dist-backend nccl --precision amp --logs "$OUT/g" --name g
 row gloo-cuda-amp "${single[@]}" "$BIN" "${tiny[@]}" --max-steps 3 --precision amp --dist-backend gloo --logs "$OUT/h" --name h
+# torch's reducer with the compression comm hooks on NCCL.
+row nccl-fp16-hook "${single[@]}" "$BIN" "${tiny[@]}" --max-steps 3 --dist-backend nccl --precision amp --ddp-comm-hook fp16 --logs "$OUT/i" --name i
+row nccl-bf16-hook "${single[@]}" "$BIN" "${tiny[@]}" --max-steps 3 --dist-backend nccl --precision amp --ddp-comm-hook bf16 --logs "$OUT/j" --name j
 # Resume under NCCL: the checkpoint of nccl-env-amp continued to step 5.
 row nccl-resume "${single[@]}" "$BIN" "${tiny[@]}" --max-steps 5 --dist-backend nccl --precision amp --logs "$OUT/b" --name b
 
 if [ "${THROUGHPUT:-1}" != 0 ]; then
   # ViT-B-16 (random init), batch 32, AMP: seconds per step from the difference of a 12- and a
   # 2-step run (start-up and the final checkpoint cancel), without DDP and as 1 NCCL rank (whose
-  # extra work is the bucketed all-reduce of 188M gradients after each backward).
+  # extra work is torch's reducer: the bucketed all-reduce of 188M gradients from autograd hooks).
   vitb=(--train-data "$DATA" --vision-model ViT-B-16 --text-model RoBERTa-wwm-ext-base-chinese
         --batch-size 32 --lr 1e-5 --warmup 1 --num-workers 4 --device "$DEVICE" --precision amp
         --save-epoch-frequency 0)

@@ -18,11 +18,14 @@
 //!     identical to one process on the concatenated batch.
 //!   - `--skip-aggregate`: each rank's loss over its own batch only; averaged gradients are
 //!     `∂/∂θ (1/W) Σ_r L_r`: one process minimising the mean of the per-rank losses.
-//! * **Gradients** ([`BucketedAllReduce`]): after backward, the parameter gradients are flattened
-//!   into buckets of about [`DEFAULT_BUCKET_BYTES`] (in reverse parameter order, as torch's DDP
-//!   buckets them), all-reduced (sum) and divided by `W`. tch exposes no autograd hooks, so the
-//!   all-reduce cannot overlap the backward pass as torch's reducer does; it runs after it (the
-//!   cost is measured in docs/BENCHMARKS.md).
+//! * **Gradients** ([`Ddp::gradient_sync`]): torch's own DDP engine, `c10d::Reducer`
+//!   ([`torch_ext::reducer`]), with `DistributedDataParallel`'s settings: buckets by size
+//!   (`bucket_cap_mb` 25, a 1 MiB first bucket; one unbounded bucket in the first iteration, then
+//!   rebuilt once in the order the gradients became ready), autograd hooks that all-reduce each
+//!   bucket as soon as its gradients are ready — during the backward pass —, gradients as views
+//!   into the buckets, the `--ddp-comm-hook` compression and `--ddp-find-unused-parameters`.
+//!   Accumulation runs the first `accum_freq − 1` backward passes of a step under `no_sync`
+//!   (local accumulation) and reduces once, in the last. Frozen weights are not in the reducer.
 //! * **Data**: each rank reads its shard of muge-data's `DistributedSampler` (`perm[r::W]`), over
 //!   the data set padded to whole global batches, as cn_clip.
 //! * **Files**: only rank 0 writes checkpoints, metrics and curves and prints the log lines; all
@@ -40,14 +43,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Tensor};
 use torch_ext::dist::{Backend, DistError, ProcessGroup, ReduceOp, Store};
+use torch_ext::reducer::{CommHook, Reducer, ReducerOptions, sync_module_states};
 
 pub mod env;
 pub mod launch;
 
 pub use env::{DistEnv, EnvError};
-
-/// torch DDP's default `bucket_cap_mb`.
-pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
 /// cn_clip's `--gather-with-grad` / `--skip-aggregate` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,7 +78,8 @@ impl GatherMode {
 pub struct Ddp {
     group: Arc<ProcessGroup>,
     mode: GatherMode,
-    bucket_bytes: usize,
+    /// `DistributedDataParallel`'s bucket, hook and unused-parameter settings.
+    reducer: ReducerOptions,
     /// Where the small bookkeeping collectives run (NCCL takes CUDA tensors only).
     scalar_device: Device,
     // Kept alive for the group (rank 0 serves it).
@@ -89,7 +91,7 @@ impl std::fmt::Debug for Ddp {
         f.debug_struct("Ddp")
             .field("group", &self.group)
             .field("mode", &self.mode)
-            .field("bucket_bytes", &self.bucket_bytes)
+            .field("reducer", &self.reducer)
             .finish()
     }
 }
@@ -151,16 +153,34 @@ impl Ddp {
         Ok(Self {
             group: Arc::new(group),
             mode,
-            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            reducer: ReducerOptions::default(),
             scalar_device,
             _store: store,
         })
     }
 
-    /// Buckets of about `bytes` for the gradient all-reduce (torch's `bucket_cap_mb`).
+    /// Buckets of about `bytes` for the gradient all-reduce (torch's `bucket_cap_mb`; the first
+    /// bucket stays capped at 1 MiB, or at `bytes` when that is smaller).
     pub fn with_bucket_bytes(mut self, bytes: usize) -> Self {
-        self.bucket_bytes = bytes.max(1);
+        self.reducer.bucket_bytes = bytes.max(1);
+        self.reducer.first_bucket_bytes = self.reducer.first_bucket_bytes.min(bytes.max(1));
         self
+    }
+
+    /// `--ddp-comm-hook`: how the buckets are communicated.
+    pub fn with_comm_hook(mut self, hook: CommHook) -> Self {
+        self.reducer.comm_hook = hook;
+        self
+    }
+
+    /// `--ddp-find-unused-parameters` (see [`ReducerOptions::find_unused_parameters`]).
+    pub fn with_find_unused_parameters(mut self, on: bool) -> Self {
+        self.reducer.find_unused_parameters = on;
+        self
+    }
+
+    pub fn reducer_options(&self) -> ReducerOptions {
+        self.reducer
     }
 
     pub fn rank(&self) -> usize {
@@ -184,7 +204,7 @@ impl Ddp {
         &self.group
     }
 
-    /// A shared handle on the process group (e.g. for SyncBatchNorm's collectives).
+    /// A shared handle on the process group (SyncBatchNorm's collectives, benchmarks).
     pub fn process_group(&self) -> Arc<ProcessGroup> {
         self.group.clone()
     }
@@ -202,23 +222,25 @@ impl Ddp {
         }
     }
 
-    /// The gradient all-reduce for [`crate::trainer::Trainer::set_gradient_sync`].
-    pub fn gradient_sync(&self) -> Box<dyn GradientSync> {
-        Box::new(BucketedAllReduce {
-            group: self.group.clone(),
-            bucket_bytes: self.bucket_bytes,
-            buffers: std::sync::Mutex::new(Vec::new()),
-        })
+    /// The gradient averaging for [`crate::trainer::Trainer::set_gradient_sync`]: torch's
+    /// reducer over the weights of `model` that require grad — call it on the trainer's model,
+    /// after the trainer applied the run's freeze (and precision).
+    pub fn gradient_sync(&self, model: &Clip) -> Result<Box<dyn GradientSync>, DdpError> {
+        let reducer = Reducer::new(self.group.clone(), &trainable_params(model), self.reducer)?;
+        Ok(Box::new(ReducerSync { reducer }))
     }
 
-    /// Overwrites every parameter and buffer of `model` with rank 0's.
+    /// What `DistributedDataParallel`'s constructor does first: checks that every rank has the
+    /// same trainable weights (count, shapes, dtypes), then overwrites every parameter and buffer
+    /// of `model` with rank 0's.
     pub fn broadcast_model(&self, model: &Clip) -> Result<(), DdpError> {
-        let tensors: Vec<Tensor> = model.named_tensors().into_values().collect();
-        for bucket in buckets(&tensors, self.bucket_bytes) {
-            let flat = flatten(&bucket);
-            self.group.broadcast(&[&flat], 0)?;
-            unflatten_into(&flat, &bucket);
-        }
+        let states: Vec<Tensor> = model.named_tensors().into_values().collect();
+        let params = trainable_params(model);
+        sync_module_states(
+            &self.group,
+            &params.iter().collect::<Vec<_>>(),
+            &states.iter().collect::<Vec<_>>(),
+        )?;
         Ok(())
     }
 
@@ -293,140 +315,49 @@ impl FeatureGather for GradGather {
     }
 }
 
-/// Sum of the gradients over ranks divided by `W`, in flattened buckets. The flat buffers persist
-/// across steps (as torch's reducer keeps its buckets): allocating them afresh every step costs
-/// more than the copies into them.
-pub struct BucketedAllReduce {
-    group: Arc<ProcessGroup>,
-    bucket_bytes: usize,
-    buffers: std::sync::Mutex<Vec<Tensor>>,
+/// DDP's gradient averaging on torch's own reducer ([`torch_ext::reducer::Reducer`]): the
+/// all-reduce of each bucket starts inside the backward pass, from the autograd hooks the
+/// reducer registered on the parameters' gradient accumulators.
+struct ReducerSync {
+    reducer: Reducer,
 }
 
-impl GradientSync for BucketedAllReduce {
-    fn sync(&self, grads: &[Tensor]) -> Result<(), DistError> {
-        // Frozen parameters have no gradient on any rank (the freeze is part of the config).
-        let defined: Vec<Tensor> = grads
-            .iter()
-            .rev()
-            .filter(|g| g.defined())
-            .map(Tensor::shallow_clone)
-            .collect();
-        let world = self.group.size() as f64;
-        let mut buffers = self
-            .buffers
-            .lock()
-            .map_err(|_| DistError::Argument("a gradient sync panicked earlier".into()))?;
-        for (i, bucket) in buckets(&defined, self.bucket_bytes).iter().enumerate() {
-            let numel: usize = bucket.iter().map(Tensor::numel).sum();
-            let fits = buffers.get(i).is_some_and(|b| {
-                b.numel() == numel
-                    && b.kind() == bucket[0].kind()
-                    && b.device() == bucket[0].device()
-            });
-            if !fits {
-                let fresh = Tensor::empty([numel as i64], (bucket[0].kind(), bucket[0].device()));
-                match buffers.get_mut(i) {
-                    Some(slot) => *slot = fresh,
-                    None => buffers.push(fresh),
-                }
+impl GradientSync for ReducerSync {
+    fn before_backward(&self, sync: bool, outputs: Option<&[&Tensor]>) -> Result<(), DistError> {
+        match outputs {
+            Some(outputs) => self.reducer.prepare(sync, outputs),
+            None if sync && self.reducer.options().find_unused_parameters => {
+                Err(DistError::Argument(
+                    "find_unused_parameters cannot search a staged (gradient-checkpointed) \
+                     backward pass: the checkpointed blocks are not in the loss's graph"
+                        .into(),
+                ))
             }
-            let flat = &buffers[i];
-            flatten_into(flat, bucket);
-            self.group.all_reduce(&[flat], ReduceOp::Sum)?;
-            // The mean over ranks, written straight back into the gradients (one pass).
-            tch::no_grad(|| {
-                let mut offset = 0i64;
-                for g in bucket {
-                    let n = g.numel() as i64;
-                    let _ = flat
-                        .narrow(0, offset, n)
-                        .view(g.size().as_slice())
-                        .div_scalar_out(g, world);
-                    offset += n;
-                }
-            });
+            None => self.reducer.prepare(sync, &[]),
         }
-        Ok(())
+    }
+
+    fn after_backward(&self) -> Result<(), DistError> {
+        self.reducer.check_finalized()
     }
 }
 
-/// Consecutive runs of same-dtype, same-device tensors of at most about `bytes` each.
-fn buckets(tensors: &[Tensor], bytes: usize) -> Vec<Vec<Tensor>> {
-    let mut out: Vec<Vec<Tensor>> = Vec::new();
-    let mut size = 0usize;
-    for t in tensors {
-        let t_bytes = t.numel() * t.kind().elt_size_in_bytes();
-        let fits = out.last().is_some_and(|b| {
-            b[0].kind() == t.kind() && b[0].device() == t.device() && size + t_bytes <= bytes
-        });
-        if !fits {
-            out.push(Vec::new());
-            size = 0;
-        }
-        size += t_bytes;
-        if let Some(b) = out.last_mut() {
-            b.push(t.shallow_clone());
-        }
-    }
-    out
-}
-
-fn flatten(bucket: &[Tensor]) -> Tensor {
-    tch::no_grad(|| {
-        let flat: Vec<Tensor> = bucket.iter().map(|t| t.detach().reshape([-1])).collect();
-        Tensor::cat(&flat, 0)
-    })
-}
-
-/// [`flatten`] into an existing buffer of the right size.
-fn flatten_into(out: &Tensor, bucket: &[Tensor]) {
-    tch::no_grad(|| {
-        let flat: Vec<Tensor> = bucket.iter().map(|t| t.detach().reshape([-1])).collect();
-        let _ = Tensor::cat_out(out, &flat, 0);
-    });
-}
-
-fn unflatten_into(flat: &Tensor, bucket: &[Tensor]) {
-    tch::no_grad(|| {
-        let mut offset = 0i64;
-        for t in bucket {
-            let n = t.numel() as i64;
-            let mut target = t.detach();
-            target.copy_(&flat.narrow(0, offset, n).view_(t.size()));
-            offset += n;
-        }
-    });
+/// The weights DDP reduces: those that require grad, in the order the model created them (torch's
+/// `module.parameters()` order), each once.
+fn trainable_params(model: &Clip) -> Vec<Tensor> {
+    let mut seen = std::collections::HashSet::new();
+    model
+        .var_store()
+        .trainable_variables()
+        .into_iter()
+        .filter(|t| t.requires_grad() && seen.insert(t.data_ptr() as usize))
+        .collect()
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use tch::Kind;
-
-    #[test]
-    fn buckets_split_by_size_and_dtype() {
-        let a = Tensor::zeros([10], (Kind::Float, tch::Device::Cpu));
-        let b = Tensor::zeros([10], (Kind::Float, tch::Device::Cpu));
-        let c = Tensor::zeros([3], (Kind::Double, tch::Device::Cpu));
-        let sizes: Vec<usize> = buckets(&[a.shallow_clone(), b, c], 60)
-            .iter()
-            .map(Vec::len)
-            .collect();
-        // 40 + 40 > 60 bytes: a and b apart; the f64 tensor starts its own bucket.
-        assert_eq!(sizes, vec![1, 1, 1]);
-        assert_eq!(buckets(&[a.shallow_clone(), a], 80).len(), 1);
-    }
-
-    #[test]
-    fn flatten_round_trips() {
-        let x = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]);
-        let y = Tensor::arange(4, (Kind::Float, tch::Device::Cpu));
-        let flat = flatten(&[x.shallow_clone(), y.shallow_clone()]) * 2.0;
-        unflatten_into(&flat, &[x.shallow_clone(), y.shallow_clone()]);
-        assert_eq!(x.view([-1]).int64_value(&[5]), 10);
-        assert_eq!(y.int64_value(&[3]), 6);
-    }
 
     #[test]
     fn flags_map_like_cn_clip() {

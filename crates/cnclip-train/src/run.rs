@@ -450,16 +450,19 @@ fn train_with<T: ImageTransform + 'static>(
     }
     let trainer_config = trainer_config(config, total_steps, rank)?;
     let bn_mode = batch_norm_mode(config, ddp);
-    let make_trainer = |mut model: Clip| {
+    let make_trainer = |mut model: Clip| -> Result<Trainer, RunError> {
         model.set_batch_norm_mode(bn_mode.clone());
-        match ddp {
+        Ok(match ddp {
             Some(d) => {
                 let mut t = Trainer::with_gather(model, trainer_config, d.gather());
-                t.set_gradient_sync(d.gradient_sync());
+                // After the trainer froze and converted the weights: the reducer holds the
+                // trainable ones only.
+                let sync = d.gradient_sync(t.model())?;
+                t.set_gradient_sync(sync);
                 t
             }
             None => Trainer::new(model, trainer_config),
-        }
+        })
     };
     if let Some(d) = ddp {
         let resuming = u64::from(resume.is_some());
@@ -480,7 +483,7 @@ fn train_with<T: ImageTransform + 'static>(
     let (mut trainer, mut position) = match resume {
         Some(r) => {
             let loaded = checkpoint::load_onto(&r.dir, &r.stem, model)?;
-            let mut trainer = make_trainer(loaded.model);
+            let mut trainer = make_trainer(loaded.model)?;
             if r.optimizer {
                 checkpoint::restore(
                     &mut trainer,
@@ -500,7 +503,7 @@ fn train_with<T: ImageTransform + 'static>(
             trainer.set_step(position.step);
             (trainer, position)
         }
-        None => (make_trainer(model), fresh),
+        None => (make_trainer(model)?, fresh),
     };
     if let Some(teacher) = teacher {
         trainer.set_distillation(teacher, config.kd_loss_weight);

@@ -54,6 +54,7 @@ use crate::run::{Resume, RunConfig, RunError, RunSummary, check_model};
 use cnclip_model::{Clip, ClipConfig, LoadOptions, WeightFormat};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use torch_ext::reducer::CommHook;
 
 /// A run ready to train: model on its device, process group joined, resume decided.
 pub struct Session {
@@ -140,16 +141,27 @@ impl Session {
                 };
                 let mode = GatherMode::from_flags(config.gather_with_grad, config.skip_aggregate);
                 let timeout = Duration::from_secs(config.dist_timeout);
-                let ddp = Ddp::init(env, backend, timeout, mode).map_err(|e| {
-                    setup(format!(
-                        "rank {} of {} could not join the run at {}:{}: {e}",
-                        env.rank, env.world_size, env.master_addr, env.master_port
-                    ))
-                })?;
+                let hook = match config.ddp_comm_hook {
+                    cnclip_train_config::DdpCommHook::None => CommHook::None,
+                    cnclip_train_config::DdpCommHook::Fp16 => CommHook::Fp16,
+                    cnclip_train_config::DdpCommHook::Bf16 => CommHook::Bf16,
+                };
+                let ddp = Ddp::init(env, backend, timeout, mode)
+                    .map_err(|e| {
+                        setup(format!(
+                            "rank {} of {} could not join the run at {}:{}: {e}",
+                            env.rank, env.world_size, env.master_addr, env.master_port
+                        ))
+                    })?
+                    .with_comm_hook(hook)
+                    .with_find_unused_parameters(config.ddp_find_unused_parameters);
                 notes.push(format!(
-                    "distributed: {} ranks over {}, gather mode {mode:?}, device {device:?}",
+                    "distributed: {} ranks over {}, gather mode {mode:?}, device {device:?}, \
+                     torch's reducer (comm hook {}, find_unused_parameters {})",
                     env.world_size,
-                    backend.name()
+                    backend.name(),
+                    hook.name(),
+                    config.ddp_find_unused_parameters
                 ));
                 Some(ddp)
             }

@@ -5,8 +5,8 @@
 //! cached without gradient, then each micro-batch re-run with gradient against the cached others).
 //!
 //! Data loading and checkpoints feed into this from outside; DDP plugs in through two hooks: the
-//! [`FeatureGather`] that assembles the loss's rows, and a [`GradientSync`] run between backward
-//! and the optimizer.
+//! [`FeatureGather`] that assembles the loss's rows, and a [`GradientSync`] told before every
+//! backward pass whether it reduces (torch's reducer averages inside the backward pass).
 
 use crate::amp::GradScaler;
 use crate::distill::{Teacher, cosine_similarity_loss};
@@ -81,16 +81,31 @@ pub enum TrainError {
     Autocast(#[from] torch_ext::AutocastError),
     #[error(transparent)]
     Optimizer(#[from] crate::optim::OptimError),
+    #[error(
+        "the backward pass failed (under DDP, possibly the gradient all-reduce inside it): {0}"
+    )]
+    Backward(tch::TchError),
     /// A collective failed: a peer died, or it did not answer within the process group's timeout.
     #[error(transparent)]
     Dist(#[from] torch_ext::dist::DistError),
 }
 
-/// What happens to the gradients between the backward pass and the optimizer: DDP's all-reduce
-/// ([`crate::ddp::Ddp`]). Called once per optimizer step with the optimizer's parameter gradients
-/// (undefined for frozen parameters), before AMP unscales them.
+/// DDP's gradient averaging ([`crate::ddp::Ddp::gradient_sync`]), which happens inside the backward
+/// passes (torch's reducer all-reduces from autograd hooks), so the trainer only tells it when
+/// a backward pass is coming and when the step's last one is done.
 pub trait GradientSync {
-    fn sync(&self, grads: &[Tensor]) -> Result<(), torch_ext::dist::DistError>;
+    /// Right before each backward pass that produces parameter gradients. `sync`: this pass
+    /// averages the gradients over the ranks (the step's last micro-batch); otherwise they only
+    /// accumulate locally (torch's `no_sync`). `outputs`: the tensors the pass starts from, or
+    /// `None` for a staged (gradient-checkpointed) backward whose graph is not all there yet.
+    fn before_backward(
+        &self,
+        sync: bool,
+        outputs: Option<&[&Tensor]>,
+    ) -> Result<(), torch_ext::dist::DistError>;
+    /// After the step's last backward pass, before AMP unscales the gradients: fails unless
+    /// they were all averaged.
+    fn after_backward(&self) -> Result<(), torch_ext::dist::DistError>;
 }
 
 pub struct Trainer {
@@ -167,7 +182,8 @@ impl Trainer {
         &self.model
     }
 
-    /// Installs the gradient synchronisation every optimizer step runs after backward.
+    /// Installs DDP's gradient averaging (build it from [`Trainer::model`], after this trainer
+    /// applied the freeze and precision).
     pub fn set_gradient_sync(&mut self, sync: Box<dyn GradientSync>) {
         self.sync = Some(sync);
     }
@@ -222,7 +238,7 @@ impl Trainer {
                 Some((t, _)) => Some(self.autocast(|| t.features(images))?),
                 None => None,
             };
-            self.forward_backward(images, texts, 0, teacher.as_ref(), |img, txt| {
+            self.forward_backward(images, texts, 0, true, teacher.as_ref(), |img, txt| {
                 (img.shallow_clone(), txt.shallow_clone())
             })?
         } else {
@@ -243,7 +259,7 @@ impl Trainer {
             self.accumulated_backward()?
         };
         if let Some(sync) = &self.sync {
-            sync.sync(&self.optimizer.grads())?;
+            sync.after_backward()?;
         }
         let skipped = match &self.scaler {
             Some(scaler) => scaler.unscale(&self.optimizer.grads()),
@@ -294,12 +310,14 @@ impl Trainer {
     }
 
     /// Forward in training mode (checkpointed or recorded), the loss over the rows `rows` builds
-    /// from this micro-batch's features, the finiteness check, and the backward pass.
+    /// from this micro-batch's features, the finiteness check, and the backward pass (`sync`: the
+    /// one that averages the gradients over the ranks under DDP).
     fn forward_backward(
         &self,
         images: &Tensor,
         texts: &Tensor,
         micro_batch: usize,
+        sync: bool,
         teacher: Option<&Tensor>,
         rows: impl Fn(&Tensor, &Tensor) -> (Tensor, Tensor),
     ) -> Result<ContrastiveOutput, TrainError> {
@@ -336,7 +354,11 @@ impl Trainer {
                 let (out, seed) =
                     self.loss_and_seed(&img, &txt, &fwd.logit_scale, teacher, &scaled)?;
                 check(&out)?;
-                fwd.backward(&self.model, &seed);
+                if let Some(s) = &self.sync {
+                    s.before_backward(sync, None)?;
+                }
+                fwd.try_backward(&self.model, &seed)
+                    .map_err(TrainError::Backward)?;
                 Ok(out)
             } else {
                 let (img, txt, scale) =
@@ -345,7 +367,12 @@ impl Trainer {
                 let (img, txt) = rows(&img, &txt);
                 let (out, seed) = self.loss_and_seed(&img, &txt, &scale, teacher, &scaled)?;
                 check(&out)?;
-                seed.backward();
+                if let Some(s) = &self.sync {
+                    s.before_backward(sync, Some(&[&seed]))?;
+                }
+                // Under DDP the reducer's all-reduce runs inside backward: a dead or stalled
+                // peer surfaces here, as an error rather than a panic.
+                seed.f_backward().map_err(TrainError::Backward)?;
                 Ok(out)
             }
         })?
@@ -444,9 +471,12 @@ impl Trainer {
                     .collect();
                 Tensor::cat(&parts, 0)
             };
-            let out = self.forward_backward(images, texts, j, teacher.as_ref(), |img, txt| {
-                (rows(img, |p| &p.2), rows(txt, |p| &p.3))
-            })?;
+            // Only the last micro-batch's backward reduces (torch's `no_sync` on the others).
+            let sync = j + 1 == pending.len();
+            let out =
+                self.forward_backward(images, texts, j, sync, teacher.as_ref(), |img, txt| {
+                    (rows(img, |p| &p.2), rows(txt, |p| &p.3))
+                })?;
             last = Some(out);
         }
         last.ok_or(TrainError::EmptyAccumulationGroup)

@@ -129,6 +129,23 @@ pub fn validate_with_features<T: ImageTransform + 'static>(
     )
 }
 
+/// Rank 0's BatchNorm statistics on every rank. torch's DDP broadcasts module buffers from rank 0
+/// before each forward (`broadcast_buffers=True`, cn_clip's setting); the only buffers of cn_clip's
+/// models are the ResNet's BatchNorm statistics, which each rank otherwise updates from its own
+/// batch (without `--use-bn-sync`). With them every rank encodes its share as rank 0's model — the
+/// one a single process would validate (and the one rank 0 saves). ViTs have none: nothing is sent.
+fn broadcast_batch_norm_statistics(model: &Clip, group: &ProcessGroup) -> Result<(), ValidationError> {
+    let buffers = model.named_tensors().into_iter().filter(|(key, _)| {
+        key.ends_with(".running_mean")
+            || key.ends_with(".running_var")
+            || key.ends_with(".num_batches_tracked")
+    });
+    for (_, tensor) in buffers {
+        group.broadcast(&[&tensor], 0)?;
+    }
+    Ok(())
+}
+
 /// [`validate_with_features`] as one rank of `group` (`None`: one process). Every rank of the
 /// group must call it with the same split and settings; each encodes its share, and all return
 /// the same result (equal, bit for bit, to one process's).
@@ -150,6 +167,9 @@ pub fn validate_in<T: ImageTransform + ?Sized>(
         ));
     }
     let batch = batch_size.max(1);
+    if let Some(group) = group {
+        broadcast_batch_norm_statistics(model, group)?;
+    }
     // The pairs in order (cn_clip's validation sampler does not shuffle), their distinct images
     // and texts in ascending id order, and the text→images ground truth.
     let reader = split.pairs().reader()?;

@@ -26,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use torch_ext::dist::Backend;
+use torch_ext::reducer::CommHook;
 
 const WORLD: usize = 2;
 const BATCH: i64 = 3; // per rank
@@ -174,35 +175,60 @@ fn worker(args: &[String]) -> Result<()> {
         // worker steps MODE OUT [DIE_AFTER]: STEPS optimizer steps of the tiny model on this
         // rank's half of each global batch; rank 0 writes the weights to OUT.
         Some("steps") => {
-            // MODE may end in "+ckpt": gradient checkpointing (its staged backward) on.
-            // MODE may end in "+kd": distillation from `teacher()`.
+            // MODE may carry suffixes: "+ckpt" gradient checkpointing (its staged backward),
+            // "+kd" distillation from `teacher()`, "+accum2" two micro-batches per step (rows
+            // 2 + 1), "+frozen" the vision tower frozen with find_unused_parameters on,
+            // "+fp16hook"/"+bf16hook" the compression comm hooks (one step only).
             let spec = args.get(1).context("mode")?;
-            let (spec, kd) = match spec.strip_suffix("+kd") {
-                Some(spec) => (spec, true),
-                None => (spec.as_str(), false),
+            let mut parts = spec.split('+');
+            let mode = parse_mode(parts.next().context("mode")?)?;
+            let flags: Vec<&str> = parts.collect();
+            for f in &flags {
+                ensure!(
+                    ["ckpt", "kd", "accum2", "frozen", "fp16hook", "bf16hook"].contains(f),
+                    "unknown mode suffix {f:?}"
+                );
+            }
+            let has = |f: &str| flags.contains(&f);
+            let (kd, checkpointing, accum) = (has("kd"), has("ckpt"), has("accum2"));
+            let hook = if has("fp16hook") {
+                CommHook::Fp16
+            } else if has("bf16hook") {
+                CommHook::Bf16
+            } else {
+                CommHook::None
             };
-            let (name, checkpointing) = match spec.strip_suffix("+ckpt") {
-                Some(name) => (name, true),
-                None => (spec, false),
-            };
-            let mode = parse_mode(name)?;
             let out = PathBuf::from(args.get(2).context("out")?);
             let die_after: Option<u64> = args.get(3).map(|s| s.parse()).transpose()?;
-            let steps: u64 = if die_after.is_some() { 1000 } else { STEPS };
+            let steps: u64 = match (die_after, hook) {
+                (Some(_), _) => 1000,
+                (None, CommHook::None) => STEPS,
+                (None, _) => 1,
+            };
             let timeout = match std::env::var("CNCLIP_TEST_TIMEOUT_MS") {
                 Ok(ms) => Duration::from_millis(ms.parse()?),
                 Err(_) => TIMEOUT,
             };
-            let ddp = Ddp::init(&env, Backend::Gloo, timeout, mode)?.with_bucket_bytes(4096);
+            let ddp = Ddp::init(&env, Backend::Gloo, timeout, mode)?
+                .with_bucket_bytes(4096)
+                .with_comm_hook(hook)
+                .with_find_unused_parameters(has("frozen"));
             // Different initial weights per rank: the broadcast from rank 0 must fix them.
             let model = model(7 + env.rank as i64);
             ddp.broadcast_model(&model)?;
             let config = TrainerConfig {
                 grad_checkpointing: checkpointing,
+                accum_freq: if accum { 2 } else { 1 },
+                freeze: if has("frozen") {
+                    Freeze::VISION
+                } else {
+                    Freeze::NONE
+                },
                 ..trainer_config()
             };
             let mut trainer = Trainer::with_gather(model, config, ddp.gather());
-            trainer.set_gradient_sync(ddp.gradient_sync());
+            let sync = ddp.gradient_sync(trainer.model())?;
+            trainer.set_gradient_sync(sync);
             if kd {
                 trainer.set_distillation(teacher(), KD_WEIGHT);
             }
@@ -212,10 +238,21 @@ fn worker(args: &[String]) -> Result<()> {
                     std::process::exit(3);
                 }
                 let (images, texts) = global_batch(step % 5);
-                let rows = |t: &Tensor| t.narrow(0, env.rank as i64 * BATCH, BATCH);
-                let report = trainer
-                    .train_batch(&rows(&images), &rows(&texts))?
-                    .context("no accumulation")?;
+                let start = env.rank as i64 * BATCH;
+                let rows = |t: &Tensor| t.narrow(0, start, BATCH);
+                let report = if accum {
+                    let first = |t: &Tensor| t.narrow(0, start, 2);
+                    let rest = |t: &Tensor| t.narrow(0, start + 2, BATCH - 2);
+                    ensure!(
+                        trainer
+                            .train_batch(&first(&images), &first(&texts))?
+                            .is_none()
+                    );
+                    trainer.train_batch(&rest(&images), &rest(&texts))?
+                } else {
+                    trainer.train_batch(&rows(&images), &rows(&texts))?
+                }
+                .context("the step did not complete")?;
                 losses.push(report.loss);
                 println!("step {}", report.step);
             }
@@ -296,14 +333,43 @@ type StepScales = Vec<(f64, BTreeMap<String, f64>)>;
 /// The single-process run of `mode`: final model, logged losses, and each step's rate and
 /// gradient scales for the rounding bound.
 fn reference(mode: GatherMode, kd: bool) -> Result<(Clip, Vec<f64>, StepScales)> {
+    reference_with(mode, kd, &Variant::default())
+}
+
+/// What a DDP run adds on top of a gather mode (see the worker's MODE suffixes).
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    /// Micro-batches per step: cn_clip's accumulation differentiates the scale through every
+    /// micro-batch's loss, so `logit_scale` gets `accum` times its gradient.
+    accum: usize,
+    freeze: Freeze,
+    steps: u64,
+}
+
+impl Default for Variant {
+    fn default() -> Self {
+        Self {
+            accum: 1,
+            freeze: Freeze::NONE,
+            steps: STEPS,
+        }
+    }
+}
+
+fn reference_with(
+    mode: GatherMode,
+    kd: bool,
+    variant: &Variant,
+) -> Result<(Clip, Vec<f64>, StepScales)> {
     let model = model(7);
     let teacher = teacher();
     let config = trainer_config();
+    variant.freeze.apply(&model);
     let mut optimizer = AdamW::for_model(&model, config.adamw);
     let logit_scale = model.named_tensors()["logit_scale"].shallow_clone();
     let mut losses = Vec::new();
     let mut steps = Vec::new();
-    for step in 0..STEPS {
+    for step in 0..variant.steps {
         let (images, texts) = global_batch(step);
         optimizer.zero_grad();
         let loss_of = |img: &Tensor, txt: &Tensor| -> Result<Tensor> {
@@ -321,12 +387,15 @@ fn reference(mode: GatherMode, kd: bool) -> Result<(Clip, Vec<f64>, StepScales)>
                 let loss = loss_of(&images, &texts)?;
                 loss.backward();
                 if mode == GatherMode::Aggregate {
-                    let scale_grad = logit_scale.grad();
+                    let mut scale_grad = logit_scale.grad();
                     for g in optimizer.grads() {
                         if g.defined() && g.data_ptr() != scale_grad.data_ptr() {
                             let mut g = g;
                             let _ = g.g_div_scalar_(WORLD as f64);
                         }
+                    }
+                    if variant.accum > 1 {
+                        let _ = scale_grad.g_mul_scalar_(variant.accum as f64);
                     }
                 }
                 loss.double_value(&[])
@@ -515,6 +584,166 @@ fn two_ranks_equal_one_process() -> Result<()> {
                 );
             }
         }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Rank 0's final weights and logged losses.
+type RunOutput = (Vec<(String, Tensor)>, Vec<f64>);
+
+/// Two ranks of `spec` (see the worker).
+fn run_spec(dir: &Path, spec: &str) -> Result<RunOutput> {
+    let out = dir.join(format!("{spec}.safetensors"));
+    let port = free_port()?;
+    let deadline = Instant::now() + DEADLINE;
+    let out_s = out.to_string_lossy().to_string();
+    let children: Vec<Child> = (0..WORLD)
+        .map(|r| spawn_worker(r, port, &["steps", spec, &out_s]))
+        .collect::<Result<_>>()?;
+    for (r, child) in children.into_iter().enumerate() {
+        let (ok, _, err, _) = finish(child, deadline)?;
+        ensure!(ok, "{spec} rank {r} failed:\n{err}");
+    }
+    let losses = serde_json::from_str(&std::fs::read_to_string(out.with_extension("json"))?)?;
+    Ok((Tensor::read_safetensors(&out)?, losses))
+}
+
+/// Per tensor, the largest `(|a_0| + |a_1|)/2` over its elements at the initial weights, where
+/// `a_r` is rank r's gradient before DDP averages it in the default gather mode: the global
+/// batch's loss differentiated through rank r's rows only (the other rows are constants there).
+fn local_gradient_scales() -> Result<BTreeMap<String, f64>> {
+    let model = model(7);
+    let (images, texts) = global_batch(0);
+    let named = model.named_tensors();
+    let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
+    for r in 0..WORLD as i64 {
+        for p in named.values() {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let (i, t, scale) = model.forward_t(&images, &texts, true);
+        let only_r = |x: &Tensor| {
+            let parts: Vec<Tensor> = (0..WORLD as i64)
+                .map(|q| {
+                    let rows = x.narrow(0, q * BATCH, BATCH);
+                    if q == r { rows } else { rows.detach() }
+                })
+                .collect();
+            Tensor::cat(&parts, 0)
+        };
+        contrastive_loss(&only_r(&i), &only_r(&t), &scale, &LocalOnly)?
+            .loss
+            .backward();
+        for (k, p) in &named {
+            let g = p.grad();
+            if g.defined() {
+                let a = g.abs();
+                let sum = match sums.remove(k) {
+                    Some(s) => s + a,
+                    None => a,
+                };
+                sums.insert(k.clone(), sum);
+            }
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(k, v)| (k, (v / WORLD as f64).max().double_value(&[])))
+        .collect())
+}
+
+/// torch's reducer beyond the plain step, each against its single-process equivalent:
+/// accumulation (`no_sync` on the first micro-batch, one reduction in the second), a frozen tower
+/// with find_unused_parameters on, and the fp16/bf16 compression hooks.
+fn reducer_variants_equal_one_process() -> Result<()> {
+    let dir = temp("variants")?;
+    let check = |spec: &str,
+                 want: &Clip,
+                 got: &[(String, Tensor)],
+                 bounds: &BTreeMap<String, f64>| {
+        let (diff, bound) = worst_against(want, got, bounds)?;
+        println!("{spec}: max |DDP − single process| = {diff:e} (its tensor's bound {bound:e})");
+        ensure!(
+            diff <= bound,
+            "{spec}: weights differ by {diff:e} from the single-process equivalent (bound {bound:e})"
+        );
+        Ok(bounds.values().copied().fold(0.0, f64::max))
+    };
+    let (plain, _, _) = reference(GatherMode::Aggregate, false)?;
+
+    // Accumulation: the same weights as one process on the global batch with logit_scale's
+    // gradient doubled (and far from the run without the doubling).
+    let accum = Variant {
+        accum: 2,
+        ..Variant::default()
+    };
+    let (want, _, steps) = reference_with(GatherMode::Aggregate, false, &accum)?;
+    let (got, _) = run_spec(&dir, "aggregate+accum2")?;
+    let bound = check("aggregate+accum2", &want, &got, &weight_bounds(&steps))?;
+    let d = max_diff(&plain, &got)?;
+    ensure!(
+        d > 10.0 * bound,
+        "accumulation is indistinguishable from no accumulation ({d:e})"
+    );
+
+    // A frozen vision tower (not in the reducer) with find_unused_parameters on.
+    let frozen = Variant {
+        freeze: Freeze::VISION,
+        ..Variant::default()
+    };
+    let (want, _, steps) = reference_with(GatherMode::Aggregate, false, &frozen)?;
+    let (got, _) = run_spec(&dir, "aggregate+frozen")?;
+    let bound = check("aggregate+frozen", &want, &got, &weight_bounds(&steps))?;
+    let initial = model(7).named_tensors();
+    for (k, t) in got.iter().filter(|(k, _)| k.starts_with("visual.")) {
+        ensure!(t.equal(&initial[k]), "frozen {k} moved");
+    }
+    let d = max_diff(&plain, &got)?;
+    ensure!(
+        d > 10.0 * bound,
+        "the frozen run is indistinguishable from the full one ({d:e})"
+    );
+
+    // Compression hooks, one step. Rank r's gradient a_r is rounded to the hook's dtype (relative
+    // error u), halved (exact, except below the normal range: absolute error η), and the two
+    // halves summed with one more rounding: |hook − (a_0 + a_1)/2| ≤ (2u + u²)·(|a_0| + |a_1|)/2
+    // + 4η elementwise (u = 2⁻¹¹, η = 2⁻²⁵ for fp16; u = 2⁻⁸, η = 2⁻¹³⁴ for bf16). The first
+    // AdamW step lr·g/(|g| + ε) (m̂ = g, v̂ = g²) moves by at most lr·|Δg| (ε = 1), so each tensor's
+    // bound is the fp32 one plus 2·lr·2·((2u + u²)·h + 4η), h its largest (|a_0| + |a_1|)/2 — the
+    // same doubling as `weight_bounds`.
+    let one = Variant {
+        steps: 1,
+        ..Variant::default()
+    };
+    let (want, _, steps) = reference_with(GatherMode::Aggregate, false, &one)?;
+    let fp32 = weight_bounds(&steps);
+    let h = local_gradient_scales()?;
+    let lr = steps[0].0;
+    for (spec, u, eta) in [
+        ("aggregate+fp16hook", 2f64.powi(-11), 2f64.powi(-25)),
+        ("aggregate+bf16hook", 2f64.powi(-8), 2f64.powi(-134)),
+    ] {
+        let bounds: BTreeMap<String, f64> = fp32
+            .iter()
+            .map(|(k, b)| {
+                let hk = h.get(k).copied().unwrap_or(0.0);
+                (
+                    k.clone(),
+                    b + 2.0 * lr * 2.0 * ((2.0 * u + u * u) * hk + 4.0 * eta),
+                )
+            })
+            .collect();
+        let (got, _) = run_spec(&dir, spec)?;
+        check(spec, &want, &got, &bounds)?;
+        // The compression must show: some tensor is off by more than fp32 rounding allows.
+        let (d, b) = worst_against(&want, &got, &fp32)?;
+        ensure!(
+            d > b,
+            "{spec} is within fp32 rounding ({d:e} ≤ {b:e}): no compression?"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -744,8 +973,12 @@ fn main() -> Result<()> {
     }
     // `cargo test` passes harness flags (e.g. --nocapture); a name filter runs matching tests only.
     let filter = args.iter().find(|a| !a.starts_with('-')).cloned();
-    let tests: [(&str, TestFn); 6] = [
+    let tests: [(&str, TestFn); 7] = [
         ("two_ranks_equal_one_process", two_ranks_equal_one_process),
+        (
+            "reducer_variants_equal_one_process",
+            reducer_variants_equal_one_process,
+        ),
         (
             "rendezvous_timeout_is_an_error",
             rendezvous_timeout_is_an_error,

@@ -78,3 +78,96 @@ fn two_ranks_validate_as_one_process() {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+/// A ResNet tower's BatchNorm statistics drift apart between ranks when each updates them from its
+/// own batch (training without `--use-bn-sync`); validation must still be one process's with rank
+/// 0's model, as torch's DDP (which broadcasts buffers from rank 0) gives. Rank 1 starts from
+/// statistics far from rank 0's; both ranks' results must equal a single process's on rank 0's
+/// model, bit for bit (the gathered rows are the same computations on the same weights).
+#[test]
+fn ranks_validate_with_rank_0_batch_norm_statistics() {
+    let config = cnclip_model::ClipConfig::from_json_str(
+        r#"{"embed_dim":16,"image_resolution":64,"vision_layers":"[1,1,1,1]","vision_width":8,
+            "vision_patch_size":null,"vocab_size":21128,"text_attention_probs_dropout_prob":0.0,
+            "text_hidden_act":"gelu","text_hidden_dropout_prob":0.0,"text_hidden_size":24,
+            "text_initializer_range":0.02,"text_intermediate_size":48,"text_max_position_embeddings":64,
+            "text_num_attention_heads":2,"text_num_hidden_layers":2,"text_type_vocab_size":2}"#,
+        "tiny ResNet",
+    )
+    .unwrap();
+    let reference = cnclip_model::Clip::new(&config, tch::Device::Cpu);
+    // Statistics unlike the initial zeros/ones, so a rank that kept its own would encode otherwise.
+    tch::no_grad(|| {
+        for (key, t) in reference.named_tensors() {
+            if key.ends_with(".running_mean") {
+                let _ = t.shallow_clone().fill_(0.25);
+            } else if key.ends_with(".running_var") {
+                let _ = t.shallow_clone().fill_(2.0);
+            }
+        }
+    });
+    let state: Vec<(String, tch::Tensor)> = reference
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.detach().copy()))
+        .collect();
+    let copy_of = |rank: usize| {
+        let model = cnclip_model::Clip::new(&config, tch::Device::Cpu);
+        let tensors = model.named_tensors();
+        tch::no_grad(|| {
+            for (key, value) in &state {
+                let target = tensors[key].shallow_clone();
+                if rank == 1 && key.ends_with(".running_var") {
+                    let _ = target.copy_(&(value * 5.0));
+                } else {
+                    let _ = target.copy_(value);
+                }
+            }
+        });
+        model
+    };
+
+    let split = LmdbSplit::open(lmdb("valid-ddp-bn")).unwrap();
+    let prep = Preprocessor::new(64).unwrap();
+    let text = TextPipeline::new(RunConfig::default().context_length).unwrap();
+    let batch = 3;
+    let single = validate_in(&copy_of(0), &split, &prep, &text, batch, 1, None, &mut |_, _| {})
+        .unwrap();
+    let port = free_port().unwrap();
+    let timeout = Duration::from_secs(60);
+    let (split, prep, text, copy_of) = (&split, &prep, &text, &copy_of);
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                scope.spawn(move || {
+                    let model = copy_of(rank);
+                    let store = Store::tcp("127.0.0.1", port, 2, rank == 0, timeout).unwrap();
+                    let loopback = GlooDevice::Hostname("127.0.0.1".into());
+                    let group =
+                        ProcessGroup::gloo(&store, "validate-bn", rank, 2, timeout, &loopback)
+                            .unwrap();
+                    let result =
+                        validate_in(&model, split, prep, text, batch, 1, Some(&group), &mut |_, _| {})
+                            .unwrap();
+                    let var = model
+                        .named_tensors()
+                        .into_iter()
+                        .find(|(k, _)| k.ends_with(".running_var"))
+                        .map(|(_, t)| t.double_value(&[0]))
+                        .unwrap();
+                    (result, var)
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for (rank, ((v, features, _), var)) in results.into_iter().enumerate() {
+        assert_eq!(v, single.0, "rank {rank}");
+        assert_eq!(features.images, single.1.images, "rank {rank}");
+        assert_eq!(var, 2.0, "rank {rank} holds rank 0's statistics");
+    }
+    for tag in ["raw-valid-ddp-bn", "lmdb-valid-ddp-bn"] {
+        let dir = std::env::temp_dir().join(format!("cnclip-train-{}-{tag}", std::process::id()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

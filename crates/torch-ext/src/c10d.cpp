@@ -94,6 +94,11 @@ c10d::ReduceOp reduce_op(int op) {
 
 }  // namespace
 
+// For reducer.cpp: the backend behind a group handle (C++ linkage, not part of the C API).
+c10::intrusive_ptr<c10d::Backend> cnclip_c10d_backend_of(void* group) {
+  return static_cast<Group*>(group)->backend;
+}
+
 extern "C" {
 
 void cnclip_c10d_free_error(char* message) { std::free(message); }

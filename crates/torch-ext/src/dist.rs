@@ -110,7 +110,7 @@ pub enum DistError {
 }
 
 /// Takes ownership of a shim error message.
-fn take_error(raw: *mut c_char) -> Option<String> {
+pub(crate) fn take_error(raw: *mut c_char) -> Option<String> {
     if raw.is_null() {
         return None;
     }
@@ -398,7 +398,13 @@ impl ProcessGroup {
         self.timeout
     }
 
-    fn result(&self, op: &'static str, error: *mut c_char) -> Result<(), DistError> {
+    /// The shim's handle, for [`crate::reducer`].
+    pub(crate) fn raw_handle(&self) -> *mut std::ffi::c_void {
+        self.raw.cast()
+    }
+
+    /// A shim error of this group's collective `op` as a [`DistError::Collective`].
+    pub(crate) fn result(&self, op: &'static str, error: *mut c_char) -> Result<(), DistError> {
         match take_error(error) {
             Some(message) => Err(DistError::Collective {
                 op,
@@ -423,8 +429,7 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Reduces each tensor in place over all ranks (one collective per tensor, in order: callers
-    /// flatten small tensors into buckets first).
+    /// Reduces each tensor in place over all ranks (one collective per tensor, in order).
     pub fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<(), DistError> {
         Self::dense("all_reduce", tensors)?;
         let ptrs: Vec<TensorPtr> = tensors.iter().map(|t| t.as_ptr().cast_mut()).collect();

@@ -13,6 +13,7 @@ mod autocast;
 mod cuda;
 mod device;
 pub mod dist;
+pub mod reducer;
 pub mod sync_bn;
 mod view;
 

@@ -52,6 +52,20 @@ pub enum TrainPrecision {
     Bf16,
 }
 
+/// The DDP communication hook (`--ddp-comm-hook`; torch's `register_comm_hook`, not in cn_clip).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DdpCommHook {
+    /// All-reduce the gradient buckets in their own dtype (DDP without a hook).
+    #[default]
+    None,
+    /// torch's built-in `FP16_COMPRESS`: each bucket cast to fp16 and divided by the world size
+    /// before the all-reduce, cast back after (half the bytes on the wire).
+    Fp16,
+    /// The same with bf16 (torch's `bf16_compress_hook`): fp32's range, fewer mantissa bits.
+    Bf16,
+}
+
 /// LoRA adapters instead of full fine-tuning (not in cn_clip).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -343,6 +357,16 @@ pub struct RunConfig {
     /// Seconds a process waits for the others (rendezvous and each collective) before failing.
     #[arg(long = "dist-timeout", default_value_t = 1800)]
     pub dist_timeout: u64,
+    /// How DDP's reducer communicates the gradient buckets: none, fp16 or bf16 (compressed to that
+    /// dtype for the all-reduce, as torch's fp16/bf16 compress hooks) [default: none].
+    #[arg(long = "ddp-comm-hook", value_enum, default_value_t = DdpCommHook::None)]
+    pub ddp_comm_hook: DdpCommHook,
+    /// DDP's `find_unused_parameters`: each step searches the loss's graph for trainable weights
+    /// that get no gradient and reduces them as zeros. Frozen weights (`--freeze-vision`, LoRA's
+    /// base) are never in DDP's reducer and need no search; not with `--grad-checkpointing`, whose
+    /// staged backward hides the checkpointed blocks from the search [default: off, as cn_clip].
+    #[arg(long = "ddp-find-unused-parameters")]
+    pub ddp_find_unused_parameters: bool,
 }
 
 impl Default for RunConfig {
@@ -404,6 +428,8 @@ impl Default for RunConfig {
             dropout_seed: None,
             dist_backend: None,
             dist_timeout: 1800,
+            ddp_comm_hook: DdpCommHook::None,
+            ddp_find_unused_parameters: false,
         }
     }
 }
@@ -518,6 +544,14 @@ impl RunConfig {
         positive("batch-size", self.batch_size as u64)?;
         positive("valid-batch-size", self.valid_batch_size as u64)?;
         positive("accum-freq", self.accum_freq as u64)?;
+        if self.ddp_find_unused_parameters && self.grad_checkpointing {
+            return Err(bad(
+                "ddp-find-unused-parameters",
+                "cannot be combined with --grad-checkpointing: the checkpointed blocks run in \
+                 later backward passes the search from the loss cannot see (torch fails the same \
+                 way with reentrant checkpointing; cn_clip uses neither)",
+            ));
+        }
         positive("log-interval", self.log_interval)?;
         positive("context-length", self.context_length as u64)?;
         if self.context_length < 2 {
@@ -754,6 +788,25 @@ mod tests {
             ..RunConfig::default()
         };
         assert_eq!(parsed, expected);
+    }
+
+    #[test]
+    fn ddp_flags_parse_and_find_unused_refuses_checkpointing() {
+        let c = parse(&["--train-data=t", "--ddp-comm-hook", "bf16"]);
+        assert_eq!(c.ddp_comm_hook, DdpCommHook::Bf16);
+        assert!(!c.ddp_find_unused_parameters);
+        let c: RunConfig =
+            toml::from_str("train-data = \"t\"\nddp-comm-hook = \"fp16\"\n").unwrap();
+        assert_eq!(c.ddp_comm_hook, DdpCommHook::Fp16);
+        let c = parse(&[
+            "--train-data=t",
+            "--ddp-find-unused-parameters",
+            "--grad-checkpointing",
+        ]);
+        assert_eq!(
+            c.check().map_err(|e| e.flag),
+            Err("ddp-find-unused-parameters")
+        );
     }
 
     #[test]

@@ -52,10 +52,11 @@ fn leaf(x: &Tensor) -> Tensor {
 /// Back-propagates `grad` (the gradient of the loss w.r.t. `output`) through the graph of `output`.
 /// An output without a graph (the embeddings when all their weights are frozen, as in a LoRA run
 /// or under `--freeze-vision`) has nothing to propagate to.
-fn backward_with(output: &Tensor, grad: &Tensor) {
+fn backward_with(output: &Tensor, grad: &Tensor) -> Result<(), tch::TchError> {
     if output.requires_grad() {
-        (output * grad.detach()).sum(Kind::Float).backward();
+        (output * grad.detach()).sum(Kind::Float).f_backward()?;
     }
+    Ok(())
 }
 
 impl Clip {
@@ -150,22 +151,31 @@ fn reseed(base: i64, stage: usize) {
 
 impl CheckpointedForward {
     /// `loss.backward()` through the recorded heads, then the staged walk back through every
-    /// checkpointed block, accumulating parameter gradients into `model`.
+    /// checkpointed block, accumulating parameter gradients into `model`. Panics where
+    /// [`CheckpointedForward::try_backward`] returns an error.
     pub fn backward(self, model: &Clip, loss: &Tensor) {
-        loss.backward();
+        if let Err(e) = self.try_backward(model, loss) {
+            panic!("checkpointed backward failed: {e}");
+        }
+    }
+
+    /// [`CheckpointedForward::backward`] with libtorch's errors returned (e.g. a hook on the
+    /// gradients — DDP's reducer — that failed inside one of the staged backward passes).
+    pub fn try_backward(self, model: &Clip, loss: &Tensor) -> Result<(), tch::TchError> {
+        loss.f_backward()?;
         if let (Some((inputs, tail)), Visual::Transformer(vit)) = (&self.vision, model.visual()) {
             let mut grad = tail.grad();
             for i in (0..inputs.len()).rev() {
                 if !grad.defined() {
-                    return;
+                    return Ok(());
                 }
                 let x = leaf(&inputs[i]);
                 reseed(self.seed_base ^ VISION_STREAM, i);
-                backward_with(&vit.block(i, &x, self.train), &grad);
+                backward_with(&vit.block(i, &x, self.train), &grad)?;
                 grad = x.grad();
             }
             if grad.defined() {
-                backward_with(&vit.embed(&self.images, self.keep.as_ref()), &grad);
+                backward_with(&vit.embed(&self.images, self.keep.as_ref()), &grad)?;
             }
         }
         let bert = model.bert();
@@ -174,17 +184,18 @@ impl CheckpointedForward {
         let attention = self.ids.ne(0).to_kind(model.compute_dtype());
         for j in (0..inputs.len()).rev() {
             if !grad.defined() {
-                return;
+                return Ok(());
             }
             let x = leaf(&inputs[j]);
             let mask = super::bert::Bert::additive_mask(&attention, x.kind());
             reseed(self.seed_base, j + 1);
-            backward_with(&bert.layer(j, &x, &mask, self.train), &grad);
+            backward_with(&bert.layer(j, &x, &mask, self.train), &grad)?;
             grad = x.grad();
         }
         if grad.defined() {
             reseed(self.seed_base, 0);
-            backward_with(&bert.embed(&self.ids, self.train), &grad);
+            backward_with(&bert.embed(&self.ids, self.train), &grad)?;
         }
+        Ok(())
     }
 }
