@@ -190,20 +190,41 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_weights() {
     let whole = started.elapsed();
     let reference = final_weights(&reference_logs).named_tensors();
 
-    // Kill points spread over the run (start-up included), deterministic so a failure reproduces.
+    // Kill points spread over the run (start-up included), deterministic so a failure reproduces:
+    // fractions of the uninterrupted run's time, and two measured from the moment the first
+    // checkpoint exists (now, and about one step later), so that at least two kills land mid-run
+    // after a checkpoint however loaded the machine is (time fractions alone can all miss it when
+    // the reference run happened to be fast and these ones slow).
     let mut resumed_mid_run = 0;
-    for (i, fraction) in [0.15, 0.4, 0.55, 0.7, 0.9].into_iter().enumerate() {
+    let latest_of = |logs: &std::path::Path| {
+        logs.join("run")
+            .join("checkpoints")
+            .join("epoch_latest.state.safetensors")
+    };
+    let kill_points = [
+        (Some(0.15), None),
+        (Some(0.4), None),
+        (None, Some(0.0)),
+        (Some(0.7), None),
+        (None, Some(1.0 / 8.0)),
+    ];
+    for (i, (fraction, after_checkpoint)) in kill_points.into_iter().enumerate() {
         let logs = dir.join(format!("killed-{i}"));
         let mut child = command(&dir, &logs).spawn().unwrap();
-        std::thread::sleep(whole.mul_f64(fraction));
+        if let Some(fraction) = fraction {
+            std::thread::sleep(whole.mul_f64(fraction));
+        }
+        if let Some(steps) = after_checkpoint {
+            while !latest_of(&logs).is_file() && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            std::thread::sleep(whole.mul_f64(steps));
+        }
+        let fraction = format!("{fraction:?}/{after_checkpoint:?}");
         let finished_first = child.try_wait().unwrap().is_some();
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        let latest = logs
-            .join("run")
-            .join("checkpoints")
-            .join("epoch_latest.state.safetensors");
-        if !finished_first && latest.is_file() {
+        if !finished_first && latest_of(&logs).is_file() {
             resumed_mid_run += 1;
         }
         // A dead writer's temporary is planted too, so that removal is checked on every restart
