@@ -22,7 +22,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cnclip::retrieval::{Direction, FeatureKind, ScanPrecision, SearchOptions, Shards, predict_shards};
+use cnclip::retrieval::{
+    Direction, FeatureKind, ScanPrecision, SearchOptions, Shards, predict_shards,
+};
 
 #[derive(Parser)]
 #[command(about = "Top-k predictions exactly as cn_clip's make_topk_predictions(.py|_tr.py)")]

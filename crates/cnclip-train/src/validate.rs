@@ -134,7 +134,10 @@ pub fn validate_with_features<T: ImageTransform + 'static>(
 /// models are the ResNet's BatchNorm statistics, which each rank otherwise updates from its own
 /// batch (without `--use-bn-sync`). With them every rank encodes its share as rank 0's model — the
 /// one a single process would validate (and the one rank 0 saves). ViTs have none: nothing is sent.
-fn broadcast_batch_norm_statistics(model: &Clip, group: &ProcessGroup) -> Result<(), ValidationError> {
+fn broadcast_batch_norm_statistics(
+    model: &Clip,
+    group: &ProcessGroup,
+) -> Result<(), ValidationError> {
     let buffers = model.named_tensors().into_iter().filter(|(key, _)| {
         key.ends_with(".running_mean")
             || key.ends_with(".running_var")

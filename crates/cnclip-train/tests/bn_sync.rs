@@ -148,7 +148,8 @@ fn two_ranks(init: &State, images: &Tensor, texts: &Tensor, sync: bool) -> Vec<(
                     model.set_batch_norm_mode(BatchNormMode::Synced(ddp.process_group()));
                 }
                 let mut trainer = Trainer::with_gather(model, trainer_config(), ddp.gather());
-                trainer.set_gradient_sync(ddp.gradient_sync());
+                let sync = ddp.gradient_sync(trainer.model()).unwrap();
+                trainer.set_gradient_sync(sync);
                 let report = trainer.train_batch(&images, &texts).unwrap().unwrap();
                 (state(trainer.model()), report.loss)
             })

@@ -106,21 +106,29 @@ fn ranks_validate_with_rank_0_batch_norm_statistics() {
             }
         }
     });
-    let state: Vec<(String, tch::Tensor)> = reference
+    // Plain values (tensors cannot be shared between the rank threads); f64 holds f32 and the
+    // int64 counters exactly.
+    let state: Vec<(String, Vec<f64>, Vec<i64>, tch::Kind)> = reference
         .named_tensors()
         .into_iter()
-        .map(|(k, t)| (k, t.detach().copy()))
+        .map(|(k, t)| {
+            let values = Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).flatten(0, -1)).unwrap();
+            (k, values, t.size(), t.kind())
+        })
         .collect();
     let copy_of = |rank: usize| {
         let model = cnclip_model::Clip::new(&config, tch::Device::Cpu);
         let tensors = model.named_tensors();
         tch::no_grad(|| {
-            for (key, value) in &state {
-                let target = tensors[key].shallow_clone();
+            for (key, values, shape, kind) in &state {
+                let value = tch::Tensor::from_slice(values)
+                    .reshape(shape.as_slice())
+                    .to_kind(*kind);
+                let mut target = tensors[key].shallow_clone();
                 if rank == 1 && key.ends_with(".running_var") {
                     let _ = target.copy_(&(value * 5.0));
                 } else {
-                    let _ = target.copy_(value);
+                    let _ = target.copy_(&value);
                 }
             }
         });
@@ -131,8 +139,17 @@ fn ranks_validate_with_rank_0_batch_norm_statistics() {
     let prep = Preprocessor::new(64).unwrap();
     let text = TextPipeline::new(RunConfig::default().context_length).unwrap();
     let batch = 3;
-    let single = validate_in(&copy_of(0), &split, &prep, &text, batch, 1, None, &mut |_, _| {})
-        .unwrap();
+    let single = validate_in(
+        &copy_of(0),
+        &split,
+        &prep,
+        &text,
+        batch,
+        1,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let port = free_port().unwrap();
     let timeout = Duration::from_secs(60);
     let (split, prep, text, copy_of) = (&split, &prep, &text, &copy_of);
@@ -146,9 +163,17 @@ fn ranks_validate_with_rank_0_batch_norm_statistics() {
                     let group =
                         ProcessGroup::gloo(&store, "validate-bn", rank, 2, timeout, &loopback)
                             .unwrap();
-                    let result =
-                        validate_in(&model, split, prep, text, batch, 1, Some(&group), &mut |_, _| {})
-                            .unwrap();
+                    let result = validate_in(
+                        &model,
+                        split,
+                        prep,
+                        text,
+                        batch,
+                        1,
+                        Some(&group),
+                        &mut |_, _| {},
+                    )
+                    .unwrap();
                     let var = model
                         .named_tensors()
                         .into_iter()

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use retrieval::{
-    FeatureKind, FeatureView, ScanPrecision, SearchOptions, Shards, search, search_shards, write_native,
+    FeatureKind, FeatureView, ScanPrecision, SearchOptions, Shards, search, search_shards,
+    write_native,
 };
 
 /// splitmix64 → uniform in [-1, 1); rows normalised. Deterministic.

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use retrieval::{
-    Direction, FeatureKind, FeatureView, Hit, NativeFeatures, ScanPrecision, ResidentIndex,
-    RetrievalError, SearchOptions, Shards, load_features, predict_shards, search, search_shards,
+    Direction, FeatureKind, FeatureView, Hit, NativeFeatures, ResidentIndex, RetrievalError,
+    ScanPrecision, SearchOptions, Shards, load_features, predict_shards, search, search_shards,
     write_jsonl, write_native,
 };
 use tch::Device;
@@ -402,7 +402,11 @@ fn bad_shard_sets_are_refused() {
         .to_string();
     assert!(msg.starts_with("queries: feature of id 77"), "{msg}");
 
-    let e = search_shards(&queries, &shards(&[&a]), &options(0, ScanPrecision::Int8, 8192));
+    let e = search_shards(
+        &queries,
+        &shards(&[&a]),
+        &options(0, ScanPrecision::Int8, 8192),
+    );
     assert!(e.unwrap_err().to_string().contains("k must be at least 1"));
     assert!(Shards::new(Vec::<PathBuf>::new(), FeatureKind::Image).is_err());
 }
