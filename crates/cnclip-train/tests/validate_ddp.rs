@@ -126,9 +126,9 @@ fn ranks_validate_with_rank_0_batch_norm_statistics() {
                     .to_kind(*kind);
                 let mut target = tensors[key].shallow_clone();
                 if rank == 1 && key.ends_with(".running_var") {
-                    let _ = target.copy_(&(value * 5.0));
+                    target.copy_(&(value * 5.0));
                 } else {
-                    let _ = target.copy_(&value);
+                    target.copy_(&value);
                 }
             }
         });
