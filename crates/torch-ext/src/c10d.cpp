@@ -27,6 +27,24 @@ static_assert(sizeof(c10d::ProcessGroupGloo) == 0x1e8,
 static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 0xb0,
               "ProcessGroupGloo::Options layout differs from libtorch 2.11.0's");
 
+// c10d's flight recorder (a per-process ring of recent collectives, for debugging hangs) is on by
+// default in libtorch 2.11 and its `recordWithResetEnabled` inserts a process group's first status
+// into a std::map *before* taking its mutex (FlightRecorderDetail.hpp:93-99). Two process groups of
+// one process starting collectives at once (ranks as threads: the workspace's tests, or a user's
+// in-process ranks) race on that map and crash (seen: SIGSEGV in _Rb_tree_insert_and_rebalance
+// under ProcessGroupGloo::enqueue, ~1 run in 10 of torch-ext's tests on a loaded 2-core machine).
+// So it is off unless the user asks for it by either of its variables. This runs while the shim's
+// object is loaded, before main and before any thread exists, so setenv races with nothing.
+namespace {
+const bool kFlightRecorderDefault = [] {
+  if (std::getenv("TORCH_FR_BUFFER_SIZE") == nullptr &&
+      std::getenv("TORCH_NCCL_TRACE_BUFFER_SIZE") == nullptr) {
+    setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+  }
+  return true;
+}();
+}  // namespace
+
 namespace {
 
 struct Store {

@@ -565,6 +565,20 @@ mod tests {
         assert!(matches!(err, DistError::Rendezvous { .. }), "{err}");
     }
 
+    /// The shim turns c10d's flight recorder off at load time (its first record per process
+    /// group races when several groups of one process start collectives at once; see c10d.cpp)
+    /// unless the process was started with either of its variables.
+    #[test]
+    fn the_flight_recorder_is_off_unless_asked_for() {
+        if std::env::var_os("TORCH_NCCL_TRACE_BUFFER_SIZE").is_some() {
+            return;
+        }
+        assert!(
+            std::env::var_os("TORCH_FR_BUFFER_SIZE").is_some(),
+            "the shim's load-time default did not run"
+        );
+    }
+
     #[test]
     fn bad_arguments_are_errors() {
         assert!("mpi".parse::<Backend>().is_err());
