@@ -167,14 +167,7 @@ impl Session {
             }
             None => None,
         };
-        let lora = config.lora.as_ref().map(|l| cnclip_lora::LoraConfig {
-            rank: l.rank,
-            alpha: l.alpha,
-            dropout: l.dropout,
-            targets: l.targets.clone(),
-            train_logit_scale: l.train_logit_scale,
-            train_layer_norms: l.train_layer_norms,
-        });
+        let lora = config.lora.as_ref().map(lora_config);
         let resume = decide_resume(&config, lora.is_some(), &mut notes)?;
         // Random initial weights (no --resume) follow --seed, so a run from scratch is reproducible.
         tch::manual_seed(config.seed as i64);
@@ -444,4 +437,29 @@ fn decide_resume(
         position: !config.reset_data_offset,
         optimizer: !config.reset_optimizer,
     }))
+}
+
+/// The adapter configuration of the `--lora-*` settings. The two types hold the same fields in two
+/// layers — the flags (`cnclip-train-config`, no libtorch) and the adapter files (`cnclip-lora`) —
+/// and so the same defaults: the test below keeps them equal.
+fn lora_config(l: &cnclip_train_config::LoraSettings) -> cnclip_lora::LoraConfig {
+    cnclip_lora::LoraConfig {
+        rank: l.rank,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        targets: l.targets.clone(),
+        train_logit_scale: l.train_logit_scale,
+        train_layer_norms: l.train_layer_norms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lora_flag_defaults_are_the_adapter_defaults() {
+        assert_eq!(
+            super::lora_config(&cnclip_train_config::LoraSettings::default()),
+            cnclip_lora::LoraConfig::default()
+        );
+    }
 }
