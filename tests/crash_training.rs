@@ -7,20 +7,14 @@
 
 mod common;
 
-use cnclip::data::files::BadRecordPolicy;
-use cnclip::data::synth::{MiniMugeConfig, write_mini_muge};
 use cnclip::model::{Clip, LoadOptions};
-use common::example_bin;
+use common::{example_bin, tiny_training_fixture};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":2,"vision_width":32,
     "vision_head_width":16,"vision_patch_size":8}"#;
-const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.1,"text_hidden_act":"gelu",
-    "text_hidden_dropout_prob":0.1,"text_hidden_size":16,"text_initializer_range":0.02,
-    "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
-    "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
 
 fn command(dir: &Path, logs: &Path) -> Command {
     command_for_epochs(dir, logs, 4)
@@ -81,30 +75,7 @@ fn command_for_epochs(dir: &Path, logs: &Path, epochs: u32) -> Command {
 /// The training data and configs both tests use.
 fn prepare(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
-    let data = dir.join("data");
-    write_mini_muge(
-        &data,
-        &MiniMugeConfig {
-            train_queries: 8,
-            valid_queries: 1,
-            test_queries: 1,
-            train_images_per_query: 2,
-            eval_images_per_query: 1,
-            image_size: 32,
-            ..MiniMugeConfig::default()
-        },
-    )
-    .unwrap();
-    cnclip::data::build_split(
-        &data,
-        "train",
-        &dir.join("lmdb"),
-        BadRecordPolicy::Fail,
-        &mut |_| {},
-    )
-    .unwrap();
-    std::fs::write(dir.join("vision.json"), VISION).unwrap();
-    std::fs::write(dir.join("text.json"), TEXT).unwrap();
+    tiny_training_fixture(dir, 2, VISION);
 }
 
 fn run_to_end(dir: &Path, logs: &Path) {

@@ -12,16 +12,9 @@ use cnclip::data::files::BadRecordPolicy;
 use cnclip::data::synth::{MiniMugeConfig, write_mini_muge};
 use cnclip::model::weights::PtHeader;
 use cnclip::model::{Clip, ClipConfig};
-use common::example_bin;
+use common::{TINY_TEXT, TINY_VISION, example_bin};
 use std::path::PathBuf;
 use std::process::{Command, Output};
-
-const VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":1,"vision_width":32,
-    "vision_head_width":16,"vision_patch_size":16}"#;
-const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.1,"text_hidden_act":"gelu",
-    "text_hidden_dropout_prob":0.1,"text_hidden_size":16,"text_initializer_range":0.02,
-    "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
-    "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
 
 struct Fixture {
     dir: PathBuf,
@@ -60,10 +53,14 @@ impl Fixture {
         // so the ViT-H recipe's optimizer defaults apply as in a ViT-H run.
         let configs = dir.join("model_configs");
         std::fs::create_dir_all(&configs).unwrap();
-        std::fs::write(configs.join("ViT-H-14.json"), VISION).unwrap();
-        std::fs::write(configs.join("RoBERTa-wwm-ext-large-chinese.json"), TEXT).unwrap();
-        std::fs::write(dir.join("vision.json"), VISION).unwrap();
-        std::fs::write(dir.join("text.json"), TEXT).unwrap();
+        std::fs::write(configs.join("ViT-H-14.json"), TINY_VISION).unwrap();
+        std::fs::write(
+            configs.join("RoBERTa-wwm-ext-large-chinese.json"),
+            TINY_TEXT,
+        )
+        .unwrap();
+        std::fs::write(dir.join("vision.json"), TINY_VISION).unwrap();
+        std::fs::write(dir.join("text.json"), TINY_TEXT).unwrap();
         // The "official" initial weights: a random tiny model exported as cn_clip's .pt.
         let config =
             ClipConfig::from_json_files(&dir.join("vision.json"), &dir.join("text.json")).unwrap();

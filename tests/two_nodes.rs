@@ -12,52 +12,15 @@
 
 mod common;
 
-use cnclip::data::files::BadRecordPolicy;
-use cnclip::data::synth::{MiniMugeConfig, write_mini_muge};
-use common::example_bin;
 use common::netns::NodePair;
+use common::{TINY_VISION, example_bin, tiny_training_fixture};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const VISION: &str = r#"{"embed_dim":16,"image_resolution":32,"vision_layers":1,"vision_width":32,
-    "vision_head_width":16,"vision_patch_size":16}"#;
-const TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout_prob":0.1,"text_hidden_act":"gelu",
-    "text_hidden_dropout_prob":0.1,"text_hidden_size":16,"text_initializer_range":0.02,
-    "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
-    "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
-
 /// The longest either run may take (each is a few seconds of training).
 const DEADLINE: Duration = Duration::from_secs(300);
-
-/// A small mini-MUGE train split (8 queries × 4 images = 32 pairs) and the tiny model's configs.
-fn fixture(dir: &Path) {
-    let data = dir.join("data");
-    write_mini_muge(
-        &data,
-        &MiniMugeConfig {
-            train_queries: 8,
-            valid_queries: 1,
-            test_queries: 1,
-            train_images_per_query: 4,
-            eval_images_per_query: 1,
-            image_size: 32,
-            ..MiniMugeConfig::default()
-        },
-    )
-    .unwrap();
-    cnclip::data::build_split(
-        &data,
-        "train",
-        &dir.join("lmdb"),
-        BadRecordPolicy::Fail,
-        &mut |_| {},
-    )
-    .unwrap();
-    std::fs::write(dir.join("vision.json"), VISION).unwrap();
-    std::fs::write(dir.join("text.json"), TEXT).unwrap();
-}
 
 /// The training command shared by both runs, writing under `logs`.
 fn args(dir: &Path, logs: &Path) -> Vec<String> {
@@ -176,7 +139,8 @@ fn two_nodes_over_a_veth_link_equal_one_node_with_two_ranks() {
     let dir: PathBuf =
         std::env::temp_dir().join(format!("cnclip-two-nodes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    fixture(&dir);
+    // A mini-MUGE train split of 8 queries × 4 images = 32 pairs and the tiny model configs.
+    tiny_training_fixture(&dir, 4, TINY_VISION);
     let bin = example_bin("finetune");
 
     // One node, two ranks on loopback.

@@ -15,12 +15,13 @@ fn main() {
         "src/adamw.cpp",
         "src/c10d.cpp",
         "src/reducer.cpp",
+        "src/sync_bn.cpp",
+        "src/shim_error.hpp",
         "cpp/gloo-stubs",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
     println!("cargo:rerun-if-env-changed=CNCLIP_CUDA_INCLUDE");
-    println!("cargo:rerun-if-changed=src/sync_bn.cpp");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
         println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is not set: cannot find libtorch's headers");
         std::process::exit(1);

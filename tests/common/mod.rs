@@ -1,6 +1,8 @@
 //! Shared by the root package's integration tests, which run the example binaries as users do.
 
-use std::path::PathBuf;
+use cnclip::data::files::BadRecordPolicy;
+use cnclip::data::synth::{MiniMugeConfig, write_mini_muge};
+use std::path::{Path, PathBuf};
 
 pub mod netns;
 
@@ -32,3 +34,34 @@ pub const TINY_TEXT: &str = r#"{"vocab_size":21128,"text_attention_probs_dropout
     "text_hidden_dropout_prob":0.1,"text_hidden_size":16,"text_initializer_range":0.02,
     "text_intermediate_size":32,"text_max_position_embeddings":64,"text_num_attention_heads":2,
     "text_num_hidden_layers":1,"text_type_vocab_size":2}"#;
+
+/// A training fixture in `dir`: a mini-MUGE train split (8 queries × `train_images_per_query`
+/// 32 px images) under `data/`, its LMDB under `lmdb/`, and the model configs `vision.json`
+/// (`vision`) and `text.json` ([`TINY_TEXT`]).
+#[allow(dead_code)]
+pub fn tiny_training_fixture(dir: &Path, train_images_per_query: usize, vision: &str) {
+    let data = dir.join("data");
+    write_mini_muge(
+        &data,
+        &MiniMugeConfig {
+            train_queries: 8,
+            valid_queries: 1,
+            test_queries: 1,
+            train_images_per_query,
+            eval_images_per_query: 1,
+            image_size: 32,
+            ..MiniMugeConfig::default()
+        },
+    )
+    .unwrap();
+    cnclip::data::build_split(
+        &data,
+        "train",
+        &dir.join("lmdb"),
+        BadRecordPolicy::Fail,
+        &mut |_| {},
+    )
+    .unwrap();
+    std::fs::write(dir.join("vision.json"), vision).unwrap();
+    std::fs::write(dir.join("text.json"), TINY_TEXT).unwrap();
+}

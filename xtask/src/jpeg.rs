@@ -5,6 +5,7 @@
 //! therefore provides nasm the way it provides libtorch, rebuilds what was built without it, and
 //! `demo`/`test` say which decoder they built.
 
+use crate::system_package::{self, Package, is_root};
 use anyhow::{Context, Result, bail};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,12 @@ const NO_SIMD_MARKERS: [&str; 2] = ["NASM not installed", "Installed NASM is out
 /// Set to build without SIMD on purpose (no nasm, no system package manager at hand).
 pub const ALLOW_SLOW_ENV: &str = "CNCLIP_ALLOW_SLOW_JPEG";
 
+const NASM: Package = Package {
+    name: "nasm",
+    rpm_name: "nasm",
+    brew: true,
+};
+
 /// Only x86 needs an assembler of its own; aarch64/arm SIMD is plain C intrinsics and GNU as.
 fn needs_nasm() -> bool {
     cfg!(any(target_arch = "x86_64", target_arch = "x86"))
@@ -28,58 +35,6 @@ fn nasm_version() -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// A system package manager that can install nasm non-interactively, as the commands to run.
-fn package_manager() -> Option<(&'static str, Vec<Vec<&'static str>>)> {
-    let has = |tool: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if has("apt-get") {
-        Some((
-            "apt-get",
-            vec![
-                vec!["apt-get", "update"],
-                vec![
-                    "apt-get",
-                    "install",
-                    "-y",
-                    "--no-install-recommends",
-                    "nasm",
-                ],
-            ],
-        ))
-    } else if has("dnf") {
-        Some(("dnf", vec![vec!["dnf", "install", "-y", "nasm"]]))
-    } else if has("yum") {
-        Some(("yum", vec![vec!["yum", "install", "-y", "nasm"]]))
-    } else if has("apk") {
-        Some(("apk", vec![vec!["apk", "add", "nasm"]]))
-    } else if has("pacman") {
-        Some((
-            "pacman",
-            vec![vec!["pacman", "-S", "--noconfirm", "--needed", "nasm"]],
-        ))
-    } else if has("zypper") {
-        Some((
-            "zypper",
-            vec![vec!["zypper", "--non-interactive", "install", "nasm"]],
-        ))
-    } else if has("brew") {
-        Some(("brew", vec![vec!["brew", "install", "nasm"]]))
-    } else {
-        None
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Makes sure the next build of libjpeg-turbo gets its SIMD kernels: installs nasm through the
@@ -121,13 +76,13 @@ pub fn ensure_simd_build(root: &Path) -> Result<()> {
 }
 
 fn install_nasm() -> Result<String> {
-    let manager = package_manager();
+    let manager = system_package::install_commands(&NASM);
     let may_install = match &manager {
         Some((name, _)) => *name == "brew" || is_root(),
         None => false,
     };
     let Some((name, commands)) = manager.filter(|_| may_install) else {
-        let how = match package_manager() {
+        let how = match system_package::install_commands(&NASM) {
             Some((_, commands)) => commands
                 .iter()
                 .map(|c| format!("sudo {}", c.join(" ")))
@@ -142,22 +97,13 @@ fn install_nasm() -> Result<String> {
         );
     };
     println!("setup: nasm not found; installing it with {name} (for libjpeg-turbo's SIMD decoder)");
-    for command in &commands {
-        let out = Command::new(command[0])
-            .args(&command[1..])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .with_context(|| format!("starting `{}`", command.join(" ")))?;
-        if !out.status.success() {
-            bail!(
-                "`{}` exited with {} while installing nasm for the SIMD JPEG decoder:\n{}\nInstall \
-                 nasm yourself and rerun (or set {ALLOW_SLOW_ENV}=1 to build without SIMD)",
-                command.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim_end()
-            );
-        }
-    }
+    system_package::run(
+        &commands,
+        "nasm for the SIMD JPEG decoder",
+        &format!(
+            "\nInstall nasm yourself and rerun (or set {ALLOW_SLOW_ENV}=1 to build without SIMD)"
+        ),
+    )?;
     nasm_version().with_context(|| {
         format!("{name} reported success, but `nasm -v` still does not run: is it on PATH?")
     })

@@ -10,6 +10,7 @@ mod setup;
 mod soup;
 mod soup_runs;
 mod sweep;
+mod system_package;
 mod test;
 
 use anyhow::Result;

@@ -6,13 +6,10 @@
 
 mod common;
 
+use cnclip_model::Clip;
 use cnclip_model::model::BatchNormMode;
-use cnclip_model::{Clip, ClipConfig};
 use cnclip_train::ddp::{Ddp, DistEnv, GatherMode};
-use cnclip_train::freeze::Freeze;
-use cnclip_train::optim::AdamWConfig;
-use cnclip_train::schedule::CosineSchedule;
-use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
+use cnclip_train::trainer::Trainer;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,45 +21,7 @@ static TORCH_RNG: Mutex<()> = Mutex::new(());
 
 const WORLD: usize = 2;
 const BATCH: i64 = 3; // per rank
-const LR: f64 = 0.5;
-const EPS: f64 = 1.0;
-
-/// A ResNet of one bottleneck per stage, 8 wide (256-wide attention pool, 4 heads), on 64-pixel
-/// images, with the tiny BERT of the other tests.
-fn config() -> ClipConfig {
-    ClipConfig::from_json_str(
-        r#"{"embed_dim":16,"image_resolution":64,"vision_layers":"[1,1,1,1]","vision_width":8,
-            "vision_patch_size":null,"vocab_size":300,"text_attention_probs_dropout_prob":0.0,
-            "text_hidden_act":"gelu","text_hidden_dropout_prob":0.0,"text_hidden_size":24,
-            "text_initializer_range":0.02,"text_intermediate_size":48,"text_max_position_embeddings":64,
-            "text_num_attention_heads":2,"text_num_hidden_layers":2,"text_type_vocab_size":2}"#,
-        "tiny ResNet config",
-    )
-    .expect("the tiny ResNet config is valid")
-}
-
-/// Adam with a large epsilon moves weights in proportion to their gradients (see tests/ddp.rs).
-fn trainer_config() -> TrainerConfig {
-    TrainerConfig {
-        schedule: CosineSchedule {
-            base_lr: LR,
-            warmup: 0,
-            total_steps: 100,
-        },
-        adamw: AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: EPS,
-            weight_decay: 0.1,
-        },
-        accum_freq: 1,
-        freeze: Freeze::NONE,
-        dropout_seed: None,
-        grad_checkpointing: false,
-        precision: TrainPrecision::Fp32,
-        mask_ratio: 0.0,
-    }
-}
+const LR: f64 = common::SGD_LIKE_LR;
 
 /// Name → (value, gradient) of every tensor of a model (gradient undefined for buffers).
 type State = BTreeMap<String, (Tensor, Tensor)>;
@@ -91,7 +50,7 @@ fn model_from(init: &State) -> Clip {
 
 /// [`model_from`] for a caller that holds `TORCH_RNG` (`Clip::new` draws random weights).
 fn model_from_locked(init: &State) -> Clip {
-    let model = Clip::new(&config(), Device::Cpu);
+    let model = Clip::new(&common::tiny_resnet_config(), Device::Cpu);
     let tensors = model.named_tensors();
     tch::no_grad(|| {
         for (key, (value, _)) in init {
@@ -106,16 +65,31 @@ fn model_from_locked(init: &State) -> Clip {
 fn setup() -> (State, Tensor, Tensor, State, f64) {
     let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(11);
-    let init = state(&Clip::new(&config(), Device::Cpu));
+    let init = state(&Clip::new(&common::tiny_resnet_config(), Device::Cpu));
     let n = BATCH * WORLD as i64;
     // Channel offsets make per-rank statistics visibly different from the global ones.
     let images = Tensor::randn([n, 3, 64, 64], (Kind::Float, Device::Cpu))
         + Tensor::arange(n, (Kind::Float, Device::Cpu)).view([n, 1, 1, 1]) * 0.5;
     let texts = Tensor::randint_low(1, 300, [n, 12], (Kind::Int64, Device::Cpu));
     let _ = texts.narrow(1, 9, 3).fill_(0);
-    let mut single = Trainer::new(model_from_locked(&init), trainer_config());
+    let mut single = Trainer::new(model_from_locked(&init), common::sgd_like_trainer_config());
     let report = single.train_batch(&images, &texts).unwrap().unwrap();
     (init, images, texts, state(single.model()), report.loss)
+}
+
+/// Rank `rank` of the Gloo group of `WORLD` threads of this process meeting at `port`.
+fn thread_rank(rank: usize, port: u16, gather: GatherMode) -> Ddp {
+    let env = DistEnv {
+        rank,
+        world_size: WORLD,
+        local_rank: rank,
+        local_world_size: WORLD,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        agent_store: false,
+        gloo_interface: None,
+    };
+    Ddp::init(&env, Backend::Gloo, Duration::from_secs(30), gather).unwrap()
 }
 
 /// Two ranks (threads) of one step with `--gather-with-grad`, whose averaged gradients are the
@@ -131,23 +105,13 @@ fn two_ranks(init: &State, images: &Tensor, texts: &Tensor, sync: bool) -> Vec<(
             let rows = |t: &Tensor| t.narrow(0, rank as i64 * BATCH, BATCH).copy();
             let (images, texts) = (rows(images), rows(texts));
             std::thread::spawn(move || {
-                let env = DistEnv {
-                    rank,
-                    world_size: WORLD,
-                    local_rank: rank,
-                    local_world_size: WORLD,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                    agent_store: false,
-                    gloo_interface: None,
-                };
-                let timeout = Duration::from_secs(30);
-                let ddp = Ddp::init(&env, Backend::Gloo, timeout, GatherMode::WithGrad).unwrap();
+                let ddp = thread_rank(rank, port, GatherMode::WithGrad);
                 let mut model = model_from(&init);
                 if sync {
                     model.set_batch_norm_mode(BatchNormMode::Synced(ddp.process_group()));
                 }
-                let mut trainer = Trainer::with_gather(model, trainer_config(), ddp.gather());
+                let mut trainer =
+                    Trainer::with_gather(model, common::sgd_like_trainer_config(), ddp.gather());
                 let sync = ddp.gradient_sync(trainer.model()).unwrap();
                 trainer.set_gradient_sync(sync);
                 let report = trainer.train_batch(&images, &texts).unwrap().unwrap();
@@ -295,18 +259,7 @@ fn run_settings_pick_the_batch_norm_mode() {
         .map(|rank| {
             let (sync, frozen) = (sync.clone(), frozen.clone());
             std::thread::spawn(move || {
-                let env = DistEnv {
-                    rank,
-                    world_size: WORLD,
-                    local_rank: rank,
-                    local_world_size: WORLD,
-                    master_addr: "127.0.0.1".into(),
-                    master_port: port,
-                    agent_store: false,
-                    gloo_interface: None,
-                };
-                let timeout = Duration::from_secs(30);
-                let ddp = Ddp::init(&env, Backend::Gloo, timeout, GatherMode::Aggregate).unwrap();
+                let ddp = thread_rank(rank, port, GatherMode::Aggregate);
                 let plain = RunConfig::default();
                 let synced = matches!(
                     batch_norm_mode(&sync, Some(&ddp)),
@@ -328,7 +281,7 @@ fn frozen_batch_norms_train_with_running_statistics() {
     let (init, images, texts, ..) = setup();
     let mut model = model_from(&init);
     model.set_batch_norm_mode(BatchNormMode::Frozen);
-    let mut trainer = Trainer::new(model, trainer_config());
+    let mut trainer = Trainer::new(model, common::sgd_like_trainer_config());
     trainer.train_batch(&images, &texts).unwrap().unwrap();
     let after = state(trainer.model());
     for key in ["visual.bn1.running_mean", "visual.layer1.0.bn3.running_var"] {

@@ -6,10 +6,9 @@
 mod common;
 
 use cnclip_model::{Clip, ClipConfig};
-use cnclip_train::freeze::Freeze;
 use cnclip_train::optim::AdamWConfig;
 use cnclip_train::schedule::CosineSchedule;
-use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
+use cnclip_train::trainer::Trainer;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -32,25 +31,19 @@ fn five_steps_equal_cn_clip_main_py() {
 
     let args = &expected["args"];
     let f = |key: &str| args[key].as_f64().unwrap();
-    let trainer_config = TrainerConfig {
-        schedule: CosineSchedule {
+    let trainer_config = common::plain_trainer_config(
+        CosineSchedule {
             base_lr: f("lr"),
             warmup: args["warmup"].as_u64().unwrap(),
             total_steps: args["max_steps"].as_u64().unwrap(),
         },
-        adamw: AdamWConfig {
+        AdamWConfig {
             beta1: f("beta1"),
             beta2: f("beta2"),
             eps: f("eps"),
             weight_decay: f("wd"),
         },
-        accum_freq: 1,
-        freeze: Freeze::NONE,
-        dropout_seed: None,
-        grad_checkpointing: false,
-        precision: TrainPrecision::Fp32,
-        mask_ratio: 0.0,
-    };
+    );
     let mut trainer = Trainer::new(model, trainer_config);
     let (no_decay, decay) = trainer.optimizer().group_sizes();
     let groups = &expected["param_groups"];
@@ -191,25 +184,19 @@ fn logit_scale_is_clamped_after_each_step() {
     if let Some(mut scale) = model.named_tensors().remove("logit_scale") {
         let _ = tch::no_grad(|| scale.fill_(4.7));
     }
-    let trainer_config = TrainerConfig {
-        schedule: CosineSchedule {
+    let trainer_config = common::plain_trainer_config(
+        CosineSchedule {
             base_lr: 1e-9,
             warmup: 0,
             total_steps: 3,
         },
-        adamw: AdamWConfig {
+        AdamWConfig {
             beta1: 0.9,
             beta2: 0.98,
             eps: 1e-6,
             weight_decay: 0.0,
         },
-        accum_freq: 1,
-        freeze: Freeze::NONE,
-        dropout_seed: None,
-        grad_checkpointing: false,
-        precision: TrainPrecision::Fp32,
-        mask_ratio: 0.0,
-    };
+    );
     let mut trainer = Trainer::new(model, trainer_config);
     let images = Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
     let texts =

@@ -15,9 +15,8 @@ use cnclip_train::ddp::{Ddp, DistEnv, GatherMode};
 use cnclip_train::distill::{Teacher, cosine_similarity_loss};
 use cnclip_train::freeze::Freeze;
 use cnclip_train::loss::{LocalOnly, contrastive_loss};
-use cnclip_train::optim::{AdamW, AdamWConfig, clamp_logit_scale};
+use cnclip_train::optim::{AdamW, clamp_logit_scale};
 use cnclip_train::run::{RunConfig, train_distributed};
-use cnclip_train::schedule::CosineSchedule;
 use cnclip_train::trainer::{TrainPrecision, Trainer, TrainerConfig};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -35,30 +34,6 @@ const STEPS: u64 = 3;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest any spawned worker may live.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-/// Adam with a large epsilon behaves like momentum SGD, so a gradient off by a factor (say a
-/// missing 1/W) moves the weights visibly instead of being normalised away.
-fn trainer_config() -> TrainerConfig {
-    TrainerConfig {
-        schedule: CosineSchedule {
-            base_lr: 0.5,
-            warmup: 0,
-            total_steps: 100,
-        },
-        adamw: AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: 1.0,
-            weight_decay: 0.1,
-        },
-        accum_freq: 1,
-        freeze: Freeze::NONE,
-        dropout_seed: None,
-        grad_checkpointing: false,
-        precision: TrainPrecision::Fp32,
-        mask_ratio: 0.0,
-    }
-}
 
 fn model(seed: i64) -> Clip {
     tch::manual_seed(seed);
@@ -224,7 +199,7 @@ fn worker(args: &[String]) -> Result<()> {
                 } else {
                     Freeze::NONE
                 },
-                ..trainer_config()
+                ..common::sgd_like_trainer_config()
             };
             let mut trainer = Trainer::with_gather(model, config, ddp.gather());
             let sync = ddp.gradient_sync(trainer.model())?;
@@ -301,7 +276,7 @@ fn fixture_model() -> Result<Clip> {
 }
 
 fn run_config(train_data: PathBuf, logs: PathBuf, max_steps: u64) -> RunConfig {
-    let t = trainer_config();
+    let t = common::sgd_like_trainer_config();
     RunConfig {
         train_data,
         batch_size: 2,
@@ -363,7 +338,7 @@ fn reference_with(
 ) -> Result<(Clip, Vec<f64>, StepScales)> {
     let model = model(7);
     let teacher = teacher();
-    let config = trainer_config();
+    let config = common::sgd_like_trainer_config();
     variant.freeze.apply(&model);
     let mut optimizer = AdamW::for_model(&model, config.adamw);
     let logit_scale = model.named_tensors()["logit_scale"].shallow_clone();
@@ -531,20 +506,7 @@ fn two_ranks_equal_one_process() -> Result<()> {
     ];
     for (((mode, kd), want, want_losses, steps), spec) in runs {
         let bounds = weight_bounds(steps);
-        let out = dir.join(format!("{spec}.safetensors"));
-        let port = free_port()?;
-        let deadline = Instant::now() + DEADLINE;
-        let out_s = out.to_string_lossy().to_string();
-        let children: Vec<Child> = (0..WORLD)
-            .map(|r| spawn_worker(r, port, &["steps", spec, &out_s]))
-            .collect::<Result<_>>()?;
-        for (r, child) in children.into_iter().enumerate() {
-            let (ok, _, err, _) = finish(child, deadline)?;
-            ensure!(ok, "{} rank {r} failed:\n{err}", mode_name(*mode));
-        }
-        let got = Tensor::read_safetensors(&out)?;
-        let got_losses: Vec<f64> =
-            serde_json::from_str(&std::fs::read_to_string(out.with_extension("json"))?)?;
+        let (got, got_losses) = run_spec(&dir, spec)?;
         let (diff, bound) = worst_against(want, &got, &bounds)?;
         println!(
             "{spec}: max |DDP − single process| = {diff:e} (its tensor's rounding bound {bound:e})"

@@ -86,15 +86,8 @@ fn two_ranks_validate_as_one_process() {
 /// model, bit for bit (the gathered rows are the same computations on the same weights).
 #[test]
 fn ranks_validate_with_rank_0_batch_norm_statistics() {
-    let config = cnclip_model::ClipConfig::from_json_str(
-        r#"{"embed_dim":16,"image_resolution":64,"vision_layers":"[1,1,1,1]","vision_width":8,
-            "vision_patch_size":null,"vocab_size":21128,"text_attention_probs_dropout_prob":0.0,
-            "text_hidden_act":"gelu","text_hidden_dropout_prob":0.0,"text_hidden_size":24,
-            "text_initializer_range":0.02,"text_intermediate_size":48,"text_max_position_embeddings":64,
-            "text_num_attention_heads":2,"text_num_hidden_layers":2,"text_type_vocab_size":2}"#,
-        "tiny ResNet",
-    )
-    .unwrap();
+    let mut config = common::tiny_resnet_config();
+    config.text.vocab_size = 21128;
     let reference = cnclip_model::Clip::new(&config, tch::Device::Cpu);
     // Statistics unlike the initial zeros/ones, so a rank that kept its own would encode otherwise.
     tch::no_grad(|| {

@@ -10,6 +10,8 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <ATen/ATen.h>
 
+#include "shim_error.hpp"
+
 #ifdef CNCLIP_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -56,43 +58,18 @@ struct Group {
   std::chrono::milliseconds timeout;
 };
 
-char* copy_message(const char* what) {
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what, n + 1);
-  }
-  return out;
-}
+using cnclip_shim::copy_message;
+using cnclip_shim::tensors_of;
 
 template <typename F>
 char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    // what() of a c10::Error carries a C++ backtrace; the message alone is what users need.
-    return copy_message(e.msg().c_str());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in c10d");
-  }
+  return cnclip_shim::guarded("unknown C++ exception in c10d", std::forward<F>(f));
 }
 
 void wait(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds timeout) {
   if (!work->wait(timeout)) {
     throw std::runtime_error("collective did not complete within the timeout");
   }
-}
-
-std::vector<at::Tensor> tensors_of(at::Tensor** tensors, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    out.push_back(*tensors[i]);
-  }
-  return out;
 }
 
 c10d::ReduceOp reduce_op(int op) {

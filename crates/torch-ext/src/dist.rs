@@ -492,24 +492,14 @@ impl Drop for ProcessGroup {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::test_support::{free_port, two_ranks};
+    use std::sync::Arc;
     use tch::{Device, Kind};
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
-    }
 
     /// Two ranks as two threads of this test process: every collective's result checked.
     #[test]
     fn two_gloo_ranks_in_threads() {
-        let port = free_port();
-        let timeout = Duration::from_secs(20);
-        let run = move |rank: usize| -> Result<Vec<f64>, DistError> {
-            let store = Store::tcp("127.0.0.1", port, 2, rank == 0, timeout)?;
-            let device = GlooDevice::Hostname("127.0.0.1".into());
-            let pg = ProcessGroup::gloo(&store, "test", rank, 2, timeout, &device)?;
+        let run = |rank: usize, pg: Arc<ProcessGroup>| -> Result<Vec<f64>, DistError> {
             let x = Tensor::from_slice(&[1.0f32, 2.0]) * (rank as f64 + 1.0);
             pg.all_reduce(&[&x], ReduceOp::Sum)?;
             let b = Tensor::from_slice(&[rank as f32 + 10.0]);
@@ -523,9 +513,8 @@ mod tests {
             }
             Ok(out)
         };
-        let other = std::thread::spawn(move || run(1));
-        let mine = run(0).unwrap();
-        let theirs = other.join().unwrap().unwrap();
+        let (mine, theirs) = two_ranks("test", run);
+        let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
         // all_reduce: [1,2]+[2,4]; broadcast from rank 1; gather: rank 0's zeros, rank 1's ones.
         let expected = vec![3.0, 6.0, 11.0, 0.0, 3.0];
         assert_eq!(mine, expected);

@@ -15,6 +15,9 @@ mod device;
 pub mod dist;
 pub mod reducer;
 pub mod sync_bn;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod test_support;
 mod view;
 
 pub use adamw::{AdamWStep, ForeachError, adamw_foreach, adamw_single};

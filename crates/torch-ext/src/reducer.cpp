@@ -13,6 +13,8 @@
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <ATen/ATen.h>
 
+#include "shim_error.hpp"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -26,36 +28,12 @@ c10::intrusive_ptr<c10d::Backend> cnclip_c10d_backend_of(void* group);
 
 namespace {
 
-char* copy_message(const char* what) {
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) {
-    std::memcpy(out, what, n + 1);
-  }
-  return out;
-}
+using cnclip_shim::copy_message;
+using cnclip_shim::tensors_of;
 
 template <typename F>
 char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.msg().c_str());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in the c10d reducer");
-  }
-}
-
-std::vector<at::Tensor> tensors_of(at::Tensor** tensors, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    out.push_back(*tensors[i]);
-  }
-  return out;
+  return cnclip_shim::guarded("unknown C++ exception in the c10d reducer", std::forward<F>(f));
 }
 
 // What torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook does (that

@@ -366,35 +366,8 @@ impl Drop for Reducer {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::dist::{GlooDevice, Store};
-    use std::time::Duration;
+    use crate::test_support::two_ranks;
     use tch::{Device, Kind};
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
-    }
-
-    /// Runs `body(rank, group)` on two Gloo ranks (two threads of this process).
-    fn two_ranks<T: Send + 'static>(
-        body: impl Fn(usize, Arc<ProcessGroup>) -> T + Send + Sync + Copy + 'static,
-    ) -> (T, T) {
-        let port = free_port();
-        let timeout = Duration::from_secs(20);
-        let run = move |rank: usize| {
-            let store = Store::tcp("127.0.0.1", port, 2, rank == 0, timeout).unwrap();
-            let device = GlooDevice::Hostname("127.0.0.1".into());
-            let pg = ProcessGroup::gloo(&store, "reducer", rank, 2, timeout, &device).unwrap();
-            let out = body(rank, Arc::new(pg));
-            drop(store);
-            out
-        };
-        let other = std::thread::spawn(move || run(1));
-        let mine = run(0);
-        (mine, other.join().unwrap())
-    }
 
     fn param(values: &[f32]) -> Tensor {
         Tensor::from_slice(values).set_requires_grad(true)
@@ -411,7 +384,7 @@ mod tests {
 
     #[test]
     fn gradients_are_averaged_by_the_backward_pass_and_no_sync_accumulates() {
-        let (mine, theirs) = two_ranks(|rank, pg| {
+        let (mine, theirs) = two_ranks("reducer", |rank, pg| {
             let a = param(&[1.0, 2.0, 3.0, 4.0, 5.0]);
             let b = param(&[0.5, -1.0, 2.0]);
             let options = ReducerOptions {
@@ -466,7 +439,7 @@ mod tests {
 
     #[test]
     fn unused_parameters_need_find_unused_parameters() {
-        let (mine, theirs) = two_ranks(|rank, pg| {
+        let (mine, theirs) = two_ranks("reducer", |rank, pg| {
             let a = param(&[1.0, 2.0]);
             let b = param(&[3.0]);
             let unused = param(&[7.0, 8.0]);
@@ -523,7 +496,7 @@ mod tests {
             (CommHook::Fp16, Kind::Half),
             (CommHook::Bf16, Kind::BFloat16),
         ] {
-            let (mine, theirs) = two_ranks(move |rank, pg| {
+            let (mine, theirs) = two_ranks("reducer", move |rank, pg| {
                 let a = param(&[1.0, 1.0, 1.0]);
                 let b = param(&[0.1]);
                 let params = [a.shallow_clone(), b.shallow_clone()];
@@ -552,7 +525,7 @@ mod tests {
 
     #[test]
     fn module_states_come_from_rank_0_and_shapes_must_agree() {
-        let (mine, theirs) = two_ranks(|rank, pg| {
+        let (mine, theirs) = two_ranks("reducer", |rank, pg| {
             let w = Tensor::full([3], rank as f64 + 1.0, (Kind::Float, Device::Cpu));
             let running = Tensor::full([2], rank as f64 * 10.0, (Kind::Double, Device::Cpu));
             sync_module_states(&pg, &[&w], &[&w, &running]).unwrap();

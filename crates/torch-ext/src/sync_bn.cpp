@@ -18,6 +18,8 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "shim_error.hpp"
+
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -154,12 +156,7 @@ struct SyncBatchNorm : public torch::autograd::Function<SyncBatchNorm> {
   }
 };
 
-char* copy_message(const char* what) {
-  size_t n = std::strlen(what);
-  char* out = static_cast<char*>(std::malloc(n + 1));
-  if (out != nullptr) std::memcpy(out, what, n + 1);
-  return out;
-}
+using cnclip_shim::copy_message;
 
 }  // namespace
 
@@ -180,7 +177,7 @@ char* cnclip_sync_batch_norm(at::Tensor* input, at::Tensor* weight, at::Tensor* 
     release(ctx);
     return copy_message("SyncBatchNorm: out of memory");
   }
-  try {
+  return cnclip_shim::guarded("unknown C++ exception in SyncBatchNorm", [&] {
     if (input->dim() < 2) {
       throw std::invalid_argument("SyncBatchNorm: input needs a channel dimension (dim >= 2)");
     }
@@ -189,14 +186,7 @@ char* cnclip_sync_batch_norm(at::Tensor* input, at::Tensor* weight, at::Tensor* 
     auto result = SyncBatchNorm::apply(*input, *weight, *bias, rm, rv, momentum, eps,
                                        std::move(comm));
     *out = new at::Tensor(std::move(result));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.msg().c_str());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in SyncBatchNorm");
-  }
+  });
 }
 
 }  // extern "C"

@@ -150,16 +150,8 @@ extern "C" fn release(ctx: *mut c_void) {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::dist::{GlooDevice, Store};
-    use std::time::Duration;
+    use crate::test_support::two_ranks;
     use tch::{Device, Kind};
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
-    }
 
     struct Side {
         out: Tensor,
@@ -218,29 +210,25 @@ mod tests {
     /// still catches any missing term (a local instead of a global moment changes values by O(1)).
     #[test]
     fn two_ranks_equal_one_process_on_the_concatenated_batch() {
-        // Deterministic data without torch's global RNG (shared by this binary's tests).
-        let ramp = Tensor::arange(144, (Kind::Double, Device::Cpu)).reshape([6, 4, 3, 2]);
-        let x = (&ramp * 0.37).sin() * 2.0 + (&ramp * 0.011).cos();
-        let probe = (&ramp * 0.73).cos();
+        // Deterministic data without torch's global RNG (shared by this binary's tests); each
+        // rank thread rebuilds it and takes its 3 rows.
+        let data = || {
+            let ramp = Tensor::arange(144, (Kind::Double, Device::Cpu)).reshape([6, 4, 3, 2]);
+            let x = (&ramp * 0.37).sin() * 2.0 + (&ramp * 0.011).cos();
+            let probe = (&ramp * 0.73).cos();
+            (x, probe)
+        };
+        let (x, probe) = data();
         let whole = run(&x, &probe, None);
-        let port = free_port();
-        let timeout = Duration::from_secs(20);
-        let spawn = |rank: usize| {
+        let (a, b) = two_ranks("bn", move |rank, pg| {
+            let (x, probe) = data();
             let (xr, pr) = (
                 x.narrow(0, 3 * rank as i64, 3).copy(),
                 probe.narrow(0, 3 * rank as i64, 3).copy(),
             );
-            std::thread::spawn(move || {
-                let store = Store::tcp("127.0.0.1", port, 2, rank == 0, timeout).unwrap();
-                let device = GlooDevice::Hostname("127.0.0.1".into());
-                let pg =
-                    Arc::new(ProcessGroup::gloo(&store, "bn", rank, 2, timeout, &device).unwrap());
-                let side = run(&xr, &pr, Some(&pg));
-                (side.out, side.rm, side.rv, side.gx, side.gw, side.gb)
-            })
-        };
-        let (a, b) = (spawn(0), spawn(1));
-        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+            let side = run(&xr, &pr, Some(&pg));
+            (side.out, side.rm, side.rv, side.gx, side.gw, side.gb)
+        });
         let close = |what: &str, got: &Tensor, want: &Tensor| {
             let diff = (got - want).abs().max().double_value(&[]);
             let scale = want.abs().max().double_value(&[]).max(1.0);

@@ -4,6 +4,10 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use cnclip_model::{Clip, ClipConfig, LoadOptions};
+use cnclip_train::freeze::Freeze;
+use cnclip_train::optim::AdamWConfig;
+use cnclip_train::schedule::CosineSchedule;
+use cnclip_train::trainer::{TrainPrecision, TrainerConfig};
 use muge_data::files::BadRecordPolicy;
 use std::path::{Path, PathBuf};
 use tch::Device;
@@ -70,6 +74,59 @@ pub fn tiny_config(dropout: f64) -> ClipConfig {
     config.text.text_hidden_dropout_prob = dropout;
     config.text.text_attention_probs_dropout_prob = dropout;
     config
+}
+
+/// A ResNet of one bottleneck per stage, 8 wide (256-wide attention pool, 4 heads), on 64-pixel
+/// images, with the tiny BERT of [`tiny_config`] (no dropout).
+pub fn tiny_resnet_config() -> ClipConfig {
+    ClipConfig::from_json_str(
+        r#"{"embed_dim":16,"image_resolution":64,"vision_layers":"[1,1,1,1]","vision_width":8,
+            "vision_patch_size":null,"vocab_size":300,"text_attention_probs_dropout_prob":0.0,
+            "text_hidden_act":"gelu","text_hidden_dropout_prob":0.0,"text_hidden_size":24,
+            "text_initializer_range":0.02,"text_intermediate_size":48,"text_max_position_embeddings":64,
+            "text_num_attention_heads":2,"text_num_hidden_layers":2,"text_type_vocab_size":2}"#,
+        "tiny ResNet config",
+    )
+    .expect("the tiny ResNet config is valid")
+}
+
+/// The learning rate of [`sgd_like_trainer_config`].
+pub const SGD_LIKE_LR: f64 = 0.5;
+/// Adam's epsilon in [`sgd_like_trainer_config`].
+pub const SGD_LIKE_EPS: f64 = 1.0;
+
+/// One fp32 step per batch with AdamW whose epsilon is large: Adam then behaves like momentum SGD,
+/// moving weights in proportion to their gradients, so a gradient off by a factor (say a missing
+/// 1/W) moves the weights visibly instead of being normalised away.
+pub fn sgd_like_trainer_config() -> TrainerConfig {
+    plain_trainer_config(
+        CosineSchedule {
+            base_lr: SGD_LIKE_LR,
+            warmup: 0,
+            total_steps: 100,
+        },
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: SGD_LIKE_EPS,
+            weight_decay: 0.1,
+        },
+    )
+}
+
+/// `schedule` and `adamw` with nothing else: fp32, one micro-batch per step, nothing frozen, no
+/// dropout re-seeding, no gradient checkpointing, no FLIP masking.
+pub fn plain_trainer_config(schedule: CosineSchedule, adamw: AdamWConfig) -> TrainerConfig {
+    TrainerConfig {
+        schedule,
+        adamw,
+        accum_freq: 1,
+        freeze: Freeze::NONE,
+        dropout_seed: None,
+        grad_checkpointing: false,
+        precision: TrainPrecision::Fp32,
+        mask_ratio: 0.0,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
