@@ -14,6 +14,14 @@ use common::{TINY_TEXT, TINY_VISION, example_bin};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// What extract_features writes with `--native` (jsonl and safetensors, images and texts).
+const FILES: [&str; 4] = [
+    "img.jsonl",
+    "img.safetensors",
+    "txt.jsonl",
+    "txt.safetensors",
+];
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -132,14 +140,8 @@ fn two_ranks_equal_one_process_and_resume() {
             assert!(out.contains(&line), "{line}\n{out}");
         }
     }
-    let files = [
-        "img.jsonl",
-        "img.safetensors",
-        "txt.jsonl",
-        "txt.safetensors",
-    ];
     let same = |what: &str| {
-        for f in files {
+        for f in FILES {
             let (a, b) = (single.join(f), sharded.join(f));
             assert!(
                 std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
@@ -161,7 +163,7 @@ fn two_ranks_equal_one_process_and_resume() {
             std::fs::remove_file(f).unwrap();
         }
     }
-    for f in files {
+    for f in FILES {
         std::fs::remove_file(sharded.join(f)).unwrap();
     }
     let out = extract(&dir, &sharded, &["--nproc-per-node", "2"]);
@@ -229,12 +231,7 @@ fn two_nodes_over_a_veth_link_equal_one_process() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    for f in [
-        "img.jsonl",
-        "img.safetensors",
-        "txt.jsonl",
-        "txt.safetensors",
-    ] {
+    for f in FILES {
         let (a, b) = (single.join(f), multi.join(f));
         assert!(
             std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
